@@ -1,0 +1,51 @@
+# Set-up and entry points. `make demo` and `make test` are the README's two commands.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+export RTS_DATA_DIR ?= $(CURDIR)/data
+export DAGSTER_HOME ?= $(RTS_DATA_DIR)/dagster_home
+export WANDB_ERROR_REPORTING := false
+
+.PHONY: install demo test lint format ui bench chromium clean-data
+
+$(BIN)/rts: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
+
+install: $(BIN)/rts
+
+# kaleido renders static PNGs through a system Chromium; without one the report is HTML-only.
+chromium:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's chromium for static plot images (kaleido)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	    || echo "WARNING: chromium install failed; reports will be HTML-only"; \
+	else echo "NOTE: no chromium found; install it (apt-get install chromium) for PNG figures"; fi
+
+demo: install chromium
+	$(BIN)/rts simulate --if-missing
+	$(BIN)/rts refresh
+
+test: install chromium lint
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+ui: install
+	$(BIN)/rts instance
+	$(BIN)/dagster dev -w workspace.yaml
+
+bench: install
+	$(BIN)/python bench/reader.py
+
+clean-data:
+	rm -rf $(RTS_DATA_DIR)/wandb $(RTS_DATA_DIR)/report $(RTS_DATA_DIR)/dagster_home

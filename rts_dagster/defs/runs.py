@@ -1,0 +1,203 @@
+"""Assets `discovered_runs` and `reward_streams`: from a run source to per-run parquet."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import dagster as dg
+import polars as pl
+
+from rts_dagster import storage
+from rts_dagster.analysis.streams import HISTORY_PREFIXES, build_reward_streams
+from rts_dagster.defs.partitions import runs_partitions
+from rts_dagster.defs.resources import OfflineRunsSource, RtsStorage
+from rts_dagster.discovery import classify_runs, slug, stream_file_stem
+from rts_dagster.escape import md_table
+from rts_dagster.schema import (
+    DISCOVERED_RUNS,
+    GRANULARITY_COMPLETION,
+    GRANULARITY_EPOCH,
+    REWARD_STREAMS,
+    RUN_STATUS_MATCHED,
+    conform,
+)
+from rts_dagster.sources.base import RunRecord
+
+# Bump when reward_streams' content changes for the same input: `rts refresh` rebuilds.
+STREAMS_VERSION = "1"
+
+_SECRET_HINTS = ("key", "token", "secret", "password", "passwd", "credential")
+
+
+@dg.asset(
+    group_name="runs",
+    pool="wandb_api",
+    description="Every run the configured source can see, with its task, seed and partition "
+    "key, or why it was ignored/unreadable. Registers new runs as `reward_streams` partitions.",
+)
+def discovered_runs(
+    context: dg.AssetExecutionContext, run_source: OfflineRunsSource, rts_storage: RtsStorage
+) -> dg.MaterializeResult:
+    source = run_source.source()
+    runs, unreadable = source.list_runs()
+    table = classify_runs(runs, unreadable, run_source.rules())
+    path = storage.write_parquet(table, storage.discovered_runs_path(rts_storage.root()))
+
+    keys = table.filter(pl.col("status") == RUN_STATUS_MATCHED)["partition_key"].to_list()
+    known = set(context.instance.get_dynamic_partitions(runs_partitions.name))
+    new_keys = [k for k in keys if k not in known]
+    if new_keys:
+        context.instance.add_dynamic_partitions(runs_partitions.name, new_keys)
+    for row in table.filter(pl.col("status") != RUN_STATUS_MATCHED).iter_rows(named=True):
+        context.log.warning(f"{row['status']} run {row['location']}: {row['reason']}")
+
+    counts = dict(table.group_by("status").len().iter_rows())
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": table.height,
+            "matched": counts.get(RUN_STATUS_MATCHED, 0),
+            "ignored": counts.get("ignored", 0),
+            "unreadable": counts.get("unreadable", 0),
+            "new_partitions": len(new_keys),
+            "path": dg.MetadataValue.path(str(path)),
+            "preview": dg.MetadataValue.md(_runs_preview(table)),
+        }
+    )
+
+
+def _runs_preview(table: pl.DataFrame, limit: int = 30) -> str:
+    cols = ["partition_key", "run_name", "state", "status", "reason"]
+    rows = [
+        [r[c] if r[c] is not None else "" for c in cols]
+        for r in table.head(limit).iter_rows(named=True)
+    ]
+    more = f"\n\n… and {table.height - limit} more" if table.height > limit else ""
+    return md_table(cols, rows) + more
+
+
+def read_discovered(rts_storage: RtsStorage) -> pl.DataFrame:
+    path = storage.discovered_runs_path(rts_storage.root())
+    if not path.exists():
+        raise dg.Failure(f"{path} does not exist: materialize `discovered_runs` first")
+    return conform(pl.read_parquet(path), DISCOVERED_RUNS, "discovered_runs")
+
+
+def run_for_partition(discovered: pl.DataFrame, key: str) -> dict[str, Any]:
+    rows = discovered.filter(
+        (pl.col("partition_key") == key) & (pl.col("status") == RUN_STATUS_MATCHED)
+    )
+    if rows.height == 0:
+        raise dg.Failure(
+            f"partition {key!r} is not in discovered_runs: the run is gone from the source "
+            "or discovered_runs is out of date (re-materialize it)"
+        )
+    return rows.row(0, named=True)
+
+
+def redact(config: Any) -> Any:
+    """The run config with values of secret-looking keys replaced (never store secrets)."""
+    if isinstance(config, dict):
+        return {
+            k: "<redacted>" if any(h in str(k).lower() for h in _SECRET_HINTS) else redact(v)
+            for k, v in config.items()
+        }
+    if isinstance(config, list):
+        return [redact(v) for v in config]
+    return config
+
+
+@dg.asset(
+    group_name="runs",
+    partitions_def=runs_partitions,
+    deps=[discovered_runs],
+    pool="wandb_api",
+    description="Every label's reward series of one training run (epoch means and, when "
+    "recorded, the per-completion stream), in sample order. "
+    "File: $RTS_DATA_DIR/<task>/<seed>.parquet (+ .metadata.json).",
+)
+def reward_streams(
+    context: dg.AssetExecutionContext, run_source: OfflineRunsSource, rts_storage: RtsStorage
+) -> dg.MaterializeResult:
+    key = context.partition_key
+    row = run_for_partition(read_discovered(rts_storage), key)
+    source = run_source.source()
+    run = source.get_run(row["location"])
+
+    started = time.perf_counter()
+    history = source.read_history(run, key_prefixes=HISTORY_PREFIXES)
+    completions = source.read_completions(run)
+    streams = build_reward_streams(history, completions, row["task"], row["seed"], row["run_id"])
+    if streams.height == 0:
+        raise dg.Failure(
+            f"run {row['run_id']!r} ({row['location']}) has no `env_per_label_rewards/*` "
+            "history and no per-completion stream: nothing to analyse"
+        )
+    duplicate = key != f"{slug(row['task'])}.seed{row['seed']}"
+    stem = stream_file_stem(row["seed"], row["run_id"] if duplicate else None)
+    parquet_path, meta_path = storage.stream_paths(rts_storage.root(), slug(row["task"]), stem)
+
+    counts = {
+        g: int(streams.filter(pl.col("granularity") == g).height)
+        for g in (GRANULARITY_EPOCH, GRANULARITY_COMPLETION)
+    }
+    labels = streams["label"].unique().sort().to_list()
+    metadata = {
+        "partition_key": key,
+        "streams_version": STREAMS_VERSION,
+        "task": row["task"],
+        "seed": row["seed"],
+        "run_id": row["run_id"],
+        "run_name": row["run_name"],
+        "project": row["project"],
+        "entity": row["entity"],
+        "state": row["state"],
+        "source": row["source"],
+        "location": row["location"],
+        "fingerprint": row["fingerprint"],
+        "created_at": row["created_at"],
+        "heartbeat_at": row["heartbeat_at"],
+        "materialized_at": datetime.now(UTC).isoformat(),
+        "env_config": redact(run.config),
+        "lp_config": json.loads(row["lp_config"] or "{}"),
+        "agent_version": _agent_version(run),
+        "row_counts": {"total": streams.height, **counts},
+        "history_rows": history.height,
+        "labels": labels,
+        "stale_fraction_epoch": _stale_fraction(streams),
+        "schema": {name: str(dtype) for name, dtype in REWARD_STREAMS.items()},
+    }
+    # Parquet first, metadata last: metadata.json is the "this partition is complete" mark.
+    storage.write_parquet(streams, parquet_path)
+    storage.write_json(metadata, meta_path)
+    context.log.info(
+        f"{key}: {streams.height} rows ({counts}) over {len(labels)} labels "
+        f"in {time.perf_counter() - started:.2f}s -> {parquet_path}"
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": streams.height,
+            "epoch_rows": counts[GRANULARITY_EPOCH],
+            "completion_rows": counts[GRANULARITY_COMPLETION],
+            "labels": len(labels),
+            "run_id": row["run_id"],
+            "stale_fraction_epoch": metadata["stale_fraction_epoch"],
+            "path": dg.MetadataValue.path(str(parquet_path)),
+            "metadata_path": dg.MetadataValue.path(str(meta_path)),
+        }
+    )
+
+
+def _stale_fraction(streams: pl.DataFrame) -> float | None:
+    epoch = streams.filter(pl.col("granularity") == GRANULARITY_EPOCH)
+    return float(epoch["is_stale"].mean()) if epoch.height else None
+
+
+def _agent_version(run: RunRecord) -> str | None:
+    for key in ("agent_version", "policy_version", "git_hash", "metta_git_hash"):
+        value = run.config.get(key)
+        if isinstance(value, str | int):
+            return str(value)
+    return run.extra.get("agent_version")

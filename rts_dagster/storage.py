@@ -1,0 +1,80 @@
+"""Atomic file writes and the on-disk layout of everything we write.
+
+Every write goes to a temporary file in the destination directory and is renamed over
+the target, so a crash or a bad input never leaves a half-written file and never
+destroys what was stored before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+# Names under the data dir that are ours; a task slug never takes one of them.
+RESERVED_NAMES = frozenset(
+    {"wandb", "report", "dagster_home", "bench", "cache", "discovered_runs", "metrics", "lp"}
+)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_parquet(df: pl.DataFrame, path: Path) -> Path:
+    """Write `df` to `path` atomically (zstd-compressed parquet)."""
+    return _atomic_write(path, lambda tmp: df.write_parquet(tmp, compression="zstd"))
+
+
+def write_json(obj: Any, path: Path) -> Path:
+    """Write `obj` as indented JSON atomically."""
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
+    return _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_text(text: str, path: Path) -> Path:
+    """Write UTF-8 text atomically."""
+    return _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_bytes(data: bytes, path: Path) -> Path:
+    """Write bytes atomically."""
+    return _atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+# --- layout -------------------------------------------------------------------------------
+def discovered_runs_path(data_dir: Path) -> Path:
+    return data_dir / "discovered_runs.parquet"
+
+
+def stream_paths(data_dir: Path, task_slug: str, file_stem: str) -> tuple[Path, Path]:
+    """(parquet, metadata.json) of one reward_streams partition: `<task>/<seed>.*`."""
+    base = data_dir / task_slug
+    return base / f"{file_stem}.parquet", base / f"{file_stem}.metadata.json"
+
+
+def metrics_dir(data_dir: Path) -> Path:
+    return data_dir / "metrics"
+
+
+def report_dir(data_dir: Path) -> Path:
+    return data_dir / "report"

@@ -1,0 +1,116 @@
+import math
+
+import numpy as np
+import polars as pl
+
+from rts_dagster.analysis.streams import build_reward_streams, completion_streams, epoch_streams
+from rts_dagster.schema import COMPLETION_RECORD, REWARD_STREAMS
+
+NULL = None
+
+
+def history_frame():
+    # 4 epochs; label a.b completed in epochs 0,1,3 (epoch 2 re-emits 0.5: stale);
+    # label c first appears at epoch 2; a logged NaN stays a sample.
+    return pl.DataFrame(
+        {
+            "_step": [0, 100, 200, 300],
+            "_timestamp": [1.0, 2.0, 3.0, 4.0],
+            "metric/agent_step": [0.0, 100.0, 200.0, 300.0],
+            "metric/epoch": [0.0, 1.0, 2.0, 3.0],
+            "overview/sps": [1000.0, 500.0, NULL, 900.0],
+            "env_per_label_rewards/a.b": [0.25, 0.5, 0.5, 0.75],
+            "env_per_label_rewards/c": [NULL, NULL, float("nan"), 1.0],
+        },
+        schema_overrides={"overview/sps": pl.Float64, "env_per_label_rewards/c": pl.Float64},
+    )
+
+
+def test_epoch_streams_long_form_stale_and_nan():
+    out = epoch_streams(history_frame(), "fixed_maps", 1, "run-1")
+    assert out.schema == REWARD_STREAMS
+    a = out.filter(pl.col("label") == "a.b")
+    assert a["reward"].to_list() == [0.25, 0.5, 0.5, 0.75]
+    assert a["sample_index"].to_list() == [0, 1, 2, 3]
+    assert a["agent_step"].to_list() == [0, 100, 200, 300]
+    assert a["epoch"].to_list() == [0, 1, 2, 3]
+    assert a["is_stale"].to_list() == [False, False, True, False]
+    assert a["sps"].to_list() == [1000.0, 500.0, 500.0, 900.0]  # forward-filled
+    c = out.filter(pl.col("label") == "c")
+    assert c["sample_index"].to_list() == [0, 1]
+    assert math.isnan(c["reward"][0]) and c["reward"][1] == 1.0
+    assert set(out["granularity"]) == {"epoch"}
+    assert set(out["task"]) == {"fixed_maps"} and set(out["seed"]) == {1}
+
+
+def test_epoch_streams_without_step_metric_falls_back_to_step():
+    hist = history_frame().drop("metric/agent_step", "metric/epoch")
+    out = epoch_streams(hist, "t", 2, "r")
+    assert out.filter(pl.col("label") == "a.b")["agent_step"].to_list() == [0, 100, 200, 300]
+    assert set(out["epoch"]) == {-1}
+
+
+def test_epoch_streams_empty_when_no_label_keys():
+    out = epoch_streams(history_frame().select("_step", "overview/sps"), "t", 1, "r")
+    assert out.height == 0 and out.schema == REWARD_STREAMS
+
+
+def test_completion_streams_order_sample_index_and_sps_asof():
+    rng = np.random.default_rng(0)
+    n = 200
+    steps = np.sort(rng.integers(0, 400, n))
+    labels = rng.choice(["x", "y", "z"], n)
+    comp = pl.DataFrame(
+        {
+            "completion_index": np.arange(n),
+            "worker": np.zeros(n, dtype=np.int32),
+            "label": labels,
+            "task_id": np.full(n, -1),
+            "reward": rng.random(n),
+            "agent_step": steps,
+            "epoch": np.full(n, -1),
+            "wall_time": np.arange(n, dtype=float),
+        },
+        schema=COMPLETION_RECORD,
+    )
+    out = completion_streams(comp, history_frame(), "t", 1, "r")
+    assert out.schema == REWARD_STREAMS and out.height == n
+    for lab in ["x", "y", "z"]:
+        mask = labels == lab
+        got = out.filter(pl.col("label") == lab)
+        np.testing.assert_array_equal(got["reward"].to_numpy(), comp["reward"].to_numpy()[mask])
+        assert got["sample_index"].to_list() == list(range(mask.sum()))
+    # sps/epoch of the latest history row at or before the completion's agent_step
+    expected_sps = np.select([steps >= 300, steps >= 100, steps >= 0], [900.0, 500.0, 1000.0])
+    expected_epoch = np.searchsorted([0, 100, 200, 300], steps, side="right") - 1
+    back = out.sort("agent_step", "sample_index")
+    order = np.argsort(steps, kind="stable")
+    merged = out.join(
+        comp.select("label", "reward", "agent_step").with_row_index("i"),
+        on=["label", "reward", "agent_step"],
+    ).sort("i")
+    np.testing.assert_array_equal(merged["sps"].to_numpy(), expected_sps)
+    np.testing.assert_array_equal(merged["epoch"].to_numpy(), expected_epoch)
+    assert back.height == len(order)
+    assert not out["is_stale"].any()
+
+
+def test_build_reward_streams_both_granularities():
+    comp = pl.DataFrame(
+        {
+            "completion_index": [0, 1, 0],
+            "worker": [0, 0, 1],
+            "label": ["a.b", "a.b", "a.b"],
+            "task_id": [1, 1, 2],
+            "reward": [0.1, 0.2, 0.3],
+            "agent_step": [10, 50, 20],
+            "epoch": [0, 0, 0],
+            "wall_time": [1.0, 3.0, 2.0],
+        },
+        schema=COMPLETION_RECORD,
+    )
+    out = build_reward_streams(history_frame(), comp, "t", 1, "r")
+    comp_rows = out.filter(pl.col("granularity") == "completion")
+    # ordered by agent_step across workers: 10 (w0), 20 (w1), 50 (w0)
+    assert comp_rows["reward"].to_list() == [0.1, 0.3, 0.2]
+    assert out.filter(pl.col("granularity") == "epoch").height == 6

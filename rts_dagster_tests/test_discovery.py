@@ -1,0 +1,163 @@
+from datetime import UTC, datetime, timedelta
+
+import polars as pl
+import pytest
+
+from rts_dagster.discovery import (
+    DiscoveryRule,
+    DiscoveryRules,
+    classify_runs,
+    extract_lp_config,
+    load_rules,
+    match_run,
+    partition_key,
+    slug,
+)
+from rts_dagster.schema import DISCOVERED_RUNS
+from rts_dagster.sources.base import RunRecord, UnreadableRun
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def run(name, config=None, tags=("user:alice",), created=0, run_id=None, state="finished"):
+    return RunRecord(
+        run_id=run_id or name,
+        run_name=name,
+        project="metta",
+        entity="metta-research",
+        tags=tuple(tags),
+        config=config or {},
+        state=state,
+        created_at=T0 + timedelta(minutes=created),
+        heartbeat_at=T0 + timedelta(minutes=created + 60),
+        source="offline",
+        location=f"/runs/{run_id or name}.wandb",
+        fingerprint="f",
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "config", "task", "seed"),
+    [
+        ("alice.fixed_maps.seed1", {}, "fixed_maps", 1),
+        ("alice.fixed.maps.seed12", {}, "fixed.maps", 12),  # DOMAIN.md's example name
+        ("bob.assembly_lines", {"seed": 3}, "assembly_lines", 3),  # seed from config
+        ("bob.assembly_lines", {"seed": "4"}, "assembly_lines", 4),
+        ("bob.x.seed2", {"seed": 9}, "x", 2),  # the name wins over the config
+    ],
+)
+def test_default_rule_parses_name_then_config(name, config, task, seed):
+    match = match_run(run(name, config), DiscoveryRules())
+    assert (match.task, match.seed) == (task, seed)
+
+
+@pytest.mark.parametrize(
+    ("name", "config"),
+    [("nodots", {"seed": 1}), ("alice.task", {}), ("alice.task", {"seed": 1.5})],
+)
+def test_unmatched_runs_say_why(name, config):
+    match = match_run(run(name, config), DiscoveryRules())
+    assert match.task is None
+    assert "default" in match.reason
+
+
+def test_custom_rules_filters_and_fixed_task(tmp_path):
+    path = tmp_path / "rules.yaml"
+    path.write_text(
+        "rules:\n"
+        "  - name: lines\n"
+        "    name_regex: '^lines-(?P<seed>\\d+)$'\n"
+        "    task: assembly_lines\n"
+        "    tags_all: ['user:bob']\n"
+        "    states: [finished]\n"
+    )
+    rules = load_rules(path)
+    assert match_run(run("lines-7", tags=["user:bob"]), rules).task == "assembly_lines"
+    assert match_run(run("lines-7", tags=["user:bob"]), rules).seed == 7
+    assert match_run(run("lines-7", tags=["user:carol"]), rules).task is None
+    assert match_run(run("lines-7", tags=["user:bob"], state="crashed"), rules).task is None
+
+
+def test_bad_rules_file_names_the_file(tmp_path):
+    path = tmp_path / "rules.yaml"
+    path.write_text("rules:\n  - name_regex: '(unclosed'\n")
+    with pytest.raises(ValueError, match="rules.yaml"):
+        load_rules(path)
+    path.write_text("rules:\n  - nme: typo\n")
+    with pytest.raises(ValueError, match="nme"):
+        load_rules(path)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["a|b", "a,b", "a[b]", "../../etc/passwd", "a/b", "", ".", "..", "wandb", "report", "x" * 200,
+     "a b\nc", "ünïcode", "<script>"],
+)
+def test_slug_is_safe_for_paths_and_keys(text):
+    s = slug(text)
+    assert s and len(s) <= 64
+    assert all(c.isascii() and (c.isalnum() or c in "_.-") for c in s)
+    assert s not in {".", ".."} and not s.startswith(".")
+    assert s not in {"wandb", "report"}
+
+
+def test_slug_keeps_clean_names_and_separates_collisions():
+    assert slug("fixed_maps") == "fixed_maps"
+    assert slug("a|b") != slug("a,b")  # both sanitise to a-b; the hash keeps them apart
+    assert slug("a/b") != slug("a-b")
+
+
+def test_classify_lists_every_run_and_never_overwrites_duplicates():
+    runs = [
+        run("alice.fixed_maps.seed1", created=0, run_id="r1"),
+        run("alice.fixed_maps.seed1", created=5, run_id="r2"),  # rerun, same task/seed
+        run("alice.fixed_maps.seed2", created=1),
+        run("stray-run", created=2),
+    ]
+    bad = [UnreadableRun(location="/runs/bad.wandb", error="bad CRC at byte 77", source="offline")]
+    table = classify_runs(runs, bad, DiscoveryRules())
+    assert table.schema == DISCOVERED_RUNS
+    assert table.height == 5
+    keys = table.filter(pl.col("status") == "matched")["partition_key"].to_list()
+    assert sorted(keys) == sorted(
+        ["fixed_maps.seed1", "fixed_maps.seed1.r2", "fixed_maps.seed2"]
+    )
+    assert len(set(keys)) == len(keys)
+    dup = table.filter(pl.col("run_id") == "r2").row(0, named=True)
+    assert "r1" in dup["reason"]
+    stray = table.filter(pl.col("run_name") == "stray-run").row(0, named=True)
+    assert stray["status"] == "ignored" and stray["partition_key"] is None
+    unreadable = table.filter(pl.col("status") == "unreadable").row(0, named=True)
+    assert unreadable["location"] == "/runs/bad.wandb" and "byte 77" in unreadable["reason"]
+    assert table.filter(pl.col("run_id") == "r1")["user"].item() == "alice"
+
+
+def test_partition_keys_avoid_dagster_separators():
+    key = partition_key("weird|task,[x]", 3)
+    assert not set("|,[]") & set(key)
+    assert key.endswith(".seed3")
+
+
+def test_extract_lp_config_from_nested_metta_config():
+    config = {
+        "seed": 1,
+        "trainer": {
+            "curriculum": {
+                "num_active_tasks": 64,
+                "algorithm": {"type": "learning_progress", "ema_timescale": 0.001, "lp_gain": 0.1},
+            }
+        },
+        "other": {"deep": {"ema_timescale": 0.5}},
+    }
+    lp = extract_lp_config(config)
+    assert lp == {"num_active_tasks": 64, "ema_timescale": 0.001, "lp_gain": 0.1}
+
+
+def test_rule_config_equals_uses_dotted_keys():
+    rules = DiscoveryRules(
+        rules=[DiscoveryRule(name="nav", config_equals={"trainer.recipe": "nav"})]
+    )
+    ok = run("a.nav.seed1", config={"trainer": {"recipe": "nav"}})
+    other = run("a.nav.seed1", config={"trainer": {"recipe": "cvc"}})
+    assert match_run(ok, rules).task == "nav"
+    assert match_run(other, rules).task is None
