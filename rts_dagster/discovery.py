@@ -140,7 +140,9 @@ def extract_lp_config(config: dict[str, Any]) -> dict[str, Any]:
         nodes.append((-n_lp, depth, node))
         queue.extend((depth + 1, v) for v in node.values() if isinstance(v, dict))
     best = min(nodes, key=lambda t: (t[0], t[1]))[2]
-    ordered = [best] + [node for _, _, node in sorted(nodes, key=lambda t: t[1]) if node is not best]
+    ordered = [best] + [
+        node for _, _, node in sorted(nodes, key=lambda t: t[1]) if node is not best
+    ]
     found: dict[str, Any] = {}
     for node in ordered:
         for key, value in node.items():

@@ -99,8 +99,8 @@ def completion_streams(
     """Long per-label completion series from the recorder's stream.
 
     Completion order across workers is (agent_step, wall_time, worker, completion_index).
-    SPS (and the epoch, when the recorder did not know it) come from the latest history
-    row at or before each completion's agent_step.
+    SPS (and the epoch, when the recorder did not know it) come from the epoch the
+    completion happened in: the first history row logged at or after its agent_step.
     """
     if completions.height == 0:
         return empty(REWARD_STREAMS)
@@ -115,7 +115,15 @@ def completion_streams(
             .unique("agent_step", keep="last", maintain_order=True)
             .sort("agent_step")
         )
-        stream = stream.join_asof(progress, on="agent_step", strategy="backward").with_columns(
+        # Metta logs an epoch's row at the agent_step reached at its end, so a completion
+        # belongs to the first logged row at or after its agent_step; completions after the
+        # last logged row (a run killed mid-epoch) take the last row's values.
+        last = progress.tail(1)
+        stream = stream.join_asof(progress, on="agent_step", strategy="forward").with_columns(
+            pl.col("sps").fill_null(last["sps"].item()),
+            pl.col("_hist_epoch").fill_null(last["_hist_epoch"].item()),
+        )
+        stream = stream.with_columns(
             pl.when(pl.col("epoch") >= 0)
             .then(pl.col("epoch"))
             .otherwise(pl.col("_hist_epoch").fill_null(-1))

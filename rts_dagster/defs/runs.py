@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -109,11 +110,23 @@ def redact(config: Any) -> Any:
     return config
 
 
+# Thresholds of the reward_streams checks (WARN: the data is usable but read with care).
+MAX_NONFINITE_FRACTION = 0.01
+MAX_STALE_FRACTION = 0.5
+MIN_SERIES_SAMPLES = 25  # the default rolling-slope window
+
+
 @dg.asset(
     group_name="runs",
     partitions_def=runs_partitions,
     deps=[discovered_runs],
     pool="wandb_api",
+    check_specs=[
+        dg.AssetCheckSpec("schema_round_trip", asset="reward_streams"),
+        dg.AssetCheckSpec("finite_rewards", asset="reward_streams"),
+        dg.AssetCheckSpec("stale_fraction", asset="reward_streams"),
+        dg.AssetCheckSpec("series_long_enough", asset="reward_streams"),
+    ],
     description="Every label's reward series of one training run (epoch means and, when "
     "recorded, the per-completion stream), in sample order. "
     "File: $RTS_DATA_DIR/<task>/<seed>.parquet (+ .metadata.json).",
@@ -177,6 +190,7 @@ def reward_streams(
         f"in {time.perf_counter() - started:.2f}s -> {parquet_path}"
     )
     return dg.MaterializeResult(
+        check_results=stream_checks(streams, parquet_path),
         metadata={
             "dagster/row_count": streams.height,
             "epoch_rows": counts[GRANULARITY_EPOCH],
@@ -186,8 +200,54 @@ def reward_streams(
             "stale_fraction_epoch": metadata["stale_fraction_epoch"],
             "path": dg.MetadataValue.path(str(parquet_path)),
             "metadata_path": dg.MetadataValue.path(str(meta_path)),
-        }
+        },
     )
+
+
+def stream_checks(streams: pl.DataFrame, parquet_path: Path) -> list[dg.AssetCheckResult]:
+    """Data-quality checks of one partition, run inside its materialization."""
+    warn = dg.AssetCheckSeverity.WARN
+    written = pl.read_parquet_schema(parquet_path)
+    mismatched = {
+        name: str(written.get(name))
+        for name, dtype in REWARD_STREAMS.items()
+        if written.get(name) != dtype
+    }
+    n_bad = int(streams.filter(~pl.col("reward").is_finite()).height)
+    bad_fraction = n_bad / max(streams.height, 1)
+    stale = _stale_fraction(streams)
+    lengths = streams.group_by("granularity", "label").len()
+    short = lengths.filter(pl.col("len") < MIN_SERIES_SAMPLES)
+    short_names = [f"{g}:{lab} ({n})" for g, lab, n in short.head(10).iter_rows()]
+    return [
+        dg.AssetCheckResult(
+            check_name="schema_round_trip",
+            passed=not mismatched,
+            metadata={"mismatched_columns": str(mismatched or "none")},
+        ),
+        dg.AssetCheckResult(
+            check_name="finite_rewards",
+            passed=bad_fraction <= MAX_NONFINITE_FRACTION,
+            severity=warn,
+            metadata={"nonfinite_rows": n_bad, "fraction": bad_fraction},
+        ),
+        dg.AssetCheckResult(
+            check_name="stale_fraction",
+            passed=stale is None or stale <= MAX_STALE_FRACTION,
+            severity=warn,
+            metadata={"stale_fraction_epoch": stale, "threshold": MAX_STALE_FRACTION},
+        ),
+        dg.AssetCheckResult(
+            check_name="series_long_enough",
+            passed=short.height == 0,
+            severity=warn,
+            metadata={
+                "short_series": short.height,
+                "min_samples": MIN_SERIES_SAMPLES,
+                "examples": ", ".join(short_names) or "none",
+            },
+        ),
+    ]
 
 
 def _stale_fraction(streams: pl.DataFrame) -> float | None:

@@ -80,9 +80,11 @@ def test_completion_streams_order_sample_index_and_sps_asof():
         got = out.filter(pl.col("label") == lab)
         np.testing.assert_array_equal(got["reward"].to_numpy(), comp["reward"].to_numpy()[mask])
         assert got["sample_index"].to_list() == list(range(mask.sum()))
-    # sps/epoch of the latest history row at or before the completion's agent_step
-    expected_sps = np.select([steps >= 300, steps >= 100, steps >= 0], [900.0, 500.0, 1000.0])
-    expected_epoch = np.searchsorted([0, 100, 200, 300], steps, side="right") - 1
+    # sps/epoch of the epoch each completion happened in: the first history row logged at
+    # or after its agent_step (history rows at 0, 100, 200, 300; sps 1000, 500, 500 (ffill), 900)
+    row_of = np.minimum(np.searchsorted([0, 100, 200, 300], steps, side="left"), 3)
+    expected_sps = np.array([1000.0, 500.0, 500.0, 900.0])[row_of]
+    expected_epoch = row_of
     back = out.sort("agent_step", "sample_index")
     order = np.argsort(steps, kind="stable")
     merged = out.join(

@@ -1,0 +1,235 @@
+"""Write simulated training runs through the real wandb library, in offline mode.
+
+`simulate_default(out_dir)` writes the default set: every task of `model.TASKS` x seeds
+1, 2, 3, each as `<out_dir>/wandb/offline-run-<time>-<run id>/run-<run id>.wandb` with the
+per-completion stream as parquet chunks in that run's `files/reward_stream/`. The logged
+keys mirror what Metta logs once per epoch (see DOMAIN.md); docs/simulator.md lists them.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rts_dagster.recorder import RewardStreamRecorder
+from rts_dagster.simulate.model import DEFAULT_EPOCHS, TASKS, SimulatedRun, simulate
+
+DEFAULT_USER = "alice"
+DEFAULT_SEEDS = (1, 2, 3)
+DEFAULT_PROJECT = "metta"
+# Several chunks per run (~2-3 at the default length), so readers meet multi-chunk streams.
+RECORDER_FLUSH_EVERY = 8192
+
+LABEL_PREFIX = "env_per_label_rewards/"
+CURRICULUM_PREFIX = "env_env_curriculum/"
+KEY_MEAN_LP = CURRICULUM_PREFIX + "algorithm/lp/mean_learning_progress"
+KEY_EVICTED = CURRICULUM_PREFIX + "num_evicted"
+KEY_RECENT_SCORE = CURRICULUM_PREFIX + "algorithm/tracker/mean_recent_score"
+
+_WANDB_ENV = {
+    "WANDB_MODE": "offline",
+    "WANDB_SILENT": "true",
+    "WANDB_ERROR_REPORTING": "false",
+    "WANDB_CONSOLE": "off",
+}
+
+
+def run_id(task: str, seed: int, user: str = DEFAULT_USER) -> str:
+    """Run id == run name == SkyPilot job name: `<user>.<task>.seed<N>`."""
+    return f"{user}.{task}.seed{seed}"
+
+
+def run_config(sim: SimulatedRun, user: str = DEFAULT_USER) -> dict[str, Any]:
+    """The run config, with the LP settings nested where Metta keeps them."""
+    spec = sim.task
+    return {
+        "run": run_id(spec.name, sim.seed, user),
+        "seed": sim.seed,
+        "recipe": spec.recipe,
+        "simulated": True,
+        "trainer": {
+            "total_timesteps": int(sim.epoch_agent_step[-1]),
+            "batch_size": spec.steps_per_epoch,
+            "curriculum": {
+                "num_active_tasks": spec.num_active_tasks,
+                "algorithm": {"type": "learning_progress", **spec.lp.model_dump()},
+            },
+        },
+    }
+
+
+def epoch_rows(sim: SimulatedRun) -> Iterator[dict[str, float | int]]:
+    """One wandb.log payload per epoch. Labels never completed yet are absent; NaN
+    statistics (an epoch without completions) are left out rather than logged."""
+    keys = [LABEL_PREFIX + label for label in sim.labels]
+    start = sim.epoch_wall_time[0] - sim.task.steps_per_epoch / sim.sps[0]
+    for e in range(sim.n_epochs):
+        row: dict[str, float | int] = {
+            key: float(value)
+            for key, value in zip(keys, sim.label_means[e], strict=True)
+            if not np.isnan(value)
+        }
+        row["overview/sps"] = float(sim.sps[e])
+        if not np.isnan(sim.reward_mean[e]):
+            row["overview/reward"] = float(sim.reward_mean[e])
+        row["metric/agent_step"] = int(sim.epoch_agent_step[e])
+        row["metric/epoch"] = e
+        row["metric/total_time"] = float(sim.epoch_wall_time[e] - start)
+        row[KEY_MEAN_LP] = float(sim.mean_learning_progress[e])
+        row[KEY_EVICTED] = int(sim.num_evicted[e])
+        if not np.isnan(sim.mean_recent_score[e]):
+            row[KEY_RECENT_SCORE] = float(sim.mean_recent_score[e])
+        yield row
+
+
+@contextmanager
+def _offline_wandb_env() -> Iterator[None]:
+    """Offline, silent wandb for the duration; the caller's environment is restored."""
+    saved = {key: os.environ.get(key) for key in _WANDB_ENV}
+    os.environ.update(_WANDB_ENV)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _remove_previous(wandb_dir: Path, rid: str) -> None:
+    """Delete earlier offline folders of the same run id, so a rewrite replaces them."""
+    pattern = re.compile(r"^offline-run-\d{8}_\d{6}-" + re.escape(rid) + "$")
+    if wandb_dir.is_dir():
+        for entry in wandb_dir.iterdir():
+            if entry.is_dir() and pattern.match(entry.name):
+                shutil.rmtree(entry)
+
+
+def simulate_run(
+    task: str,
+    seed: int,
+    out_dir: Path,
+    epochs: int | None = None,
+    user: str = DEFAULT_USER,
+    replace: bool = True,
+) -> Path:
+    """Simulate one run and write it as an offline wandb run; return its .wandb file.
+
+    With `replace`, earlier offline folders of the same run id under `out_dir/wandb`
+    are deleted first, so re-running gives one folder per run id.
+    """
+    sim = simulate(task, seed, epochs)
+    rid = run_id(task, seed, user)
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if replace:
+        _remove_previous(out_dir / "wandb", rid)
+    with _offline_wandb_env():
+        import wandb  # deferred: ~1 s to import, not needed by the model
+
+        run = wandb.init(
+            project=DEFAULT_PROJECT,
+            id=rid,
+            name=rid,
+            dir=str(out_dir),
+            tags=[f"user:{user}"],
+            config=run_config(sim, user),
+            mode="offline",
+            settings=wandb.Settings(
+                silent=True,
+                console="off",
+                x_disable_stats=True,
+                x_disable_meta=True,
+                x_disable_machine_info=True,
+                x_save_requirements=False,
+                disable_git=True,
+                save_code=False,
+            ),
+        )
+        try:
+            run.define_metric("metric/agent_step")
+            run.define_metric("*", step_metric="metric/agent_step")
+            bounds = sim.epoch_bounds
+            with RewardStreamRecorder(
+                run=run, worker=0, flush_every=RECORDER_FLUSH_EVERY, flush_seconds=None
+            ) as recorder:
+                labels = np.asarray(sim.labels, dtype=object)
+                for e, row in enumerate(epoch_rows(sim)):
+                    lo, hi = int(bounds[e]), int(bounds[e + 1])
+                    # The epoch's completions happen before its end-of-epoch log line.
+                    recorder.record_many(
+                        labels[sim.label_index[lo:hi]],
+                        sim.reward[lo:hi],
+                        sim.agent_step[lo:hi],
+                        epochs=sim.epoch[lo:hi],
+                        task_ids=sim.task_id[lo:hi],
+                        wall_times=sim.wall_time[lo:hi],
+                    )
+                    run.log(row, step=int(row["metric/agent_step"]))
+            run.finish()
+        except BaseException:
+            run.finish(exit_code=1)
+            raise
+    return Path(run.dir).parent / f"run-{rid}.wandb"
+
+
+def _job(task: str, seed: int, out_dir: Path, epochs: int | None, user: str) -> tuple[Path, float]:
+    started = time.perf_counter()
+    path = simulate_run(task, seed, out_dir, epochs=epochs, user=user)
+    return path, time.perf_counter() - started
+
+
+def simulate_default(
+    out_dir: Path,
+    n_jobs: int = 2,
+    epochs: int | None = None,
+    quiet: bool = False,
+    user: str = DEFAULT_USER,
+) -> list[Path]:
+    """Write every task x seeds 1-3 under `out_dir/wandb/`; return the .wandb paths.
+
+    Runs go to `n_jobs` worker processes (spawned: wandb and fork do not mix); one line
+    is printed per finished run unless `quiet`. The returned list is in (task, seed)
+    order whatever the finishing order.
+    """
+    jobs = [(task, seed) for task in TASKS for seed in DEFAULT_SEEDS]
+    n_epochs = DEFAULT_EPOCHS if epochs is None else epochs
+    out_dir = Path(out_dir).resolve()
+    paths: list[Path | None] = [None] * len(jobs)
+
+    def report(done: int, index: int, path: Path, seconds: float) -> None:
+        if not quiet:
+            task, seed = jobs[index]
+            print(
+                f"[{done}/{len(jobs)}] {run_id(task, seed, user)}: {n_epochs} epochs "
+                f"in {seconds:.1f}s -> {path}",
+                flush=True,
+            )
+
+    if n_jobs <= 1:
+        for index, (task, seed) in enumerate(jobs):
+            paths[index], seconds = _job(task, seed, out_dir, epochs, user)
+            report(index + 1, index, paths[index], seconds)
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(n_jobs, len(jobs)), mp_context=context) as pool:
+            futures = {
+                pool.submit(_job, task, seed, out_dir, epochs, user): index
+                for index, (task, seed) in enumerate(jobs)
+            }
+            for done, future in enumerate(as_completed(futures), start=1):
+                index = futures[future]
+                paths[index], seconds = future.result()
+                report(done, index, paths[index], seconds)
+    return [path for path in paths if path is not None]

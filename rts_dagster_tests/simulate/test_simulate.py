@@ -1,0 +1,201 @@
+"""The closed-loop simulator and the offline wandb writer."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from rts_dagster.analysis.lp import LearningProgress
+from rts_dagster.recorder import list_chunks, read_reward_stream
+from rts_dagster.simulate.model import (
+    DEFAULT_EPOCHS,
+    TASKS,
+    SimulatedRun,
+    label_params,
+    simulate,
+)
+from rts_dagster.simulate.writer import (
+    KEY_EVICTED,
+    KEY_MEAN_LP,
+    KEY_RECENT_SCORE,
+    LABEL_PREFIX,
+    epoch_rows,
+    run_config,
+    run_id,
+    simulate_default,
+    simulate_run,
+)
+
+SHORT = 40  # epochs: ~2-3k completions, a fraction of a second
+
+
+@pytest.fixture(scope="module")
+def full_fixed_maps() -> SimulatedRun:
+    return simulate("fixed_maps", 1)
+
+
+@pytest.fixture(scope="module")
+def short_variants() -> SimulatedRun:
+    return simulate("variants_curriculum", 2, epochs=SHORT)
+
+
+def _arrays(run: SimulatedRun) -> dict[str, np.ndarray]:
+    return {
+        f.name: getattr(run, f.name)
+        for f in dataclasses.fields(run)
+        if isinstance(getattr(run, f.name), np.ndarray)
+    }
+
+
+def test_same_seed_same_run_different_seed_differs() -> None:
+    a = simulate("assembly_lines", 1, epochs=SHORT)
+    b = simulate("assembly_lines", 1, epochs=SHORT)
+    c = simulate("assembly_lines", 2, epochs=SHORT)
+    for name, array in _arrays(a).items():
+        np.testing.assert_array_equal(array, _arrays(b)[name], err_msg=name)
+    assert not np.array_equal(a.reward[:100], c.reward[:100])
+    assert not np.array_equal(a.sps, c.sps)
+    # Label parameters are shared by the seeds of a task; seeds change speed and start.
+    np.testing.assert_array_equal(a.params.noise, c.params.noise)
+    assert not np.array_equal(a.params.half_practice, c.params.half_practice)
+    base = label_params(TASKS["assembly_lines"])
+    np.testing.assert_array_equal(base.ceiling, label_params(TASKS["assembly_lines"]).ceiling)
+
+
+def test_labels_per_task() -> None:
+    fixed = TASKS["fixed_maps"].labels
+    assert len(fixed) == 10 and all(re.fullmatch(r"[a-z_]+\.[a-z_0-9]+", x) for x in fixed)
+    assert "training_facility.extractor_hub_30" in fixed
+    lines = TASKS["assembly_lines"].labels
+    assert len(lines) == 2
+    assert all(re.fullmatch(r"[a-z]+_\d+chain_\d+sinks_[a-z]+", x) for x in lines)
+    variants = TASKS["variants_curriculum"].labels
+    assert len(variants) >= 8 and len(set(variants)) == len(variants)
+    assert TASKS["variants_curriculum"].lp.ema_timescale != TASKS["fixed_maps"].lp.ema_timescale
+
+
+def test_shapes_and_ranges(short_variants: SimulatedRun) -> None:
+    run = short_variants
+    n, n_labels, n_epochs = run.reward.size, len(run.labels), SHORT
+    assert run.probabilities.shape == run.fast.shape == (n, n_labels)
+    assert run.label_means.shape == run.label_fresh.shape == (n_epochs, n_labels)
+    assert run.epoch_bounds[-1] == n and run.epoch_completions.sum() == n
+    assert np.all(run.reward >= 0) and np.mean(run.reward <= 1) > 0.9
+    np.testing.assert_allclose(run.probabilities.sum(axis=1), 1.0)
+    assert np.all(run.probabilities >= 0)
+    # Completions sit inside their epoch's agent-step window, in order.
+    steps = run.task.steps_per_epoch
+    assert np.all(run.agent_step > run.epoch * steps)
+    assert np.all(run.agent_step <= (run.epoch + 1) * steps)
+    assert np.all(np.diff(run.agent_step) >= 0) and np.all(np.diff(run.wall_time) >= 0)
+    np.testing.assert_array_equal(run.epoch_agent_step, np.arange(1, n_epochs + 1) * steps)
+    assert np.all(run.task_id // run.task.n_buckets == run.label_index)
+    assert np.all(run.num_evicted == 0) and np.all(run.sps > 0)
+
+
+def test_stale_re_emission_is_exact(short_variants: SimulatedRun) -> None:
+    run = short_variants
+    bounds = run.epoch_bounds
+    stale_seen = 0
+    for e in range(run.n_epochs):
+        labels = run.label_index[bounds[e] : bounds[e + 1]]
+        rewards = run.reward[bounds[e] : bounds[e + 1]]
+        for i in range(len(run.labels)):
+            value = run.label_means[e, i]
+            if run.label_fresh[e, i]:
+                assert value == pytest.approx(rewards[labels == i].mean(), rel=1e-12)
+            elif e == 0 or np.isnan(run.label_means[e - 1, i]):
+                assert np.isnan(value)  # absent until first completed
+            else:
+                assert value == run.label_means[e - 1, i]  # exact repeat, not approx
+                stale_seen += 1
+    assert stale_seen > 0  # ~2 completions per label per epoch: some epochs miss a label
+
+
+def test_competence_rises(full_fixed_maps: SimulatedRun) -> None:
+    run = full_fixed_maps
+    assert run.n_epochs == DEFAULT_EPOCHS
+    fifth = run.n_epochs // 5
+    early = np.nanmean(run.label_means[:fifth], axis=0)
+    late = np.nanmean(run.label_means[-fifth:], axis=0)
+    assert np.sum(late > early) >= 0.8 * len(run.labels)
+    assert np.all(run.epoch_competence[-1] >= run.params.floor)
+    assert 10_000 <= run.reward.size <= 25_000
+    # Throughput: a warm-up epoch and at least one dip below 75 % of the base SPS.
+    assert run.sps[0] < 0.75 * run.task.base_sps
+
+
+def test_lp_trace_equals_a_fresh_replay(short_variants: SimulatedRun) -> None:
+    run = short_variants
+    lp = LearningProgress(len(run.labels), run.task.lp)
+    for j, (label, reward) in enumerate(zip(run.label_index, run.reward, strict=True)):
+        np.testing.assert_array_equal(lp.probabilities(), run.probabilities[j])
+        lp.update(label, reward)
+        np.testing.assert_array_equal(lp.F, run.fast[j])
+        np.testing.assert_array_equal(lp.S, run.slow[j])
+    last = run.n_epochs - 1
+    assert lp.scores().mean() == run.mean_learning_progress[last]
+
+
+def test_epoch_rows_and_config(short_variants: SimulatedRun) -> None:
+    run = short_variants
+    rows = list(epoch_rows(run))
+    assert len(rows) == SHORT
+    for e, row in enumerate(rows):
+        assert row["metric/epoch"] == e and row["metric/agent_step"] == run.epoch_agent_step[e]
+        for key in ("overview/sps", KEY_MEAN_LP, KEY_EVICTED, KEY_RECENT_SCORE):
+            assert key in row
+        seen = ~np.isnan(run.label_means[e])
+        assert sum(k.startswith(LABEL_PREFIX) for k in row) == seen.sum()
+    config = run_config(run)
+    algorithm = config["trainer"]["curriculum"]["algorithm"]
+    assert algorithm["type"] == "learning_progress" and algorithm["ema_timescale"] == 0.01
+    assert config["recipe"] == "recipes.experiment.cvc.variants_curriculum.train"
+    assert config["seed"] == 2 and config["trainer"]["curriculum"]["num_active_tasks"] == 1500
+    assert run_id("fixed_maps", 3) == "alice.fixed_maps.seed3"
+
+
+def test_simulate_run_through_offline_wandb(tmp_path: Path) -> None:
+    epochs = 6
+    mode_before = os.environ.get("WANDB_MODE")
+    path = simulate_run("fixed_maps", 2, tmp_path, epochs=epochs)
+    assert path.is_file() and path.name == "run-alice.fixed_maps.seed2.wandb"
+    assert re.fullmatch(r"offline-run-\d{8}_\d{6}-alice\.fixed_maps\.seed2", path.parent.name)
+    assert path.parent.parent == (tmp_path / "wandb").resolve()
+    assert path.read_bytes()[:4] == b":W&B"
+    # The completion stream round-trips through the run's files/reward_stream chunks.
+    chunks = list_chunks(path.parent)
+    assert chunks and chunks[0].parent == path.parent / "files" / "reward_stream"
+    frame = pl.read_parquet(chunks)
+    sim = simulate("fixed_maps", 2, epochs=epochs)
+    assert frame["completion_index"].to_list() == list(range(sim.reward.size))
+    np.testing.assert_array_equal(frame["reward"].to_numpy(), sim.reward)
+    np.testing.assert_array_equal(frame["agent_step"].to_numpy(), sim.agent_step)
+    np.testing.assert_array_equal(frame["epoch"].to_numpy(), sim.epoch)
+    np.testing.assert_array_equal(frame["task_id"].to_numpy(), sim.task_id)
+    np.testing.assert_array_equal(frame["wall_time"].to_numpy(), sim.wall_time)
+    assert frame["label"].to_list() == [sim.labels[i] for i in sim.label_index]
+    assert read_reward_stream(path.parent).equals(frame)
+    # Writing the same run again replaces its folder instead of adding a second one.
+    again = simulate_run("fixed_maps", 2, tmp_path, epochs=epochs)
+    assert again.is_file()
+    assert len(list((tmp_path / "wandb").glob("offline-run-*-alice.fixed_maps.seed2"))) == 1
+    assert os.environ.get("WANDB_MODE") == mode_before  # the caller's environment is restored
+
+
+def test_simulate_default_writes_nine_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Tiny runs (3 epochs) in 2 spawned processes: ~2-3 s, mostly wandb start-up.
+    paths = simulate_default(tmp_path, n_jobs=2, epochs=3)
+    assert len(paths) == 9 and all(p.is_file() for p in paths)
+    assert [p.name for p in paths][:3] == [
+        f"run-alice.fixed_maps.seed{seed}.wandb" for seed in (1, 2, 3)
+    ]
+    assert capsys.readouterr().out.count("\n") == 9
