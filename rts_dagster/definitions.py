@@ -14,8 +14,7 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
     minimum_interval_seconds=30,
 )
 
-defs = dg.Definitions(
-    assets=[discovered_runs, reward_streams],
-    sensors=[automation_sensor],
-    resources={"run_source": OfflineRunsSource(), "rts_storage": RtsStorage()},
-)
+ASSETS = [discovered_runs, reward_streams]
+RESOURCES = {"run_source": OfflineRunsSource(), "rts_storage": RtsStorage()}
+
+defs = dg.Definitions(assets=ASSETS, sensors=[automation_sensor], resources=RESOURCES)

@@ -51,18 +51,14 @@ def _materialize(
     keys: list[dg.AssetKey],
     partition_key: str | None = None,
 ) -> tuple[bool, str]:
-    graph = defs.resolve_asset_graph()
-    assets = [
-        graph.get(k).assets_def
-        for k in graph.get_all_asset_keys()
-        if graph.get(k).is_materializable
-    ]
+    from rts_dagster.definitions import ASSETS, RESOURCES
+
     result = dg.materialize(
-        list({id(a): a for a in assets}.values()),
+        ASSETS,
         selection=keys,
         instance=instance,
         partition_key=partition_key,
-        resources=defs.resources,
+        resources=RESOURCES,
         run_config=_QUIET_LOGS,
         raise_on_error=False,
         tags={"rts/trigger": "rts refresh"},

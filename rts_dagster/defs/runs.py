@@ -1,7 +1,5 @@
 """Assets `discovered_runs` and `reward_streams`: from a run source to per-run parquet."""
 
-from __future__ import annotations
-
 import json
 import time
 from datetime import UTC, datetime

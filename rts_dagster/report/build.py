@@ -1,0 +1,290 @@
+"""Assemble the report from the analysis tables: numbers, figures and plain-words findings.
+
+Every number printed comes from a table an asset wrote (series_metrics, variance_table,
+timescale recommendations); this module only selects, formats and plots them.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+
+import polars as pl
+
+from rts_dagster.report import figures
+from rts_dagster.report.document import Bullets, Figure, Heading, Paragraph, Report, Table
+
+MAX_PLOT_POINTS = 400  # per line: enough for the shape, small HTML
+
+
+def preferred_granularity(streams: pl.DataFrame) -> str:
+    """`completion` (what LP consumes) when recorded, else `epoch`."""
+    return "completion" if (streams["granularity"] == "completion").any() else "epoch"
+
+
+def _binned(df: pl.DataFrame, value: str, keys: list[str]) -> pl.DataFrame:
+    """Per (keys, sample-index bin): the median and p10/p90 of `value` across labels."""
+    top = max(int(df["sample_index"].max() or 0), 1)
+    width = max(1, math.ceil((top + 1) / MAX_PLOT_POINTS))
+    return (
+        df.filter(pl.col(value).is_finite())
+        .with_columns(((pl.col("sample_index") // width) * width).alias("sample_index"))
+        .group_by(*keys, "sample_index")
+        .agg(
+            pl.col(value).quantile(0.1).alias("p10"),
+            pl.col(value).median().alias("p50"),
+            pl.col(value).quantile(0.9).alias("p90"),
+            pl.col(value).mean().alias("mean"),
+        )
+        .sort(*keys, "sample_index")
+    )
+
+
+def reward_curve_table(streams: pl.DataFrame, granularity: str, smooth: int = 25) -> pl.DataFrame:
+    """Mean reward over labels at each sample index, smoothed by a centred rolling mean."""
+    part = streams.filter(
+        (pl.col("granularity") == granularity) & pl.col("reward").is_finite() & ~pl.col("is_stale")
+    )
+    per_index = (
+        part.group_by("task", "seed", "sample_index")
+        .agg(pl.col("reward").mean())
+        .sort("task", "seed", "sample_index")
+        .with_columns(
+            pl.col("reward").rolling_mean(smooth, min_samples=1, center=True).over("task", "seed")
+        )
+    )
+    binned = _binned(per_index, "reward", ["task", "seed"])
+    return binned.select("task", "seed", "sample_index", pl.col("mean").alias("reward"))
+
+
+def sps_noise_table(rolling: pl.DataFrame, n_bins: int = 12) -> pl.DataFrame:
+    """Mean rolling std of reward per SPS bin (equal-width within each task)."""
+    part = rolling.filter(pl.col("sps").is_finite() & pl.col("rolling_std").is_finite())
+    if part.height == 0:
+        return pl.DataFrame(
+            schema={
+                "task": pl.String,
+                "sps_bin_center": pl.Float64,
+                "noise_mean": pl.Float64,
+                "n": pl.UInt32,
+            }
+        )
+    lo = pl.col("sps").min().over("task")
+    hi = pl.col("sps").max().over("task")
+    width = ((hi - lo) / n_bins).clip(lower_bound=1e-9)
+    return (
+        part.with_columns(
+            ((pl.col("sps") - lo) / width).floor().clip(0, n_bins - 1).alias("bin"),
+            lo.alias("lo"),
+            width.alias("w"),
+        )
+        .group_by("task", "bin")
+        .agg(
+            (pl.col("lo").first() + (pl.col("bin").first() + 0.5) * pl.col("w").first()).alias(
+                "sps_bin_center"
+            ),
+            pl.col("rolling_std").mean().alias("noise_mean"),
+            pl.len().alias("n"),
+        )
+        .filter(pl.col("n") >= 20)
+        .select("task", "sps_bin_center", "noise_mean", "n")
+        .sort("task", "sps_bin_center")
+    )
+
+
+def _fmt_ci(value: float, low: float, high: float) -> str:
+    if not all(map(math.isfinite, (value, low, high))):
+        return "n/a"
+    return f"{value:.3g} [{low:.3g}, {high:.3g}]"
+
+
+def build_report(
+    streams: pl.DataFrame,
+    series: pl.DataFrame,
+    rolling: pl.DataFrame,
+    variance: pl.DataFrame,
+    recommendations: pl.DataFrame,
+    recommendation_sentences: list[str],
+    lp_configs: dict[str, dict],
+) -> Report:
+    """The whole report. `lp_configs`: task -> LP config found in its runs' config."""
+    granularity = preferred_granularity(streams)
+    n_runs = streams.select("task", "seed", "run_id").unique().height
+    tasks = sorted(streams["task"].unique().to_list())
+    report = Report(title="Reward streams and LP settings")
+    report.add(
+        Paragraph(
+            [
+                f"Generated {datetime.now(UTC):%Y-%m-%d %H:%M UTC} from {n_runs} runs over "
+                f"{len(tasks)} tasks ({', '.join(tasks)}). Metrics use the {granularity} "
+                "stream (what LP consumes when recorded; epoch means otherwise)"
+                + (
+                    "; stale epoch re-emissions are removed before computing metrics."
+                    if granularity == "epoch"
+                    else "."
+                )
+            ]
+        )
+    )
+
+    report.add(Heading("Recommendations"))
+    report.add(Bullets(recommendation_sentences or ["No recommendation: too few samples."]))
+
+    sel = series.filter(pl.col("granularity") == granularity)
+    report.add(Heading("Reward curves"))
+    report.add(
+        Figure(
+            "reward_curves",
+            figures.reward_curves(reward_curve_table(streams, granularity), granularity),
+            "Mean reward over labels vs sample index, one colour per seed (smoothed over 25 samples).",
+        )
+    )
+
+    roll = rolling.filter(pl.col("granularity") == granularity)
+    report.add(Heading("Rate of change and noise over training"))
+    report.add(
+        Figure(
+            "slope_bands",
+            figures.band_overlay(
+                _binned(roll, "rolling_slope", ["task", "seed"]),
+                "rolling OLS slope (reward per sample)",
+                "Rate of change: median over labels, p10-p90 band",
+                granularity,
+            ),
+            "Rolling OLS slope of reward over the last 25 samples of each label; line = median "
+            "over labels, band = p10-p90 over labels.",
+        ),
+        Figure(
+            "noise_bands",
+            figures.band_overlay(
+                _binned(roll, "rolling_std", ["task", "seed"]),
+                "rolling std of reward (reward units)",
+                "Sampling noise: median over labels, p10-p90 band",
+                granularity,
+            ),
+            "Rolling standard deviation of reward over the last 10 samples of each label.",
+        ),
+    )
+
+    report.add(Heading("Noise across tasks"))
+    report.add(
+        Figure(
+            "noise_by_task",
+            figures.noise_distribution(
+                sel, "noise_diff", "trend-robust noise std(diff)/sqrt(2) (reward units)"
+            ),
+            "Trend-robust noise of every (label, seed) series, per task.",
+        )
+    )
+    per_label = (
+        sel.group_by("task", "label")
+        .agg(
+            pl.len().alias("seeds"),
+            pl.col("n_samples").sum().alias("samples"),
+            pl.col("mean_reward").mean(),
+            pl.col("mean_slope").mean(),
+            pl.col("noise_diff").mean(),
+            pl.col("noise_rolling_mean").mean(),
+            pl.col("stale_fraction").mean(),
+            pl.col("sps_reward_corr").mean(),
+        )
+        .sort("task", "noise_diff", descending=[False, True])
+    )
+    report.add(
+        Table(
+            [
+                "task",
+                "label",
+                "seeds",
+                "samples",
+                "mean reward",
+                "mean slope (reward/sample)",
+                "noise std(diff)/sqrt2",
+                "rolling std (10)",
+                "stale fraction",
+                "corr(SPS, reward)",
+            ],
+            [list(r) for r in per_label.iter_rows()],
+            caption=f"Per-label metrics ({granularity} stream), averaged over seeds.",
+        )
+    )
+
+    report.add(Heading("Seed variance vs task variance"))
+    if variance.height:
+        named = variance.with_columns(
+            pl.concat_str([pl.col("scope"), pl.lit(" / "), pl.col("level")]).alias("name")
+        )
+        report.add(
+            Table(
+                [
+                    "scope",
+                    "level",
+                    "Var(seed)",
+                    "Var(task or label)",
+                    "ratio [95% CI]",
+                    "ICC [95% CI]",
+                    "tasks",
+                    "seeds",
+                    "note",
+                ],
+                [
+                    [
+                        r["scope"],
+                        r["level"],
+                        r["var_seed"],
+                        r["var_task_or_label"],
+                        _fmt_ci(r["ratio"], r["ratio_ci_low"], r["ratio_ci_high"]),
+                        _fmt_ci(r["icc"], r["icc_ci_low"], r["icc_ci_high"]),
+                        r["n_tasks"],
+                        r["n_seeds"],
+                        r["reason"] or "",
+                    ]
+                    for r in named.iter_rows(named=True)
+                ],
+                caption="Ratio > 1: seeds of the same task differ more than the tasks (or labels) differ.",
+            ),
+            Figure(
+                "variance_ratios",
+                figures.variance_ratios(named),
+                "Seed/task and seed/label variance ratios with stratified-bootstrap 95% CIs.",
+            ),
+        )
+
+    report.add(Heading("SPS and noise"))
+    sps_points = sps_noise_table(roll)
+    if sps_points.height:
+        report.add(
+            Figure(
+                "sps_vs_noise",
+                figures.sps_vs_noise(sps_points),
+                "Mean rolling reward std per SPS bin: a falling line means SPS dips come with noisier rewards.",
+            )
+        )
+    corr = (
+        sel.group_by("task")
+        .agg(pl.col("sps_reward_corr").mean(), pl.col("sps_noise_corr").mean())
+        .sort("task")
+    )
+    report.add(
+        Table(
+            ["task", "mean corr(SPS, reward)", "mean corr(SPS, rolling std)"],
+            [list(r) for r in corr.iter_rows()],
+        )
+    )
+
+    report.add(Heading("EMA timescales"))
+    if recommendations.height:
+        report.add(
+            Table(list(recommendations.columns), [list(r) for r in recommendations.iter_rows()])
+        )
+    for task, cfg in sorted(lp_configs.items()):
+        if cfg:
+            report.add(
+                Paragraph(
+                    [
+                        f"{task}: LP config in the runs: "
+                        + ", ".join(f"{k}={v}" for k, v in sorted(cfg.items()))
+                    ]
+                )
+            )
+    return report
