@@ -224,6 +224,13 @@ def stream_file_stem(seed: int, run_id: str | None = None) -> str:
     return f"{seed}.{slug(run_id)}" if run_id is not None else str(seed)
 
 
+def partition_files(task: str, seed: int, run_id: str, key: str) -> tuple[str, str]:
+    """(task folder, file stem) of a matched run's partition: `<task slug>/<seed>` for the
+    run holding the plain key, `<task slug>/<seed>.<run slug>` for a duplicate."""
+    duplicate = key != partition_key(task, seed)
+    return slug(task), stream_file_stem(seed, run_id if duplicate else None)
+
+
 def classify_runs(
     runs: Sequence[RunRecord],
     unreadable: Sequence[UnreadableRun],

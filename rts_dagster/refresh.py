@@ -17,7 +17,7 @@ import polars as pl
 from rts_dagster import storage
 from rts_dagster.defs.partitions import runs_partitions
 from rts_dagster.defs.runs import STREAMS_VERSION
-from rts_dagster.discovery import slug, stream_file_stem
+from rts_dagster.discovery import partition_files
 from rts_dagster.schema import RUN_STATUS_MATCHED
 
 _QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
@@ -74,9 +74,8 @@ def _materialize(
 
 
 def _partition_paths(data_dir: Path, row: dict[str, Any]) -> tuple[Path, Path]:
-    duplicate = row["partition_key"] != f"{slug(row['task'])}.seed{row['seed']}"
-    stem = stream_file_stem(row["seed"], row["run_id"] if duplicate else None)
-    return storage.stream_paths(data_dir, slug(row["task"]), stem)
+    folder, stem = partition_files(row["task"], row["seed"], row["run_id"], row["partition_key"])
+    return storage.stream_paths(data_dir, folder, stem)
 
 
 def _is_current(meta_path: Path, fingerprint: str) -> bool:

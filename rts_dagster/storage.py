@@ -76,5 +76,22 @@ def metrics_dir(data_dir: Path) -> Path:
     return data_dir / "metrics"
 
 
+METRIC_TABLES = ("series", "rolling", "progress")
+
+
+def metrics_paths(data_dir: Path, task_slug: str, file_stem: str) -> dict[str, Path]:
+    """The series_metrics files of one partition: `metrics/<task>/<seed>.<table>.parquet`."""
+    base = metrics_dir(data_dir) / task_slug
+    return {name: base / f"{file_stem}.{name}.parquet" for name in METRIC_TABLES}
+
+
+def variance_table_path(data_dir: Path) -> Path:
+    return metrics_dir(data_dir) / "variance_table.parquet"
+
+
+def timescales_path(data_dir: Path) -> Path:
+    return metrics_dir(data_dir) / "timescale_recommendations.parquet"
+
+
 def report_dir(data_dir: Path) -> Path:
     return data_dir / "report"

@@ -54,6 +54,10 @@ def write_tiny_run(root: Path, task: str, seed: int, name: str | None = None) ->
             row[f"env_per_label_rewards/{label}"] = tiny_label_reward(task, label, seed, epoch)
         run.log(row, step=step)
     run.finish()
+    from rts_dagster.sources.wandb_file import wait_for_exit_record
+
+    # finish() returns before wandb-core flushed the file's last block (wandb 0.31)
+    wait_for_exit_record(next(Path(run.dir).parent.glob("run-*.wandb")))
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from rts_dagster import storage
 from rts_dagster.analysis.streams import HISTORY_PREFIXES, build_reward_streams
 from rts_dagster.defs.partitions import runs_partitions
 from rts_dagster.defs.resources import OfflineRunsSource, RtsStorage
-from rts_dagster.discovery import classify_runs, slug, stream_file_stem
+from rts_dagster.discovery import classify_runs, partition_files
 from rts_dagster.escape import md_table
 from rts_dagster.schema import (
     DISCOVERED_RUNS,
@@ -146,9 +146,8 @@ def reward_streams(
             f"run {row['run_id']!r} ({row['location']}) has no `env_per_label_rewards/*` "
             "history and no per-completion stream: nothing to analyse"
         )
-    duplicate = key != f"{slug(row['task'])}.seed{row['seed']}"
-    stem = stream_file_stem(row["seed"], row["run_id"] if duplicate else None)
-    parquet_path, meta_path = storage.stream_paths(rts_storage.root(), slug(row["task"]), stem)
+    folder, stem = partition_files(row["task"], row["seed"], row["run_id"], key)
+    parquet_path, meta_path = storage.stream_paths(rts_storage.root(), folder, stem)
 
     counts = {
         g: int(streams.filter(pl.col("granularity") == g).height)

@@ -23,6 +23,7 @@ import numpy as np
 
 from rts_dagster.recorder import RewardStreamRecorder
 from rts_dagster.simulate.model import DEFAULT_EPOCHS, TASKS, SimulatedRun, simulate
+from rts_dagster.sources.wandb_file import wait_for_exit_record
 
 DEFAULT_USER = "alice"
 DEFAULT_SEEDS = (1, 2, 3)
@@ -181,7 +182,11 @@ def simulate_run(
         except BaseException:
             run.finish(exit_code=1)
             raise
-    return Path(run.dir).parent / f"run-{rid}.wandb"
+    path = Path(run.dir).parent / f"run-{rid}.wandb"
+    # wandb 0.31 returns from finish() before its writer flushed the last block: wait for
+    # the exit record so a reader started right after us sees the whole run.
+    wait_for_exit_record(path, timeout_s=60.0)
+    return path
 
 
 def _job(task: str, seed: int, out_dir: Path, epochs: int | None, user: str) -> tuple[Path, float]:

@@ -1,0 +1,238 @@
+"""`OfflineRunSource` over a folder of real offline runs, plus damaged files."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pytest
+
+from rts_dagster.recorder import RewardStreamRecorder
+from rts_dagster.schema import COMPLETION_RECORD
+from rts_dagster.sources import offline
+from rts_dagster.sources.base import RunReadError, RunRecord, RunSource
+from rts_dagster.sources.offline import OfflineRunSource
+from rts_dagster.sources.wandb_file import iter_records
+from rts_dagster_tests.sources.test_wandb_file import record_kinds, write_run
+
+LABELS = ["training_facility.extractor_hub_30", "machina_1.collect_far"]
+
+
+def _rows(n: int, seed: int) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for epoch in range(n):
+        row = {f"env_per_label_rewards/{label}": float(rng.random()) for label in LABELS}
+        row["overview/sps"] = float(rng.normal(5000, 100))
+        row["metric/epoch"] = epoch
+        rows.append(row)
+    return rows
+
+
+def _record_stream(files_dir: Path) -> pl.DataFrame:
+    """Record completions for two workers (several chunks each); return what was recorded."""
+    rng = np.random.default_rng(5)
+    recorded = []
+    for worker in (1, 0):
+        with RewardStreamRecorder(files_dir, worker=worker, flush_every=7) as recorder:
+            for i in range(30):
+                row = {
+                    "completion_index": i,
+                    "worker": worker,
+                    "label": LABELS[i % 2],
+                    "task_id": int(rng.integers(100)),
+                    "reward": float(rng.random()),
+                    "agent_step": 1000 * i,
+                    "epoch": i // 10,
+                    "wall_time": 1.7e9 + i,
+                }
+                recorder.record(
+                    row["label"],
+                    row["reward"],
+                    row["agent_step"],
+                    epoch=row["epoch"],
+                    task_id=row["task_id"],
+                    wall_time=row["wall_time"],
+                )
+                recorded.append(row)
+    return pl.DataFrame(recorded, schema=COMPLETION_RECORD).sort("worker", "completion_index")
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Two real runs (finished with a reward stream, failed without), a corrupt copy of
+    the first and a file of random bytes, all in the usual offline-run-* layout."""
+    root = tmp_path_factory.mktemp("offline_tree")
+    good_rows = _rows(12, seed=1)
+    good = write_run(
+        root,
+        "alice.fixed_maps.seed1",
+        good_rows,
+        project="metta",
+        entity="metta-research",
+        name="alice.fixed_maps.seed1",
+        config={"trainer": {"curriculum": {"algorithm": {"ema_timescale": 0.001}}}},
+        tags=["user:alice"],
+    )
+    stream = _record_stream(good.parent / "files")
+    failed = write_run(root, "alice.fixed_maps.seed2", _rows(3, seed=2), exit_code=1, project="p")
+
+    corrupt_dir = root / "wandb" / "offline-run-20260101_000000-corrupt"
+    corrupt_dir.mkdir()
+    data = bytearray(good.read_bytes())
+    offsets = [offset for offset, _ in iter_records(good)]
+    data[offsets[len(offsets) // 2] + 12] ^= 0xFF
+    corrupt = corrupt_dir / "run-corrupt.wandb"
+    corrupt.write_bytes(bytes(data))
+    noise_dir = root / "wandb" / "offline-run-20260101_000000-x"
+    noise_dir.mkdir()
+    noise = noise_dir / "run-x.wandb"
+    noise.write_bytes(np.random.default_rng(0).bytes(5000))
+    return {
+        "root": root,
+        "good": good,
+        "good_rows": good_rows,
+        "stream": stream,
+        "failed": failed,
+        "corrupt": corrupt,
+        "noise": noise,
+    }
+
+
+def test_lists_good_runs_and_reports_unreadable_files(tree: dict[str, Any]) -> None:
+    source: RunSource = OfflineRunSource(tree["root"])
+    assert source.name == "offline"
+    runs, unreadable = source.list_runs()
+    by_id = {run.run_id: run for run in runs}
+    assert sorted(by_id) == ["alice.fixed_maps.seed1", "alice.fixed_maps.seed2"]  # no dupes
+    good = by_id["alice.fixed_maps.seed1"]
+    assert good.run_name == "alice.fixed_maps.seed1"
+    assert (good.project, good.entity, good.tags) == ("metta", "metta-research", ("user:alice",))
+    assert good.config == {"trainer": {"curriculum": {"algorithm": {"ema_timescale": 0.001}}}}
+    assert good.state == "finished"
+    assert good.source == "offline"
+    assert good.location == str(tree["good"])
+    assert good.created_at is not None and good.created_at.tzinfo is not None
+    assert good.heartbeat_at is not None and good.heartbeat_at >= good.created_at
+    st = tree["good"].stat()
+    assert good.fingerprint == f"{st.st_size}:{st.st_mtime_ns}:finished"
+    failed = by_id["alice.fixed_maps.seed2"]
+    assert failed.state == "failed" and failed.run_name == "alice.fixed_maps.seed2"
+
+    assert sorted(u.location for u in unreadable) == sorted(
+        [str(tree["corrupt"]), str(tree["noise"])]
+    )
+    errors = {u.location: u.error for u in unreadable}
+    assert all(u.source == "offline" for u in unreadable)
+    assert str(tree["corrupt"]) in errors[str(tree["corrupt"])]
+    assert "byte offset" in errors[str(tree["corrupt"])]
+    assert "not a .wandb file" in errors[str(tree["noise"])]
+
+
+def test_get_run(tree: dict[str, Any]) -> None:
+    source = OfflineRunSource(tree["root"])
+    runs, _ = source.list_runs()
+    for run in runs:
+        assert source.get_run(run.location) == run
+    with pytest.raises(RunReadError, match="missing"):
+        source.get_run(str(tree["root"] / "missing" / "run-missing.wandb"))
+    with pytest.raises(RunReadError, match="byte offset"):
+        source.get_run(str(tree["corrupt"]))
+
+
+def _good(source: OfflineRunSource, tree: dict[str, Any]) -> RunRecord:
+    return source.get_run(str(tree["good"]))
+
+
+def test_read_history(tree: dict[str, Any]) -> None:
+    source = OfflineRunSource(tree["root"])
+    history = source.read_history(_good(source, tree), ["env_per_label_rewards/"])
+    keys = [f"env_per_label_rewards/{label}" for label in LABELS]
+    assert history.columns == ["_step", "_timestamp", *sorted(keys)]
+    assert history["_step"].to_list() == [10 * i for i in range(len(tree["good_rows"]))]
+    for key in keys:
+        assert history[key].to_list() == [row[key] for row in tree["good_rows"]]
+    full = source.read_history(_good(source, tree))
+    assert "overview/sps" in full.columns and "metric/epoch" in full.columns
+
+
+def test_read_completions(tree: dict[str, Any]) -> None:
+    source = OfflineRunSource(tree["root"])
+    stream = source.read_completions(_good(source, tree))
+    assert stream is not None
+    assert stream.schema == COMPLETION_RECORD
+    assert len(list((tree["good"].parent / "files" / "reward_stream").glob("*.parquet"))) > 2
+    assert stream.equals(tree["stream"])
+    failed = source.get_run(str(tree["failed"]))
+    assert source.read_completions(failed) is None
+
+
+def test_bad_stream_chunk_names_the_chunk(tree: dict[str, Any], tmp_path: Path) -> None:
+    run_dir = tmp_path / "wandb" / tree["good"].parent.name
+    shutil.copytree(tree["good"].parent, run_dir)
+    bad = run_dir / "files" / "reward_stream" / "part-w0007-000000.parquet"
+    bad.write_bytes(b"PAR1 not really parquet")
+    source = OfflineRunSource(tmp_path)
+    (run,), _ = source.list_runs()
+    with pytest.raises(RunReadError, match=re.escape("part-w0007-000000.parquet")) as info:
+        source.read_completions(run)
+    assert str(bad) in str(info.value)
+    # A chunk without the schema's columns is refused the same way.
+    bad.unlink()
+    pl.DataFrame({"reward": [1.0]}).write_parquet(
+        run_dir / "files/reward_stream/part-w0008-000000.parquet"
+    )
+    with pytest.raises(RunReadError, match=re.escape("part-w0008-000000.parquet")):
+        source.read_completions(run)
+
+
+def test_scans_are_cached_until_a_file_changes(
+    tree: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir = tmp_path / "wandb" / tree["good"].parent.name
+    shutil.copytree(tree["good"].parent, run_dir)
+    path = run_dir / tree["good"].name
+    scans = []
+    real_scan = offline.scan_run_file
+    monkeypatch.setattr(
+        offline, "scan_run_file", lambda p, **kw: scans.append(p) or real_scan(p, **kw)
+    )
+    source = OfflineRunSource(tmp_path)
+    first, _ = source.list_runs()
+    second, _ = source.list_runs()
+    assert len(scans) == 1 and first == second
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    third, _ = source.list_runs()
+    assert len(scans) == 2
+    assert third[0].fingerprint != first[0].fingerprint
+
+
+def test_run_without_exit_record_is_running_then_crashed(
+    tree: dict[str, Any], tmp_path: Path
+) -> None:
+    (exit_offset,) = [offset for offset, kind in record_kinds(tree["good"]) if kind == "exit"]
+    data = tree["good"].read_bytes()
+    path = tmp_path / "wandb" / "offline-run-20260101_000000-live" / "run-live.wandb"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data[: exit_offset + 5])  # cut inside the exit record
+    source = OfflineRunSource(tmp_path, running_grace_s=300)
+    (run,), _ = source.list_runs()
+    assert run.state == "running"
+    assert run.extra["truncated"] and run.extra["exit_code"] is None
+    old = time.time_ns() - 3600 * 10**9
+    os.utime(path, ns=(old, old))
+    (later,), _ = source.list_runs()
+    assert later.state == "crashed"
+    assert later.fingerprint != run.fingerprint
+    history = source.read_history(later)
+    assert history.height == len(tree["good_rows"])
+
+
+def test_missing_root_lists_nothing(tmp_path: Path) -> None:
+    assert OfflineRunSource(tmp_path / "nope").list_runs() == ([], [])
