@@ -81,7 +81,7 @@ def test_custom_rules_filters_and_fixed_task(tmp_path):
 def test_bad_rules_file_names_the_file(tmp_path):
     path = tmp_path / "rules.yaml"
     path.write_text("rules:\n  - name_regex: '(unclosed'\n")
-    with pytest.raises(ValueError, match="rules.yaml"):
+    with pytest.raises(ValueError, match=r"rules\.yaml"):
         load_rules(path)
     path.write_text("rules:\n  - nme: typo\n")
     with pytest.raises(ValueError, match="nme"):
@@ -90,8 +90,22 @@ def test_bad_rules_file_names_the_file(tmp_path):
 
 @pytest.mark.parametrize(
     "text",
-    ["a|b", "a,b", "a[b]", "../../etc/passwd", "a/b", "", ".", "..", "wandb", "report", "x" * 200,
-     "a b\nc", "ünïcode", "<script>"],
+    [
+        "a|b",
+        "a,b",
+        "a[b]",
+        "../../etc/passwd",
+        "a/b",
+        "",
+        ".",
+        "..",
+        "wandb",
+        "report",
+        "x" * 200,
+        "a b\nc",
+        "ünïcode",
+        "<script>",
+    ],
 )
 def test_slug_is_safe_for_paths_and_keys(text):
     s = slug(text)
@@ -119,9 +133,7 @@ def test_classify_lists_every_run_and_never_overwrites_duplicates():
     assert table.schema == DISCOVERED_RUNS
     assert table.height == 5
     keys = table.filter(pl.col("status") == "matched")["partition_key"].to_list()
-    assert sorted(keys) == sorted(
-        ["fixed_maps.seed1", "fixed_maps.seed1.r2", "fixed_maps.seed2"]
-    )
+    assert sorted(keys) == sorted(["fixed_maps.seed1", "fixed_maps.seed1.r2", "fixed_maps.seed2"])
     assert len(set(keys)) == len(keys)
     dup = table.filter(pl.col("run_id") == "r2").row(0, named=True)
     assert "r1" in dup["reason"]
