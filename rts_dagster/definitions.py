@@ -2,6 +2,12 @@
 
 import dagster as dg
 
+from rts_dagster.defs.analysis import (
+    report,
+    series_metrics,
+    timescale_recommendations,
+    variance_table,
+)
 from rts_dagster.defs.resources import OfflineRunsSource, RtsStorage
 from rts_dagster.defs.runs import discovered_runs, reward_streams
 
@@ -14,7 +20,14 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
     minimum_interval_seconds=30,
 )
 
-ASSETS = [discovered_runs, reward_streams]
+ASSETS = [
+    discovered_runs,
+    reward_streams,
+    series_metrics,
+    variance_table,
+    timescale_recommendations,
+    report,
+]
 RESOURCES = {"run_source": OfflineRunsSource(), "rts_storage": RtsStorage()}
 
 defs = dg.Definitions(assets=ASSETS, sensors=[automation_sensor], resources=RESOURCES)

@@ -5,14 +5,24 @@ from __future__ import annotations
 import html
 import re
 
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+!|~>-])")
+# Inline metacharacters: emphasis, code, links/images, raw HTML, table cells, strikethrough.
+_MD_INLINE = re.compile(r"([\\`*_\[\]<>|~])")
+# Block markers that only matter at the start of a line (heading, list, quote, numbered).
+_MD_LINE_START = re.compile(r"^([#+\-=])|^(\d+)([.)])")
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 def md(text: object) -> str:
-    """Markdown-safe inline text: every Markdown/HTML metacharacter backslash-escaped,
-    newlines flattened (a label must not start a new table row or heading)."""
-    flat = " ".join(str(text).split())
-    return _MD_SPECIAL.sub(r"\\\1", flat).replace("&", "&amp;")
+    """Markdown-safe inline text: newlines flattened (a label must not start a new table
+    row or heading), inline metacharacters and a leading block marker backslash-escaped,
+    `&` made literal so no HTML entity can be smuggled in."""
+    flat = " ".join(str(text).split()).replace("&", "&amp;")
+    if _NUMBER.match(flat):
+        return flat
+    escaped = _MD_INLINE.sub(r"\\\1", flat)
+    return _MD_LINE_START.sub(
+        lambda m: f"\\{m[1]}" if m[1] else f"{m[2]}\\{m[3]}", escaped, count=1
+    )
 
 
 def html_text(text: object) -> str:

@@ -15,6 +15,7 @@ from rts_dagster.report import figures
 from rts_dagster.report.document import Bullets, Figure, Heading, Paragraph, Report, Table
 
 MAX_PLOT_POINTS = 400  # per line: enough for the shape, small HTML
+BAND_POINTS = 60  # slope/noise bands: each bin averages enough windows to show a trend
 
 
 def preferred_granularity(streams: pl.DataFrame) -> str:
@@ -22,14 +23,22 @@ def preferred_granularity(streams: pl.DataFrame) -> str:
     return "completion" if (streams["granularity"] == "completion").any() else "epoch"
 
 
-def _binned(df: pl.DataFrame, value: str, keys: list[str]) -> pl.DataFrame:
-    """Per (keys, sample-index bin): the median and p10/p90 of `value` across labels."""
+def _binned(
+    df: pl.DataFrame, value: str, keys: list[str], points: int = MAX_PLOT_POINTS
+) -> pl.DataFrame:
+    """Per (keys, sample-index bin): `value` averaged within each label first, then the
+    median and p10/p90 across labels (so the band shows how labels differ, not the
+    sample-to-sample scatter)."""
     top = max(int(df["sample_index"].max() or 0), 1)
-    width = max(1, math.ceil((top + 1) / MAX_PLOT_POINTS))
-    return (
+    width = max(1, math.ceil((top + 1) / points))
+    per_label = (
         df.filter(pl.col(value).is_finite())
         .with_columns(((pl.col("sample_index") // width) * width).alias("sample_index"))
-        .group_by(*keys, "sample_index")
+        .group_by(*keys, "label", "sample_index")
+        .agg(pl.col(value).mean())
+    )
+    return (
+        per_label.group_by(*keys, "sample_index")
         .agg(
             pl.col(value).quantile(0.1).alias("p10"),
             pl.col(value).median().alias("p50"),
@@ -53,7 +62,9 @@ def reward_curve_table(streams: pl.DataFrame, granularity: str, smooth: int = 25
             pl.col("reward").rolling_mean(smooth, min_samples=1, center=True).over("task", "seed")
         )
     )
-    binned = _binned(per_index, "reward", ["task", "seed"])
+    binned = _binned(
+        per_index.with_columns(pl.lit("all").alias("label")), "reward", ["task", "seed"]
+    )
     return binned.select("task", "seed", "sample_index", pl.col("mean").alias("reward"))
 
 
@@ -146,23 +157,24 @@ def build_report(
         Figure(
             "slope_bands",
             figures.band_overlay(
-                _binned(roll, "rolling_slope", ["task", "seed"]),
+                _binned(roll, "rolling_slope", ["task", "seed"], points=BAND_POINTS),
                 "rolling OLS slope (reward per sample)",
                 "Rate of change: median over labels, p10-p90 band",
                 granularity,
             ),
-            "Rolling OLS slope of reward over the last 25 samples of each label; line = median "
-            "over labels, band = p10-p90 over labels.",
+            "Rolling OLS slope of reward over the last 25 samples, averaged per label within "
+            "each sample-index bin; line = median over labels, band = p10-p90 over labels.",
         ),
         Figure(
             "noise_bands",
             figures.band_overlay(
-                _binned(roll, "rolling_std", ["task", "seed"]),
+                _binned(roll, "rolling_std", ["task", "seed"], points=BAND_POINTS),
                 "rolling std of reward (reward units)",
                 "Sampling noise: median over labels, p10-p90 band",
                 granularity,
             ),
-            "Rolling standard deviation of reward over the last 10 samples of each label.",
+            "Rolling standard deviation of reward over the last 10 samples, averaged per label "
+            "within each sample-index bin; line = median over labels, band = p10-p90.",
         ),
     )
 

@@ -21,6 +21,10 @@ def _rgba(hex_colour: str, alpha: float) -> str:
     return f"rgba({r},{g},{b},{alpha})"
 
 
+def _x_title(granularity: str) -> str:
+    return "samples of the label (" + ("completions)" if granularity == "completion" else "epochs)")
+
+
 def reward_curves(curves: pl.DataFrame, granularity: str) -> go.Figure:
     """Mean reward over labels vs sample index, one panel per task, one colour per seed.
 
@@ -111,10 +115,9 @@ def band_overlay(bands: pl.DataFrame, value_title: str, title: str, granularity:
                 row=1,
                 col=col,
             )
-        unit = "completions" if granularity == "completion" else "epochs"
-        fig.update_xaxes(title_text=f"sample index per label ({unit})", row=1, col=col)
+        fig.update_xaxes(title_text=_x_title(granularity), row=1, col=col)
     fig.update_yaxes(title_text=value_title, row=1, col=1)
-    fig.update_layout(title=title, height=380, **_LAYOUT)
+    fig.update_layout(title=title, height=420, width=1100, **_LAYOUT)
     return fig
 
 

@@ -1,0 +1,260 @@
+"""Assets `series_metrics` (per run) and the cross-run aggregates `variance_table`,
+`timescale_recommendations` and `report`. Thin: the science is in rts_dagster.analysis."""
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import polars as pl
+
+from rts_dagster import storage
+from rts_dagster.analysis import kalman, metrics, variance
+from rts_dagster.analysis.tables import (
+    NOISE_BY_PROGRESS,
+    ROLLING_METRICS,
+    SERIES_METRICS,
+    TIMESCALE_RECOMMENDATIONS,
+    VARIANCE_TABLE,
+)
+from rts_dagster.defs.partitions import runs_partitions
+from rts_dagster.defs.resources import RtsStorage
+from rts_dagster.defs.runs import read_discovered, reward_streams, run_for_partition
+from rts_dagster.discovery import partition_files
+from rts_dagster.escape import md_table
+from rts_dagster.schema import REWARD_STREAMS, RUN_STATUS_MATCHED, conform
+
+_TABLE_SCHEMAS = {
+    "series": SERIES_METRICS,
+    "rolling": ROLLING_METRICS,
+    "progress": NOISE_BY_PROGRESS,
+}
+
+
+class SeriesMetricsConfig(dg.Config):
+    """Windows and thresholds of the per-series metrics (defaults: the study plan's)."""
+
+    slope_window: int = 25
+    noise_window: int = 10
+    ema_halflife: float = 25.0
+    noise_bins: int = 10
+    destale: bool = True
+    sps_dip_threshold: float = 0.2
+
+    def to_metrics(self) -> metrics.MetricsConfig:
+        return metrics.MetricsConfig(**self.model_dump())
+
+
+def _preview(df: pl.DataFrame, cols: list[str], limit: int = 20) -> str:
+    rows = [
+        [f"{v:.4g}" if isinstance(v, float) else v for v in r]
+        for r in df.select(cols).head(limit).iter_rows()
+    ]
+    more = f"\n\n… {df.height - limit} more rows" if df.height > limit else ""
+    return md_table(cols, rows) + more
+
+
+def _partition_stream_paths(root: Path, row: dict[str, Any]) -> tuple[Path, dict[str, Path]]:
+    folder, stem = partition_files(row["task"], row["seed"], row["run_id"], row["partition_key"])
+    return storage.stream_paths(root, folder, stem)[0], storage.metrics_paths(root, folder, stem)
+
+
+@dg.asset(
+    group_name="analysis",
+    partitions_def=runs_partitions,
+    deps=[reward_streams],
+    automation_condition=dg.AutomationCondition.eager(),
+    description="Per (label, granularity) series of one run: rolling OLS and EMA slopes, "
+    "rolling and trend-robust noise, stale fraction, SPS coupling; plus the per-sample "
+    "rolling table and noise-vs-progress bins. Files: metrics/<task>/<seed>.*.parquet.",
+)
+def series_metrics(
+    context: dg.AssetExecutionContext, config: SeriesMetricsConfig, rts_storage: RtsStorage
+) -> dg.MaterializeResult:
+    root = rts_storage.root()
+    row = run_for_partition(read_discovered(rts_storage), context.partition_key)
+    stream_path, paths = _partition_stream_paths(root, row)
+    if not stream_path.exists():
+        raise dg.Failure(
+            f"{stream_path} is missing: materialize reward_streams[{row['partition_key']}]"
+        )
+    streams = conform(pl.read_parquet(stream_path), REWARD_STREAMS, str(stream_path))
+    result = metrics.compute_metrics(streams, config.to_metrics())
+    for name, table in (
+        ("series", result.series),
+        ("rolling", result.rolling),
+        ("progress", result.progress),
+    ):
+        storage.write_parquet(table, paths[name])
+    series = result.series
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": series.height,
+            "rolling_rows": result.rolling.height,
+            "config": json.dumps(config.model_dump()),
+            "path": dg.MetadataValue.path(str(paths["series"])),
+            "preview": dg.MetadataValue.md(
+                _preview(
+                    series.sort("granularity", "noise_diff", descending=[False, True]),
+                    [
+                        "granularity",
+                        "label",
+                        "n_samples",
+                        "stale_fraction",
+                        "mean_reward",
+                        "mean_slope",
+                        "noise_diff",
+                        "noise_rolling_mean",
+                        "sps_reward_corr",
+                    ],
+                )
+            ),
+        }
+    )
+
+
+def _matched_rows(rts_storage: RtsStorage) -> list[dict[str, Any]]:
+    discovered = read_discovered(rts_storage)
+    return list(discovered.filter(pl.col("status") == RUN_STATUS_MATCHED).iter_rows(named=True))
+
+
+def load_all(rts_storage: RtsStorage, context: dg.AssetExecutionContext) -> dict[str, pl.DataFrame]:
+    """Every materialized partition's streams and metric tables, concatenated. Partitions
+    not materialized yet are skipped with a warning (they join on the next refresh)."""
+    root = rts_storage.root()
+    parts: dict[str, list[pl.DataFrame]] = {
+        "streams": [],
+        "series": [],
+        "rolling": [],
+        "progress": [],
+    }
+    missing = []
+    for row in _matched_rows(rts_storage):
+        stream_path, paths = _partition_stream_paths(root, row)
+        if not stream_path.exists() or not all(p.exists() for p in paths.values()):
+            missing.append(row["partition_key"])
+            continue
+        parts["streams"].append(conform(pl.read_parquet(stream_path), REWARD_STREAMS))
+        for name, schema in _TABLE_SCHEMAS.items():
+            parts[name].append(conform(pl.read_parquet(paths[name]), schema))
+    if missing:
+        context.log.warning(f"not yet materialized, left out: {', '.join(missing)}")
+    if not parts["streams"]:
+        raise dg.Failure("no materialized series_metrics partitions yet: run `rts refresh`")
+    schemas = {"streams": REWARD_STREAMS, **_TABLE_SCHEMAS}
+    return {k: pl.concat(v) if v else pl.DataFrame(schema=schemas[k]) for k, v in parts.items()}
+
+
+def _lp_configs(rts_storage: RtsStorage) -> dict[str, dict[str, Any]]:
+    """Task -> LP config of its runs (the first run's; runs of a task normally agree)."""
+    out: dict[str, dict[str, Any]] = {}
+    for row in _matched_rows(rts_storage):
+        out.setdefault(row["task"], json.loads(row["lp_config"] or "{}"))
+    return out
+
+
+@dg.asset(
+    group_name="analysis",
+    deps=[series_metrics],
+    automation_condition=dg.AutomationCondition.eager(),
+    description="Seed vs task variance (and seed vs label within each task) of mean reward, "
+    "with stratified-bootstrap 95% CIs and the ICC. File: metrics/variance_table.parquet.",
+)
+def variance_table(
+    context: dg.AssetExecutionContext, rts_storage: RtsStorage
+) -> dg.MaterializeResult:
+    tables = load_all(rts_storage, context)
+    table = variance.variance_table(tables["series"])
+    table = conform(table, VARIANCE_TABLE, "variance_table")
+    path = storage.write_parquet(table, storage.variance_table_path(rts_storage.root()))
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": table.height,
+            "path": dg.MetadataValue.path(str(path)),
+            "preview": dg.MetadataValue.md(
+                _preview(
+                    table,
+                    [
+                        "scope",
+                        "level",
+                        "var_seed",
+                        "var_task_or_label",
+                        "ratio",
+                        "ratio_ci_low",
+                        "ratio_ci_high",
+                        "icc",
+                        "reason",
+                    ],
+                )
+            ),
+        }
+    )
+
+
+@dg.asset(
+    group_name="analysis",
+    deps=[series_metrics],
+    automation_condition=dg.AutomationCondition.eager(),
+    description="Recommended LP EMA timescale per task and label from a local-level "
+    "(random walk + noise) fit: steady-state Kalman gain K, timescale 1/K, vs the runs' LP "
+    "config. File: metrics/timescale_recommendations.parquet.",
+)
+def timescale_recommendations(
+    context: dg.AssetExecutionContext, rts_storage: RtsStorage
+) -> dg.MaterializeResult:
+    tables = load_all(rts_storage, context)
+    per_series = kalman.estimate_local_level(tables["streams"])
+    table = kalman.recommend_timescales(per_series, lp_configs_by_task=_lp_configs(rts_storage))
+    conform(table, TIMESCALE_RECOMMENDATIONS, "timescale_recommendations")  # validates
+    path = storage.write_parquet(table, storage.timescales_path(rts_storage.root()))
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": table.height,
+            "path": dg.MetadataValue.path(str(path)),
+            "findings": dg.MetadataValue.md(
+                "\n".join(f"- {s}" for s in kalman.describe_recommendations(table))
+            ),
+        }
+    )
+
+
+@dg.asset(
+    group_name="report",
+    deps=[variance_table, timescale_recommendations],
+    automation_condition=dg.AutomationCondition.eager(),
+    description="report.md (+ PNG figures) and a self-contained report.html under "
+    "$RTS_DATA_DIR/report/, built from the tables above.",
+)
+def report(context: dg.AssetExecutionContext, rts_storage: RtsStorage) -> dg.MaterializeResult:
+    from rts_dagster.report.build import build_report
+    from rts_dagster.report.document import write_report
+
+    root = rts_storage.root()
+    tables = load_all(rts_storage, context)
+    variance_df = pl.read_parquet(storage.variance_table_path(root))
+    recs = pl.read_parquet(storage.timescales_path(root))
+    doc = build_report(
+        tables["streams"],
+        tables["series"],
+        tables["rolling"],
+        variance_df,
+        recs,
+        kalman.describe_recommendations(recs),
+        _lp_configs(rts_storage),
+    )
+    written = write_report(doc, storage.report_dir(root))
+    if written["note"]:
+        context.log.warning(str(written["note"]))
+    metadata: dict[str, Any] = {
+        "report_md": dg.MetadataValue.path(str(written["markdown"])),
+        "report_html": dg.MetadataValue.path(str(written["html"])),
+        "figures": len(written["pngs"]),
+    }
+    curves = written["pngs"].get("reward_curves")
+    if curves is not None:
+        encoded = base64.b64encode(curves.read_bytes()).decode()
+        metadata["reward_curves"] = dg.MetadataValue.md(
+            f"![reward curves](data:image/png;base64,{encoded})"
+        )
+    return dg.MaterializeResult(metadata=metadata)

@@ -1,0 +1,56 @@
+"""Untrusted text through `md`/`md_table`, rendered by an independent CommonMark+GFM
+renderer (markdown-it-py): it must come out as literal text, never as markup."""
+
+import html
+
+import pytest
+from markdown_it import MarkdownIt
+
+from rts_dagster.escape import html_text, md, md_table
+
+RENDER = MarkdownIt("commonmark").enable("table").enable("strikethrough")
+
+NASTY = [
+    "<script>alert(1)</script>",
+    "<img src=x onerror=alert(1)>",
+    "**bold** _em_ `code` ~~strike~~",
+    "[click](javascript:alert(1))",
+    "![img](http://evil/x.png)",
+    "# heading",
+    "- list item",
+    "1. numbered",
+    "> quote",
+    "a | b | c",
+    "line\nbreak\n# heading",
+    "&lt;script&gt;",
+    "back\\slash",
+    "fixed_maps.extractor_hub_30",
+]
+
+
+def _text_of(rendered: str) -> str:
+    """The visible text of rendered HTML of a single paragraph."""
+    assert rendered.startswith("<p>") and rendered.endswith("</p>\n"), rendered
+    return html.unescape(rendered[3:-5])
+
+
+@pytest.mark.parametrize("text", NASTY)
+def test_md_renders_as_the_literal_text(text):
+    rendered = RENDER.render(md(text))
+    assert _text_of(rendered) == " ".join(text.split())
+
+
+@pytest.mark.parametrize("text", NASTY)
+def test_md_table_cell_stays_one_cell(text):
+    rendered = RENDER.render(md_table(["label", "value"], [[text, 1.5]]))
+    assert rendered.count("<td>") == 2 and rendered.count("<tr>") == 2
+    cell = rendered.split("<td>")[1].split("</td>")[0]
+    assert html.unescape(cell) == " ".join(text.split())
+
+
+def test_numbers_are_not_escaped():
+    assert md("-5.3") == "-5.3" and md("1e-05") == "1e-05"
+
+
+def test_html_text_escapes_attributes():
+    assert html_text("\"'<>&") == "&quot;&#x27;&lt;&gt;&amp;"
