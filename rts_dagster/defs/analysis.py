@@ -238,6 +238,7 @@ def report(context: dg.AssetExecutionContext, rts_storage: RtsStorage) -> dg.Mat
         tables["streams"],
         tables["series"],
         tables["rolling"],
+        tables["progress"],
         variance_df,
         recs,
         kalman.describe_recommendations(recs),

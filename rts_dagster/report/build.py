@@ -29,8 +29,8 @@ def _binned(
     """Per (keys, sample-index bin): `value` averaged within each label first, then the
     median and p10/p90 across labels (so the band shows how labels differ, not the
     sample-to-sample scatter)."""
-    top = max(int(df["sample_index"].max() or 0), 1)
-    width = max(1, math.ceil((top + 1) / points))
+    # bin width per task: tasks differ by orders of magnitude in samples per label
+    width = ((pl.col("sample_index").max().over("task") + 1) / points).ceil().clip(1).cast(pl.Int64)
     per_label = (
         df.filter(pl.col(value).is_finite())
         .with_columns(((pl.col("sample_index") // width) * width).alias("sample_index"))
@@ -109,10 +109,26 @@ def _fmt_ci(value: float, low: float, high: float) -> str:
     return f"{value:.3g} [{low:.3g}, {high:.3g}]"
 
 
+def noise_progress_table(progress: pl.DataFrame, granularity: str) -> pl.DataFrame:
+    """Per task and progress bin: p10/median/p90 over series of the in-bin noise."""
+    return (
+        progress.filter((pl.col("granularity") == granularity) & pl.col("noise_diff").is_finite())
+        .group_by("task", "bin")
+        .agg(
+            pl.col("progress").mean(),
+            pl.col("noise_diff").quantile(0.1).alias("p10"),
+            pl.col("noise_diff").median().alias("p50"),
+            pl.col("noise_diff").quantile(0.9).alias("p90"),
+        )
+        .sort("task", "bin")
+    )
+
+
 def build_report(
     streams: pl.DataFrame,
     series: pl.DataFrame,
     rolling: pl.DataFrame,
+    progress: pl.DataFrame,
     variance: pl.DataFrame,
     recommendations: pl.DataFrame,
     recommendation_sentences: list[str],
@@ -177,6 +193,17 @@ def build_report(
             "within each sample-index bin; line = median over labels, band = p10-p90.",
         ),
     )
+
+    noise_bins = noise_progress_table(progress, granularity)
+    if noise_bins.height:
+        report.add(
+            Figure(
+                "noise_vs_progress",
+                figures.noise_vs_progress(noise_bins),
+                "Noise within each tenth of every label's series; line = median over "
+                "(label, seed) series, band = p10-p90.",
+            )
+        )
 
     report.add(Heading("Noise across tasks"))
     report.add(

@@ -115,7 +115,8 @@ def band_overlay(bands: pl.DataFrame, value_title: str, title: str, granularity:
                 row=1,
                 col=col,
             )
-        fig.update_xaxes(title_text=_x_title(granularity), row=1, col=col)
+        middle = col == (len(tasks) + 1) // 2  # one x title: they would overlap
+        fig.update_xaxes(title_text=_x_title(granularity) if middle else None, row=1, col=col)
     fig.update_yaxes(title_text=value_title, row=1, col=1)
     fig.update_layout(title=title, height=420, width=1100, **_LAYOUT)
     return fig
@@ -238,6 +239,58 @@ def timescales(recs: pl.DataFrame, current: float | None) -> go.Figure:
         xaxis_title="EMA timescale (completions of that label, log scale)",
         xaxis_type="log",
         height=max(300, 80 + 22 * recs.height),
+        **_LAYOUT,
+    )
+    return fig
+
+
+def noise_vs_progress(bins: pl.DataFrame) -> go.Figure:
+    """Trend-robust noise vs progress through the series, median and p10-p90 over series,
+    one colour per task. `bins`: task, progress, p10, p50, p90."""
+    fig = go.Figure()
+    for i, task in enumerate(sorted(bins["task"].unique().to_list())):
+        part = bins.filter(pl.col("task") == task).sort("progress")
+        x = part["progress"].to_numpy()
+        colour = _colour(i)
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=part["p90"].to_numpy(),
+                mode="lines",
+                line={"width": 0},
+                showlegend=False,
+                hoverinfo="skip",
+                legendgroup=task,
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=part["p10"].to_numpy(),
+                mode="lines",
+                line={"width": 0},
+                fill="tonexty",
+                fillcolor=_rgba(colour, 0.18),
+                showlegend=False,
+                hoverinfo="skip",
+                legendgroup=task,
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=part["p50"].to_numpy(),
+                mode="lines+markers",
+                name=task,
+                legendgroup=task,
+                line={"color": colour},
+            )
+        )
+    fig.update_layout(
+        title="Does noise shrink as the label is learned?",
+        xaxis_title="progress through the label's series (fraction of its samples)",
+        yaxis_title="noise std(diff)/sqrt(2) in the bin (reward units)",
+        height=400,
         **_LAYOUT,
     )
     return fig
