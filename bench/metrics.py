@@ -46,7 +46,7 @@ from rts_dagster.analysis.metrics import (  # noqa: E402
 from rts_dagster.analysis.tables import SERIES_KEYS  # noqa: E402
 from rts_dagster.schema import REWARD_STREAMS, conform  # noqa: E402
 
-SAMPLES_FLOOR = 5e6  # samples/s we promise for series_metrics + rolling_metrics
+SAMPLES_FLOOR = 2e6  # samples/s we promise for series_metrics + rolling_metrics (2 cores)
 TASKS = (
     "recipes.prod.cvc.fixed_maps.train",
     "recipes.experiment.assembly_lines.train",

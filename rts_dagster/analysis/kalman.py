@@ -156,10 +156,10 @@ def estimate_local_level(
         d_mean = segment_sums(d, starts + 1, ends) / m
         dc = d - np.repeat(np.where(m > 0, d_mean, 0.0), lengths)
         dc[starts] = 0.0
-        var_diff = segment_sums(dc * dc, starts + 1, ends) / (m - 1)
+        var_diff = np.where(m >= 2, segment_sums(dc * dc, starts + 1, ends) / (m - 1), np.nan)
         lag = np.zeros_like(dc)
         lag[1:] = dc[1:] * dc[:-1]
-        cov1 = segment_sums(lag, starts + 2, ends) / (m - 2)
+        cov1 = np.where(m >= 3, segment_sums(lag, starts + 2, ends) / (m - 2), np.nan)
 
     log_k = np.linspace(math.log(GAIN_MIN), math.log(GAIN_MAX), grid_size)
     sse = (
@@ -241,8 +241,7 @@ def recommend_timescales(
     `ema_timescale` weight, default Metta main's 0.001; `timescale_ratio` =
     recommended / LP timescale. Also compares each label's noise (sqrt r) with the
     quietest label of its task (`noise_ratio`, paired bootstrap over seeds), and each
-    task's pooled noise with the quietest task. Columns: `tables.TIMESCALE_RECOMMENDATIONS`
-    plus reference_label, noise_ratio(_ci_low/_high), timescale_vs_reference."""
+    task's pooled noise with the quietest task. Columns: `tables.TIMESCALE_RECOMMENDATIONS`."""
     by_task = dict(lp_configs_by_task or {})
     rng = np.random.default_rng(seed)
     rows: list[dict[str, Any]] = []
@@ -324,17 +323,17 @@ def _rec_note(n_series: int, n_seeds: int, granularity: str) -> str:
     return "; ".join(parts)
 
 
-_REFERENCE_SCHEMA = {
-    "reference_label": pl.String,
-    "noise_ratio": pl.Float64,
-    "noise_ratio_ci_low": pl.Float64,
-    "noise_ratio_ci_high": pl.Float64,
-    "timescale_vs_reference": pl.Float64,
-}
+_REFERENCE_COLUMNS = (
+    "reference_label",
+    "noise_ratio",
+    "noise_ratio_ci_low",
+    "noise_ratio_ci_high",
+    "timescale_vs_reference",
+)
 
 
 def _empty_recommendations() -> pl.DataFrame:
-    return pl.DataFrame(schema={**TIMESCALE_RECOMMENDATIONS, **_REFERENCE_SCHEMA})
+    return pl.DataFrame(schema=TIMESCALE_RECOMMENDATIONS)
 
 
 def _add_references(
@@ -355,7 +354,7 @@ def _add_references(
             peers = table.filter((pl.col("granularity") == gran) & (pl.col("group") == "pooled"))
         peers = peers.filter(pl.col("noise_std").is_finite())
         if peers.height < 2 or not math.isfinite(row["noise_std"]):
-            refs.append(dict.fromkeys(_REFERENCE_SCHEMA))
+            refs.append(dict.fromkeys(_REFERENCE_COLUMNS))
             continue
         ref = peers.sort("noise_std").row(0, named=True)
         mine = boot_noise[(task, row["label"], gran)]
@@ -373,9 +372,9 @@ def _add_references(
                     "timescale_vs_reference": row["timescale"] / ref["timescale"],
                 }
             )
-    extra = pl.DataFrame(refs, schema=_REFERENCE_SCHEMA)
-    base = conform(table, TIMESCALE_RECOMMENDATIONS, "timescale_recommendations")
-    return pl.concat([base, extra], how="horizontal")
+    extra = pl.DataFrame(refs, schema={c: TIMESCALE_RECOMMENDATIONS[c] for c in _REFERENCE_COLUMNS})
+    out = pl.concat([table, extra], how="horizontal")
+    return conform(out, TIMESCALE_RECOMMENDATIONS, "timescale_recommendations")
 
 
 # --- plain words -----------------------------------------------------------------------------

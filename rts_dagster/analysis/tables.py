@@ -93,9 +93,10 @@ VARIANCE_TABLE = pl.Schema(
         "icc": pl.Float64,  # ICC(1), one-way random effects, group = task (or label)
         "icc_ci_low": pl.Float64,
         "icc_ci_high": pl.Float64,
-        "n_tasks": pl.Int64,  # groups (tasks, or labels for within_task scopes)
-        "n_seeds": pl.Int64,  # seed-level observations used
-        "reason": pl.String,  # why values are NaN, or "" when all were computed
+        "n_tasks": pl.Int64,  # tasks used (1 for within_task scopes)
+        "n_seeds": pl.Int64,  # across_tasks: runs (task, seed) used; within_task: seeds
+        "reason": pl.String,  # why values are NaN or tasks were left out; "" otherwise
+        "n_groups": pl.Int64,  # groups compared: tasks, or the task's labels
     }
 )
 
@@ -134,5 +135,12 @@ TIMESCALE_RECOMMENDATIONS = pl.Schema(
         "lp_timescale": pl.Float64,  # 1 / lp_ema_timescale, completions of one task
         "timescale_ratio": pl.Float64,  # recommended timescale / LP timescale
         "note": pl.String,
+        # Noise vs the quietest label of the task (label rows) or the quietest task (pooled
+        # rows); null when there is nothing to compare with.
+        "reference_label": pl.String,  # that label (label rows) or task (pooled rows)
+        "noise_ratio": pl.Float64,  # noise_std / the reference's noise_std
+        "noise_ratio_ci_low": pl.Float64,  # 95% bootstrap CI over seeds
+        "noise_ratio_ci_high": pl.Float64,
+        "timescale_vs_reference": pl.Float64,  # timescale / the reference's timescale
     }
 )

@@ -191,7 +191,7 @@ def variance_table(
     """Seed vs task variance across tasks, and seed vs label variance within each task.
 
     `series`: the `series_metrics` table (or any table with task, seed, label,
-    granularity and `value`). Returns `tables.VARIANCE_TABLE` plus `n_groups`: one
+    granularity and `value`). Returns `tables.VARIANCE_TABLE`: one
     "across_tasks" row (level seed_vs_task) and one "within_task:<task>" row per task
     (level seed_vs_label). See the module docstring for the definitions."""
     rng = np.random.default_rng(seed)
@@ -228,8 +228,4 @@ def variance_table(
             idx = rng.integers(0, len(seeds), size=(n_boot, len(seeds)))
             boot = x[:, idx].transpose(1, 0, 2)  # n_boot x label x seed
         rows.append(_row(f"within_task:{task}", LEVEL_LABEL, x, boot, level, 1, reasons))
-    out = pl.DataFrame(rows, schema={**VARIANCE_TABLE, "n_groups": pl.Int64})
-    return pl.concat(
-        [conform(out, VARIANCE_TABLE, "variance_table"), out.select("n_groups")],
-        how="horizontal",
-    )
+    return conform(pl.DataFrame(rows, schema=VARIANCE_TABLE), VARIANCE_TABLE, "variance_table")

@@ -157,7 +157,7 @@ def recommendation_streams(rng: np.random.Generator, seeds: int = 4) -> pl.DataF
 def test_recommendations_and_sentences(rng: np.random.Generator) -> None:
     per_series = estimate_local_level(recommendation_streams(rng))
     table = recommend_timescales(per_series, {"ema_timescale": 0.01}, n_boot=1000, seed=0)
-    assert table.select(TIMESCALE_RECOMMENDATIONS.names()).schema == TIMESCALE_RECOMMENDATIONS
+    assert table.schema == TIMESCALE_RECOMMENDATIONS
     fm = table.filter(pl.col("task") == "fixed_maps")
     assert sorted(fm["label"].to_list()) == ["*", "noisy", "quiet"]
     for row in table.iter_rows(named=True):

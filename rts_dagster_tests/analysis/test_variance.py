@@ -56,7 +56,7 @@ def test_components_and_icc_match_direct_formulas(rng: np.random.Generator) -> N
         rng, mu=np.array([0.0, 1.0, 0.5, 2.0]), n_seeds=5, sd_seed=0.7, sd_label=0.2, n_labels=3
     )
     out = variance_table(table, n_boot=500, seed=1)
-    assert out.select(VARIANCE_TABLE.names()).schema == VARIANCE_TABLE
+    assert out.schema == VARIANCE_TABLE
     across = out.row(0, named=True)
     assert (across["scope"], across["level"]) == ("across_tasks", "seed_vs_task")
     runs = table.group_by("task", "seed").agg(pl.col("mean_reward").mean()).sort("task", "seed")
