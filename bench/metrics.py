@@ -43,8 +43,11 @@ from rts_dagster.analysis.metrics import (  # noqa: E402
     rolling_metrics,
     series_metrics,
 )
-from rts_dagster.analysis.tables import SERIES_KEYS  # noqa: E402
-from rts_dagster.schema import REWARD_STREAMS, conform  # noqa: E402
+from rts_dagster.schema import (  # noqa: E402
+    REWARD_STREAMS,
+    SERIES_KEYS,
+    conform,
+)
 
 SAMPLES_FLOOR = 2e6  # samples/s we promise for series_metrics + rolling_metrics (2 cores)
 TASKS = (

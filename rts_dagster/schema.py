@@ -73,6 +73,144 @@ REWARD_STREAMS = pl.Schema(
 )
 
 
+# === Analysis tables (rts_dagster.analysis) ===============================================
+# One reward series: the ordered samples of one label in one run at one granularity.
+SERIES_KEYS: tuple[str, ...] = ("task", "seed", "run_id", "label", "granularity")
+
+_KEY_TYPES = {
+    "task": pl.String,
+    "seed": pl.Int64,
+    "run_id": pl.String,
+    "label": pl.String,
+    "granularity": pl.String,
+}
+
+# --- metrics.series_metrics: one row per series -------------------------------------------
+SERIES_METRICS = pl.Schema(
+    {
+        **_KEY_TYPES,
+        "n_rows": pl.Int64,  # rows of the series in the input (before cleaning)
+        "n_samples": pl.Int64,  # samples used: finite rewards, minus stale rows if destaled
+        "n_nonfinite": pl.Int64,  # rows dropped because the reward was NaN, +-inf or null
+        "n_stale": pl.Int64,  # rows flagged is_stale (epoch re-emissions; 0 for completions)
+        "stale_fraction": pl.Float64,  # n_stale / n_rows
+        "destaled": pl.Boolean,  # True: stale rows were dropped before computing metrics
+        "mean_reward": pl.Float64,  # reward units
+        "final_reward": pl.Float64,  # mean of the last `final_fraction` of the samples
+        "mean_slope": pl.Float64,  # mean rolling OLS slope, reward per sample
+        "slope_p10": pl.Float64,  # quantiles of the rolling OLS slope, reward per sample
+        "slope_p50": pl.Float64,
+        "slope_p90": pl.Float64,
+        "ema_slope_final": pl.Float64,  # EMA of first differences at the last sample
+        "noise_rolling_mean": pl.Float64,  # mean rolling std (ddof=1), reward units
+        "noise_diff": pl.Float64,  # std(first differences, ddof=1) / sqrt(2)
+        "noise_mad": pl.Float64,  # 1.4826 * MAD(first differences) / sqrt(2)
+        "sps_mean": pl.Float64,  # mean SPS over samples with a finite SPS
+        "sps_reward_corr": pl.Float64,  # Pearson(sps, reward)
+        "sps_reward_spearman": pl.Float64,  # Spearman(sps, reward); null unless enabled
+        "sps_noise_corr": pl.Float64,  # Pearson(sps, rolling std)
+        "sps_dip_fraction": pl.Float64,  # share of samples with sps < (1 - t) * median sps
+        "noise_dip_ratio": pl.Float64,  # mean rolling std in dips / outside dips
+        "note": pl.String,  # why a statistic is NaN/degenerate; "" when nothing to say
+    }
+)
+
+# --- metrics.rolling_metrics: one row per (cleaned) sample --------------------------------
+ROLLING_METRICS = pl.Schema(
+    {
+        **_KEY_TYPES,
+        "sample_index": pl.Int64,  # position in the cleaned series: 0, 1, 2, ...
+        "raw_sample_index": pl.Int64,  # the input's sample_index of that row
+        "agent_step": pl.Int64,
+        "reward": pl.Float64,
+        "sps": pl.Float64,
+        "rolling_slope": pl.Float64,  # OLS slope over the trailing slope_window samples
+        "ema_slope": pl.Float64,  # EMA (half-life ema_halflife) of first differences
+        "rolling_std": pl.Float64,  # std (ddof=1) over the trailing noise_window samples
+    }
+)
+
+# --- metrics.noise_by_progress: one row per (series, progress bin) -------------------------
+NOISE_BY_PROGRESS = pl.Schema(
+    {
+        **_KEY_TYPES,
+        "bin": pl.Int64,  # 0 .. n_bins-1, equal-count bins of the cleaned sample index
+        "sample_index_start": pl.Int64,  # first sample of the bin (cleaned index)
+        "sample_index_end": pl.Int64,  # last sample of the bin (inclusive)
+        "progress": pl.Float64,  # bin centre as a fraction of the series, in (0, 1)
+        "n_samples": pl.Int64,
+        "mean_reward": pl.Float64,
+        "noise_rolling_mean": pl.Float64,  # mean rolling std over the bin's defined windows
+        "noise_diff": pl.Float64,  # std of first differences inside the bin / sqrt(2)
+    }
+)
+
+# --- variance.variance_table ---------------------------------------------------------------
+VARIANCE_TABLE = pl.Schema(
+    {
+        "scope": pl.String,  # "across_tasks" | "within_task:<task>"
+        "level": pl.String,  # "seed_vs_task" | "seed_vs_label"
+        "var_seed": pl.Float64,  # pooled within-group variance of seed means
+        "var_task_or_label": pl.Float64,  # variance of group means across groups
+        "ratio": pl.Float64,  # var_seed / var_task_or_label
+        "ratio_ci_low": pl.Float64,
+        "ratio_ci_high": pl.Float64,
+        "icc": pl.Float64,  # ICC(1), one-way random effects, group = task (or label)
+        "icc_ci_low": pl.Float64,
+        "icc_ci_high": pl.Float64,
+        "n_tasks": pl.Int64,  # tasks used (1 for within_task scopes)
+        "n_seeds": pl.Int64,  # across_tasks: runs (task, seed) used; within_task: seeds
+        "reason": pl.String,  # why values are NaN or tasks were left out; "" otherwise
+        "n_groups": pl.Int64,  # groups compared: tasks, or the task's labels
+    }
+)
+
+# --- kalman.estimate_local_level: one row per series ---------------------------------------
+LOCAL_LEVEL = pl.Schema(
+    {
+        **_KEY_TYPES,
+        "n_samples": pl.Int64,
+        "var_diff": pl.Float64,  # Var(y_t - y_{t-1})
+        "cov_diff_lag1": pl.Float64,  # Cov(diff_t, diff_{t-1})
+        "q": pl.Float64,  # level step variance (reward^2 per sample), clipped >= 0
+        "r": pl.Float64,  # observation noise variance (reward^2), clipped >= 0
+        "signal_to_noise": pl.Float64,  # q / r
+        "gain": pl.Float64,  # steady-state Kalman gain K = optimal EMA weight
+        "timescale": pl.Float64,  # 1 / K in samples, capped at n_samples
+        "note": pl.String,
+    }
+)
+
+# --- kalman.recommend_timescales: one row per (task, group) -------------------------------
+TIMESCALE_RECOMMENDATIONS = pl.Schema(
+    {
+        "task": pl.String,
+        "group": pl.String,  # "label" (one label of the task) | "pooled" (all its labels)
+        "label": pl.String,  # the label, or "*" for the pooled row
+        "granularity": pl.String,
+        "n_series": pl.Int64,
+        "n_seeds": pl.Int64,
+        "noise_std": pl.Float64,  # sqrt(r), reward units (median over series)
+        "drift_std": pl.Float64,  # sqrt(q), reward units per sample (median over series)
+        "gain": pl.Float64,  # recommended EMA weight (from the median q and r)
+        "timescale": pl.Float64,  # recommended EMA timescale 1/gain, samples of that label
+        "timescale_ci_low": pl.Float64,  # 95% bootstrap CI over seeds
+        "timescale_ci_high": pl.Float64,
+        "lp_ema_timescale": pl.Float64,  # LP config's `ema_timescale` (an EMA weight)
+        "lp_timescale": pl.Float64,  # 1 / lp_ema_timescale, completions of one task
+        "timescale_ratio": pl.Float64,  # recommended timescale / LP timescale
+        "note": pl.String,
+        # Noise vs the quietest label of the task (label rows) or the quietest task (pooled
+        # rows); null when there is nothing to compare with.
+        "reference_label": pl.String,  # that label (label rows) or task (pooled rows)
+        "noise_ratio": pl.Float64,  # noise_std / the reference's noise_std
+        "noise_ratio_ci_low": pl.Float64,  # 95% bootstrap CI over seeds
+        "noise_ratio_ci_high": pl.Float64,
+        "timescale_vs_reference": pl.Float64,  # timescale / the reference's timescale
+    }
+)
+
+
 def conform(df: pl.DataFrame, schema: pl.Schema, table: str = "table") -> pl.DataFrame:
     """Return `df` with exactly the columns of `schema`, in order, cast to its dtypes."""
     missing = [name for name in schema.names() if name not in df.columns]

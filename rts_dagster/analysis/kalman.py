@@ -47,8 +47,7 @@ from rts_dagster.analysis.metrics import (
     prepare_series,
     segment_sums,
 )
-from rts_dagster.analysis.tables import LOCAL_LEVEL, TIMESCALE_RECOMMENDATIONS
-from rts_dagster.schema import conform
+from rts_dagster.schema import LOCAL_LEVEL, TIMESCALE_RECOMMENDATIONS, conform
 
 METTA_MAIN_EMA_TIMESCALE = 0.001  # LP `ema_timescale` default on Metta main (a weight)
 GAIN_MIN = 1e-5  # smallest gain searched: timescale 100k samples
@@ -142,7 +141,7 @@ def estimate_local_level(
     """q, r, gain and timescale of every series of `streams` (REWARD_STREAMS columns).
 
     Series are cleaned as in `metrics` (non-finite rewards dropped; stale epoch rows
-    dropped when `config.destale`). Columns: `tables.LOCAL_LEVEL`."""
+    dropped when `config.destale`). Columns: `schema.LOCAL_LEVEL`."""
     prep = prepare_series(streams, config)
     lengths = prep.nonempty_lengths
     starts = prep.starts
@@ -241,7 +240,7 @@ def recommend_timescales(
     `ema_timescale` weight, default Metta main's 0.001; `timescale_ratio` =
     recommended / LP timescale. Also compares each label's noise (sqrt r) with the
     quietest label of its task (`noise_ratio`, paired bootstrap over seeds), and each
-    task's pooled noise with the quietest task. Columns: `tables.TIMESCALE_RECOMMENDATIONS`."""
+    task's pooled noise with the quietest task. Columns: `schema.TIMESCALE_RECOMMENDATIONS`."""
     by_task = dict(lp_configs_by_task or {})
     rng = np.random.default_rng(seed)
     rows: list[dict[str, Any]] = []

@@ -48,13 +48,14 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 from scipy.signal import lfilter
 
-from rts_dagster.analysis.tables import (
+from rts_dagster.schema import (
     NOISE_BY_PROGRESS,
+    REWARD_STREAMS,
     ROLLING_METRICS,
     SERIES_KEYS,
     SERIES_METRICS,
+    conform,
 )
-from rts_dagster.schema import REWARD_STREAMS, conform
 
 MAD_TO_SIGMA = 1.4826  # 1 / Phi^-1(3/4): MAD of a normal variable -> its sigma
 _SQRT2 = math.sqrt(2.0)
@@ -93,9 +94,9 @@ def _config(config: MetricsConfig | None) -> MetricsConfig:
 class MetricsResult(NamedTuple):
     """The three metric tables of one `compute_metrics` call."""
 
-    series: pl.DataFrame  # tables.SERIES_METRICS
-    rolling: pl.DataFrame  # tables.ROLLING_METRICS
-    progress: pl.DataFrame  # tables.NOISE_BY_PROGRESS
+    series: pl.DataFrame  # schema.SERIES_METRICS
+    rolling: pl.DataFrame  # schema.ROLLING_METRICS
+    progress: pl.DataFrame  # schema.NOISE_BY_PROGRESS
 
 
 # --- segment helpers ------------------------------------------------------------------------
@@ -741,7 +742,7 @@ def compute_metrics(streams: pl.DataFrame, config: MetricsConfig | None = None) 
 def series_metrics(streams: pl.DataFrame, config: MetricsConfig | None = None) -> pl.DataFrame:
     """One row per series: counts, cleaning, level, slope, noise and SPS coupling.
 
-    Columns: `tables.SERIES_METRICS`. Rows follow the order of first appearance of the
+    Columns: `schema.SERIES_METRICS`. Rows follow the order of first appearance of the
     series in `streams` (or key order if the input was not grouped by series)."""
     config = _config(config)
     prep = prepare_series(streams, config)
@@ -751,7 +752,7 @@ def series_metrics(streams: pl.DataFrame, config: MetricsConfig | None = None) -
 def rolling_metrics(streams: pl.DataFrame, config: MetricsConfig | None = None) -> pl.DataFrame:
     """One row per cleaned sample with its rolling slope, EMA slope and rolling std.
 
-    Columns: `tables.ROLLING_METRICS`; `sample_index` is the cleaned position (the x of
+    Columns: `schema.ROLLING_METRICS`; `sample_index` is the cleaned position (the x of
     the slopes), `raw_sample_index` the input's."""
     config = _config(config)
     prep = prepare_series(streams, config)
@@ -763,7 +764,7 @@ def noise_by_progress(streams: pl.DataFrame, config: MetricsConfig | None = None
     sample index, each with its mean reward, mean rolling std and diff-based noise.
 
     A falling `noise_diff` over the bins means the reward gets less noisy as the task is
-    learned. Columns: `tables.NOISE_BY_PROGRESS` (bins of series shorter than
+    learned. Columns: `schema.NOISE_BY_PROGRESS` (bins of series shorter than
     `noise_bins` samples may be missing)."""
     config = _config(config)
     prep = prepare_series(streams, config)

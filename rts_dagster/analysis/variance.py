@@ -40,8 +40,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from rts_dagster.analysis.tables import VARIANCE_TABLE
-from rts_dagster.schema import conform
+from rts_dagster.schema import VARIANCE_TABLE, conform
 
 LEVEL_TASK = "seed_vs_task"
 LEVEL_LABEL = "seed_vs_label"
@@ -191,7 +190,7 @@ def variance_table(
     """Seed vs task variance across tasks, and seed vs label variance within each task.
 
     `series`: the `series_metrics` table (or any table with task, seed, label,
-    granularity and `value`). Returns `tables.VARIANCE_TABLE`: one
+    granularity and `value`). Returns `schema.VARIANCE_TABLE`: one
     "across_tasks" row (level seed_vs_task) and one "within_task:<task>" row per task
     (level seed_vs_label). See the module docstring for the definitions."""
     rng = np.random.default_rng(seed)

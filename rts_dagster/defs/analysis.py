@@ -11,19 +11,21 @@ import polars as pl
 
 from rts_dagster import storage
 from rts_dagster.analysis import kalman, metrics, variance
-from rts_dagster.analysis.tables import (
-    NOISE_BY_PROGRESS,
-    ROLLING_METRICS,
-    SERIES_METRICS,
-    TIMESCALE_RECOMMENDATIONS,
-    VARIANCE_TABLE,
-)
 from rts_dagster.defs.partitions import runs_partitions
 from rts_dagster.defs.resources import RtsStorage
 from rts_dagster.defs.runs import read_discovered, reward_streams, run_for_partition
 from rts_dagster.discovery import partition_files
 from rts_dagster.escape import md_table
-from rts_dagster.schema import REWARD_STREAMS, RUN_STATUS_MATCHED, conform
+from rts_dagster.schema import (
+    NOISE_BY_PROGRESS,
+    REWARD_STREAMS,
+    ROLLING_METRICS,
+    RUN_STATUS_MATCHED,
+    SERIES_METRICS,
+    TIMESCALE_RECOMMENDATIONS,
+    VARIANCE_TABLE,
+    conform,
+)
 
 _TABLE_SCHEMAS = {
     "series": SERIES_METRICS,
@@ -206,7 +208,7 @@ def timescale_recommendations(
     tables = load_all(rts_storage, context)
     per_series = kalman.estimate_local_level(tables["streams"])
     table = kalman.recommend_timescales(per_series, lp_configs_by_task=_lp_configs(rts_storage))
-    conform(table, TIMESCALE_RECOMMENDATIONS, "timescale_recommendations")  # validates
+    table = conform(table, TIMESCALE_RECOMMENDATIONS, "timescale_recommendations")
     path = storage.write_parquet(table, storage.timescales_path(rts_storage.root()))
     return dg.MaterializeResult(
         metadata={

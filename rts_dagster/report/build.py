@@ -312,9 +312,56 @@ def build_report(
     )
 
     report.add(Heading("EMA timescales"))
-    if recommendations.height:
+    report.add(
+        Paragraph(
+            [
+                "A local-level model (random-walk signal + observation noise) is fitted to "
+                "every series; its steady-state Kalman gain K is the EMA weight that tracks "
+                "that series best, and 1/K its timescale in completions of the label. LP's "
+                "ema_timescale is such a weight (timescale 1/ema_timescale)."
+            ]
+        )
+    )
+    recs = recommendations.filter(pl.col("granularity") == granularity)
+    if recs.height:
+        named = recs.with_columns(
+            pl.concat_str([pl.col("task"), pl.lit("/"), pl.col("label")]).alias("name")
+        )
         report.add(
-            Table(list(recommendations.columns), [list(r) for r in recommendations.iter_rows()])
+            Table(
+                [
+                    "task",
+                    "label",
+                    "seeds",
+                    "noise sd",
+                    "drift sd /sample",
+                    "EMA weight K",
+                    "timescale 1/K [95% CI]",
+                    "LP timescale",
+                    "recommended / LP",
+                ],
+                [
+                    [
+                        r["task"],
+                        r["label"],
+                        r["n_seeds"],
+                        r["noise_std"],
+                        r["drift_std"],
+                        r["gain"],
+                        _fmt_ci(r["timescale"], r["timescale_ci_low"], r["timescale_ci_high"]),
+                        r["lp_timescale"],
+                        r["timescale_ratio"],
+                    ]
+                    for r in named.sort("task", "group", "label").iter_rows(named=True)
+                ],
+                caption="label '*' = all labels of the task pooled.",
+            ),
+            Figure(
+                "timescales",
+                figures.timescales(named.sort("task", "label", descending=True)),
+                "Recommended EMA timescale per label (dots, 95% CI over seeds) and the LP "
+                "config's timescale per task (crosses).",
+            ),
         )
     for task, cfg in sorted(lp_configs.items()):
         if cfg:

@@ -209,36 +209,41 @@ def sps_vs_noise(points: pl.DataFrame) -> go.Figure:
     return fig
 
 
-def timescales(recs: pl.DataFrame, current: float | None) -> go.Figure:
-    """Recommended EMA timescale per label group with CI, vs the configured one.
-    `recs`: name, timescale, ci_low, ci_high."""
+def timescales(recs: pl.DataFrame) -> go.Figure:
+    """Recommended EMA timescale per label with its CI, next to the LP config's.
+    `recs`: name, timescale, timescale_ci_low, timescale_ci_high, lp_timescale."""
     fig = go.Figure(
         go.Scatter(
             x=recs["timescale"].to_numpy(),
             y=recs["name"].to_list(),
             mode="markers",
-            marker={"size": 9, "color": _colour(2)},
+            marker={"size": 8, "color": _colour(2)},
             error_x={
                 "type": "data",
                 "symmetric": False,
-                "array": (recs["ci_high"] - recs["timescale"]).to_numpy(),
-                "arrayminus": (recs["timescale"] - recs["ci_low"]).to_numpy(),
+                "array": (recs["timescale_ci_high"] - recs["timescale"]).to_numpy(),
+                "arrayminus": (recs["timescale"] - recs["timescale_ci_low"]).to_numpy(),
             },
             name="recommended 1/K",
         )
     )
-    if current:
-        fig.add_vline(
-            x=current,
-            line_dash="dash",
-            line_color="#c00",
-            annotation_text=f"configured 1/ema_timescale = {current:g}",
+    fig.add_trace(
+        go.Scatter(
+            x=recs["lp_timescale"].to_numpy(),
+            y=recs["name"].to_list(),
+            mode="markers",
+            marker={"size": 9, "symbol": "x", "color": "#c00"},
+            name="LP config 1/ema_timescale",
         )
+    )
     fig.update_layout(
-        title="Recommended fast-EMA timescale (steady-state Kalman gain) per label",
-        xaxis_title="EMA timescale (completions of that label, log scale)",
+        title="EMA timescale: recommended (steady-state Kalman gain) vs configured",
+        xaxis_title="EMA timescale (completions of the label, log scale)",
         xaxis_type="log",
-        height=max(300, 80 + 22 * recs.height),
+        # every label gets its tick (plotly would skip every other one)
+        yaxis={"type": "category", "tickmode": "array", "tickvals": recs["name"].to_list()},
+        height=max(320, 100 + 22 * recs.height),
+        width=1000,
         **_LAYOUT,
     )
     return fig

@@ -19,8 +19,7 @@ from rts_dagster.analysis.kalman import (
     recommend_timescales,
     steady_state_gain,
 )
-from rts_dagster.analysis.tables import LOCAL_LEVEL, TIMESCALE_RECOMMENDATIONS
-from rts_dagster.schema import REWARD_STREAMS, conform
+from rts_dagster.schema import LOCAL_LEVEL, REWARD_STREAMS, TIMESCALE_RECOMMENDATIONS, conform
 
 GAIN_RTOL_VS_STATSMODELS = 0.10  # observed: within 0.5% on these designs
 

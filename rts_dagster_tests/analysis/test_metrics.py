@@ -25,12 +25,13 @@ from rts_dagster.analysis.metrics import (
     rolling_std,
     series_metrics,
 )
-from rts_dagster.analysis.tables import (
+from rts_dagster.schema import (
     NOISE_BY_PROGRESS,
+    REWARD_STREAMS,
     ROLLING_METRICS,
     SERIES_METRICS,
+    conform,
 )
-from rts_dagster.schema import REWARD_STREAMS, conform
 
 SLOPE_RTOL = 1e-9  # |ours - reference| <= 1e-9 * (std of the reference slopes)
 

@@ -9,8 +9,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from rts_dagster.analysis.tables import VARIANCE_TABLE
 from rts_dagster.analysis.variance import variance_table
+from rts_dagster.schema import VARIANCE_TABLE
 
 
 def series_table(values: dict[tuple[str, int, str], float]) -> pl.DataFrame:
