@@ -48,8 +48,13 @@ class RunSource(Protocol):
 
     name: str
 
-    def list_runs(self) -> tuple[list[RunRecord], list[UnreadableRun]]:
-        """Every run the source can see, plus the ones it found but could not read."""
+    def list_runs(
+        self, updated_since: datetime | None = None
+    ) -> tuple[list[RunRecord], list[UnreadableRun]]:
+        """Every run the source can see, plus the ones it found but could not read.
+
+        With `updated_since`, only runs whose `heartbeat_at` is at or after it are needed
+        (a source may return more; a sensor uses this to poll cheaply)."""
         ...
 
     def get_run(self, location: str) -> RunRecord:

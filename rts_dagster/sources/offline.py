@@ -61,12 +61,18 @@ class OfflineRunSource:
             )
         return sorted(found)
 
-    def list_runs(self) -> tuple[list[RunRecord], list[UnreadableRun]]:
-        """Every readable run, and every run file that could not be read (with why)."""
+    def list_runs(
+        self, updated_since: datetime | None = None
+    ) -> tuple[list[RunRecord], list[UnreadableRun]]:
+        """Every readable run, and every run file that could not be read (with why).
+        `updated_since` skips files not modified since then (cheap: a stat per file)."""
         runs: list[RunRecord] = []
         unreadable: list[UnreadableRun] = []
+        cutoff_ns = int(updated_since.timestamp() * 1e9) if updated_since else None
         for path in self.run_files():
             try:
+                if cutoff_ns is not None and path.stat().st_mtime_ns < cutoff_ns:
+                    continue
                 runs.append(self._record(path))
             except Exception as exc:  # a corrupt or vanished file must not stop the others
                 unreadable.append(UnreadableRun(str(path), _describe(exc), SOURCE_NAME))
