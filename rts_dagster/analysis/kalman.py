@@ -388,6 +388,15 @@ def _fmt(x: float) -> str:
     return f"{x:#.2g}" if x < 10 else f"{x:.0f}"
 
 
+def _fmt_range(lo: float, hi: float) -> str:
+    """`lo-hi`, with more digits when the default rounding would print the same number."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "n/a"
+    if _fmt(lo) != _fmt(hi):
+        return f"{_fmt(lo)}-{_fmt(hi)}"
+    return f"{lo:.4g}-{hi:.4g}"
+
+
 def _unit(granularity: str) -> str:
     return "completions" if granularity == "completion" else "epochs"
 
@@ -414,10 +423,11 @@ def describe_recommendations(table: pl.DataFrame) -> list[str]:
         factor = 1.0 / ratio if ratio < 1 else ratio
         out.append(
             f"{task}: the reward streams suggest a fast-EMA timescale of ~{_fmt(ts)} {unit} "
-            f"(95% CI {_fmt(pooled['timescale_ci_low'])}-{_fmt(pooled['timescale_ci_high'])}, "
+            f"(95% CI {_fmt_range(pooled['timescale_ci_low'], pooled['timescale_ci_high'])}, "
             f"{pooled['n_seeds']} seeds; noise sd {pooled['noise_std']:.3g}, drift sd "
             f"{pooled['drift_std']:.3g} per sample), {_fmt(factor)}x {direction} than LP's "
-            f"{_fmt(lp)} (ema_timescale={pooled['lp_ema_timescale']:g})."
+            f"{_fmt(lp)} (ema_timescale={pooled['lp_ema_timescale']:g}): set ema_timescale "
+            f"~{1.0 / ts:.2g} (the slow EMA follows through slow_timescale_factor)."
         )
         labels = rows.filter((pl.col("group") == "label") & pl.col("noise_ratio").is_finite())
         if labels.height >= 2:
@@ -449,5 +459,5 @@ def _noise_sentence(name: str, reference: str, row: dict[str, Any]) -> str:
     else:
         advice = "yet its EMA timescale should be about the same (it also drifts faster)"
     lo, hi = row["noise_ratio_ci_low"], row["noise_ratio_ci_high"]
-    ci = f"95% CI {_fmt(lo)}-{_fmt(hi)}" if math.isfinite(lo) else "no CI"
+    ci = f"95% CI {_fmt_range(lo, hi)}" if math.isfinite(lo) else "no CI"
     return f"{name} is {_fmt(row['noise_ratio'])}x as noisy as {reference} ({ci}): {advice}."
