@@ -15,18 +15,14 @@ import dagster as dg
 import polars as pl
 
 from rts_dagster import storage
+from rts_dagster.definitions import ASSETS, RESOURCES, defs
 from rts_dagster.defs.partitions import runs_partitions
+from rts_dagster.defs.resources import RtsStorage
 from rts_dagster.defs.runs import STREAMS_VERSION
 from rts_dagster.discovery import partition_files
 from rts_dagster.schema import RUN_STATUS_MATCHED
 
 _QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
-
-
-def _defs() -> dg.Definitions:
-    from rts_dagster.definitions import defs
-
-    return defs
 
 
 def _partitioned_and_aggregate_keys(
@@ -46,13 +42,10 @@ def _partitioned_and_aggregate_keys(
 
 
 def _materialize(
-    defs: dg.Definitions,
     instance: dg.DagsterInstance,
     keys: list[dg.AssetKey],
     partition_key: str | None = None,
 ) -> tuple[bool, str]:
-    from rts_dagster.definitions import ASSETS, RESOURCES
-
     result = dg.materialize(
         ASSETS,
         selection=keys,
@@ -90,21 +83,19 @@ def _is_current(meta_path: Path, fingerprint: str) -> bool:
 
 def refresh(force: bool = False, quiet: bool = False) -> int:
     """Run the whole pipeline; returns a process exit code (1 if anything failed)."""
-    from rts_dagster.defs.resources import RtsStorage
 
     def say(msg: str) -> None:
         if not quiet:
             print(msg, flush=True)
 
     started = time.perf_counter()
-    defs = _defs()
     instance = dg.DagsterInstance.get()
     data_dir = RtsStorage().root()
     partitioned, aggregates = _partitioned_and_aggregate_keys(defs)
 
     say(f"rts refresh: instance {instance.root_directory}, data {data_dir}")
     say("[discover] materializing discovered_runs ...")
-    ok, error = _materialize(defs, instance, [dg.AssetKey("discovered_runs")])
+    ok, error = _materialize(instance, [dg.AssetKey("discovered_runs")])
     if not ok:
         print(f"rts refresh: discovered_runs failed: {error}")
         return 1
@@ -128,7 +119,7 @@ def refresh(force: bool = False, quiet: bool = False) -> int:
     for i, (row, parquet_path) in enumerate(todo, 1):
         key = row["partition_key"]
         t0 = time.perf_counter()
-        ok, error = _materialize(defs, instance, partitioned, partition_key=key)
+        ok, error = _materialize(instance, partitioned, partition_key=key)
         if ok:
             written.append(parquet_path)
             say(
@@ -140,7 +131,7 @@ def refresh(force: bool = False, quiet: bool = False) -> int:
 
     if aggregates and (todo or force or not _aggregates_exist(data_dir)):
         say(f"[aggregate] materializing {', '.join(k.to_user_string() for k in aggregates)} ...")
-        ok, error = _materialize(defs, instance, aggregates)
+        ok, error = _materialize(instance, aggregates)
         if not ok:
             failures.append(("aggregates", error))
             print(f"  aggregates FAILED: {error}")
