@@ -10,6 +10,7 @@ from rts_dagster.defs.analysis import (
 )
 from rts_dagster.defs.resources import OfflineRunsSource, RtsStorage
 from rts_dagster.defs.runs import discovered_runs, reward_streams
+from rts_dagster.defs.sensors import finished_runs_sensor
 
 # Eager aggregates refresh when partitions change; Dagster's own automation sensor starts
 # stopped, so ours runs by default (STACK.md).
@@ -30,4 +31,6 @@ ASSETS = [
 ]
 RESOURCES = {"run_source": OfflineRunsSource(), "rts_storage": RtsStorage()}
 
-defs = dg.Definitions(assets=ASSETS, sensors=[automation_sensor], resources=RESOURCES)
+defs = dg.Definitions(
+    assets=ASSETS, sensors=[automation_sensor, finished_runs_sensor], resources=RESOURCES
+)

@@ -39,3 +39,51 @@ class OfflineRunsSource(dg.ConfigurableResource):
     def rules(self) -> DiscoveryRules:
         path = Path(self.rules_file) if self.rules_file else settings.rules_file()
         return load_rules(path)
+
+
+class WandbRunsSource(dg.ConfigurableResource):
+    """Runs of one WandB project, read live through `wandb.Api` (sources/wandb_api.py).
+
+    The API key is read from the `WANDB_API_KEY` environment variable when the client is
+    created and is deliberately not a field: a resolved `EnvVar` field would hold the key as
+    plain text on the resource (printed by its repr). The server-side filters below only
+    narrow the listing; `rules_file` (same as `OfflineRunsSource`) still decides task/seed.
+    `cache_dir` empty means `$RTS_DATA_DIR/cache/wandb`.
+    """
+
+    entity: str
+    project: str
+    base_url: str = ""  # empty: wandb's default (or WANDB_BASE_URL)
+    rules_file: str = ""
+    cache_dir: str = ""
+    name_regex: str = ""  # RE2 on the display name, e.g. "^alice\\."
+    # pydantic copies field defaults per instance, so these lists are not shared
+    tags_any: list[str] = []  # noqa: RUF012  (at least one of these tags)
+    states: list[str] = []  # noqa: RUF012  (empty = any state)
+    config_equals_json: str = ""  # JSON object of dotted config key -> value
+    timeout_s: float = 30.0
+
+    def source(self) -> RunSource:
+        import json
+
+        from rts_dagster.sources.wandb_api import RunFilters, WandbRunSource
+
+        config_equals = json.loads(self.config_equals_json) if self.config_equals_json else {}
+        filters = RunFilters(
+            name_regex=self.name_regex or None,
+            tags_any=tuple(self.tags_any),
+            states=tuple(self.states),
+            config_equals=config_equals,
+        )
+        return WandbRunSource(
+            self.entity,
+            self.project,
+            base_url=self.base_url or None,
+            cache_dir=Path(self.cache_dir).resolve() if self.cache_dir else None,
+            filters=filters,
+            timeout_s=self.timeout_s,
+        )
+
+    def rules(self) -> DiscoveryRules:
+        path = Path(self.rules_file) if self.rules_file else settings.rules_file()
+        return load_rules(path)

@@ -1,0 +1,307 @@
+"""`finished_runs_sensor`: refresh a run's partition when the run reaches a terminal state.
+
+Each tick:
+1. (optional) asks SkyPilot which managed jobs ended; their runs are awaited in the cursor
+   until the run source shows them terminal (WandB can lag behind SkyPilot);
+2. lists the runs updated since the cursor's watermark minus an overlap
+   (`RunSource.list_runs(updated_since=...)`: cheap, and all an idle tick does);
+3. if some run reached a terminal state not handled yet: lists *every* run, classifies
+   them with `discovery.classify_runs` and writes `discovered_runs.parquet` itself, then
+   registers new partitions and requests `reward_streams` + `series_metrics` for each such
+   run's partition, with `run_key = run_id:state:fingerprint`;
+4. stores the new cursor (`rts_dagster.sensor_cursor`).
+
+Why the sensor writes `discovered_runs` itself (the same functions as the asset:
+`source.list_runs()` -> `classify_runs` -> `storage.write_parquet`), and reports it as a
+runless materialization of `discovered_runs`:
+- `reward_streams` finds its run in that table, so it must be current before the
+  requested run executes; written during the tick, it is (every write is atomic).
+- The partition key depends on every run: the earliest run claiming a (task, seed) keeps
+  the plain key, later ones get `<key>.<run id>`. Keys computed from the polled subset
+  could differ from the asset's. One classification of the full list gives the keys we
+  register, the keys we request and the table the runs read: they cannot disagree.
+- Requesting `discovered_runs` in the same run as a partition works in Dagster 1.13
+  (a run may mix an unpartitioned asset with one partition; checked), but it re-lists and
+  re-classifies once per requested partition, and at execution time, so the table could
+  assign other keys than the ones the sensor requested. A separate `discovered_runs` run
+  would race the partition runs (runs of one tick are not ordered).
+The full listing happens only on ticks where some run newly reached a terminal state
+(an idle tick only polls). Nothing eager reacts to
+`discovered_runs` (`reward_streams` has no automation condition), so the runless
+materialization only records when and by whom the table was written.
+
+A run whose partition already holds its data (metadata.json with the same run id,
+fingerprint and STREAMS_VERSION, and the series metrics) is marked handled without a
+request: a first tick after `rts refresh` requests nothing. The aggregates follow by
+eager automation (`rts_automation_sensor`).
+"""
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import polars as pl
+
+from rts_dagster import sensor_cursor as sc
+from rts_dagster import storage
+from rts_dagster.defs.analysis import series_metrics
+from rts_dagster.defs.partitions import runs_partitions
+from rts_dagster.defs.resources import OfflineRunsSource, RtsStorage
+from rts_dagster.defs.runs import STREAMS_VERSION, discovered_runs, reward_streams
+from rts_dagster.discovery import classify_runs, partition_files
+from rts_dagster.schema import RUN_STATUS_MATCHED
+from rts_dagster.sources.base import RunRecord
+from rts_dagster.sources.skypilot import SkyJob, SkyPilotJobs
+
+SENSOR_NAME = "finished_runs_sensor"
+TRIGGER_TAG = "rts/trigger"
+# SkyPilot statuses whose job never reached the training command: no run to wait for.
+NEVER_RAN_STATUSES = frozenset({"FAILED_PRECHECKS", "FAILED_NO_RESOURCE", "FAILED_SETUP"})
+
+
+@dataclass(frozen=True)
+class SensorSettings:
+    """Windows and limits of the sensor (defaults suit WandB and offline sources)."""
+
+    overlap: timedelta = sc.DEFAULT_OVERLAP
+    max_pin: timedelta = sc.DEFAULT_MAX_PIN
+    pending_timeout: timedelta = sc.DEFAULT_PENDING_TIMEOUT
+    # A first tick over a big project would otherwise request hundreds of runs at once;
+    # the rest stay eligible (they hold the watermark) and follow on the next ticks.
+    max_requests_per_tick: int = 100
+
+
+def _view(run: RunRecord) -> sc.RunView:
+    heartbeat = run.heartbeat_at or run.created_at
+    return sc.RunView(
+        run_id=run.run_id,
+        run_name=run.run_name,
+        state=run.state,
+        marker=sc.marker_for(run.fingerprint, heartbeat),
+        heartbeat=heartbeat,
+    )
+
+
+def _ended_job(job: SkyJob, now: datetime) -> sc.EndedJob | None:
+    """The job as something to wait for, or None if no run is expected from it."""
+    if not job.terminal or job.run_name is None or job.status in NEVER_RAN_STATUSES:
+        return None
+    if job.status == "CANCELLED" and job.start_at is None:
+        return None  # cancelled while still queued
+    return sc.EndedJob(job.job_id, job.run_name, job.status, job.end_at or now)
+
+
+def partition_is_current(root: Path, row: dict[str, Any]) -> bool:
+    """True if the partition of `row` (a matched discovered_runs row) already holds this
+    run's data: metadata.json of the same run, fingerprint and STREAMS_VERSION, and the
+    series metrics file."""
+    folder, stem = partition_files(row["task"], row["seed"], row["run_id"], row["partition_key"])
+    _, meta_path = storage.stream_paths(root, folder, stem)
+    if not meta_path.exists() or not storage.metrics_paths(root, folder, stem)["series"].exists():
+        return False
+    try:
+        meta = storage.read_json(meta_path)
+    except (OSError, ValueError):
+        return False
+    return (
+        meta.get("run_id") == row["run_id"]
+        and meta.get("fingerprint") == row["fingerprint"]
+        and meta.get("streams_version") == STREAMS_VERSION
+    )
+
+
+def _discovered_event(
+    table: pl.DataFrame, path: Path, new_keys: list[str]
+) -> dg.AssetMaterialization:
+    counts = dict(table.group_by("status").len().iter_rows())
+    return dg.AssetMaterialization(
+        asset_key=discovered_runs.key,
+        description=f"Written by {SENSOR_NAME} before requesting finished runs.",
+        metadata={
+            "dagster/row_count": table.height,
+            "matched": counts.get(RUN_STATUS_MATCHED, 0),
+            "ignored": counts.get("ignored", 0),
+            "unreadable": counts.get("unreadable", 0),
+            "new_partitions": len(new_keys),
+            "path": dg.MetadataValue.path(str(path)),
+            "written_by": SENSOR_NAME,
+        },
+    )
+
+
+def _plan_requests(
+    log: Any,
+    fresh: list[sc.RunView],
+    record_of: dict[sc.Entry, RunRecord],
+    table: pl.DataFrame,
+    root: Path,
+    max_requests: int,
+) -> tuple[list[dg.RunRequest], list[sc.RunView], list[sc.RunView]]:
+    """(requests, handled, deferred) for the newly terminal runs `fresh`, given the
+    discovered_runs `table` classified in the same tick."""
+    rows = {row["location"]: row for row in table.iter_rows(named=True)}
+    requests: list[dg.RunRequest] = []
+    handled: list[sc.RunView] = []
+    deferred: list[sc.RunView] = []
+    requested_keys: set[str] = set()
+    for view in fresh:
+        row = rows.get(record_of[view.entry].location)
+        if row is None or row["status"] != RUN_STATUS_MATCHED:
+            reason = row["reason"] if row is not None else "not in discovered_runs"
+            log.info(f"run {view.run_name!r} is {view.state} but not analysed: {reason}")
+            handled.append(view)
+            continue
+        key = row["partition_key"]
+        if key in requested_keys:  # two listings of one run (copied folder): one request
+            handled.append(view)
+            continue
+        if partition_is_current(root, row):
+            log.info(f"run {view.run_name!r} ({view.state}): partition {key} is up to date")
+            handled.append(view)
+            continue
+        if len(requests) >= max_requests:
+            deferred.append(view)
+            continue
+        requests.append(
+            dg.RunRequest(
+                run_key=sc.run_key(view),
+                partition_key=key,
+                asset_selection=[reward_streams.key, series_metrics.key],
+                tags={TRIGGER_TAG: SENSOR_NAME, "rts/run_state": view.state},
+            )
+        )
+        requested_keys.add(key)
+        handled.append(view)
+        log.info(f"run {view.run_name!r} is {view.state}: requesting partition {key}")
+    if deferred:
+        log.info(f"{len(deferred)} newly terminal runs left for the next ticks (request cap)")
+    return requests, handled, deferred
+
+
+def finished_runs_tick(
+    context: dg.SensorEvaluationContext,
+    run_source: OfflineRunsSource,
+    rts_storage: RtsStorage,
+    skypilot: SkyPilotJobs | None,
+    settings: SensorSettings,
+) -> dg.SensorResult:
+    """One evaluation of the sensor (see the module docstring)."""
+    log = context.log
+    now = datetime.now(UTC)
+    try:
+        cursor = sc.parse_cursor(context.cursor)
+    except sc.CursorError as exc:
+        # Starting over re-lists everything; partitions already current are not requested.
+        log.warning(f"unreadable cursor ({exc}): starting over from a full listing")
+        cursor = sc.SensorCursor()
+
+    jobs = skypilot.jobs(log) if skypilot is not None else None
+    if jobs is not None:
+        ended = [e for e in (_ended_job(j, now) for j in jobs) if e is not None]
+        cursor, new_jobs = sc.add_ended_jobs(cursor, ended, now, settings.overlap)
+        for job in new_jobs:
+            log.info(f"SkyPilot job {job.job_id} ({job.run_name!r}) ended {job.status}")
+
+    since = sc.listing_since(cursor, settings.overlap)
+    source = run_source.source()
+    listed, unreadable = source.list_runs(updated_since=since)
+    seen = [_view(r) for r in listed]
+    candidates = sc.select_runs(cursor, seen, settings.overlap)
+
+    requests: list[dg.RunRequest] = []
+    handled: list[sc.RunView] = []
+    deferred: list[sc.RunView] = []
+    events: list[dg.AssetMaterialization] = []
+    new_keys: list[str] = []
+    if candidates:
+        # Keys depend on every run (duplicate task/seed): classify the full list.
+        runs, unreadable = (listed, unreadable) if since is None else source.list_runs()
+        table = classify_runs(runs, unreadable, run_source.rules())
+        root = rts_storage.root()
+        path = storage.write_parquet(table, storage.discovered_runs_path(root))
+        matched = table.filter(pl.col("status") == RUN_STATUS_MATCHED)
+        known = set(context.instance.get_dynamic_partitions(runs_partitions.name))
+        new_keys = list(dict.fromkeys(k for k in matched["partition_key"] if k not in known))
+        events.append(_discovered_event(table, path, new_keys))
+
+        # Decide on the fresh records of the candidates (a state may have moved on).
+        ids = {c.run_id for c in candidates}
+        seen = [_view(r) for r in runs]
+        fresh = sc.select_runs(cursor, [v for v in seen if v.run_id in ids], settings.overlap)
+        requests, handled, deferred = _plan_requests(
+            log,
+            fresh,
+            dict(zip((v.entry for v in seen), runs, strict=True)),
+            table,
+            root,
+            settings.max_requests_per_tick,
+        )
+
+    step = sc.advance(
+        cursor,
+        seen=seen,
+        handled=handled,
+        deferred=deferred,
+        now=now,
+        overlap=settings.overlap,
+        max_pin=settings.max_pin,
+        pending_timeout=settings.pending_timeout,
+    )
+    for job in step.expired:
+        log.warning(
+            f"SkyPilot job {job.job_id} ended {job.status} at {job.end_at:%Y-%m-%d %H:%M} UTC "
+            f"but run {job.run_name!r} never showed up terminal in the run source: given up"
+        )
+    waiting = sorted(j.run_name for j in step.cursor.pending.values())
+    if waiting:
+        log.info(f"waiting for the run source to show {len(waiting)} ended jobs: {waiting[:10]}")
+
+    skip = None
+    if not requests:
+        window = f" since {since:%Y-%m-%d %H:%M:%S} UTC" if since is not None else ""
+        skip = (
+            f"no run to refresh: {len(listed)} runs listed{window}, {len(handled)} newly terminal"
+        )
+    return dg.SensorResult(
+        run_requests=requests,
+        skip_reason=skip,
+        cursor=sc.serialize_cursor(step.cursor),
+        dynamic_partitions_requests=(
+            [runs_partitions.build_add_request(new_keys)] if new_keys else None
+        ),
+        asset_events=events,
+    )
+
+
+def build_finished_runs_sensor(
+    *,
+    name: str = SENSOR_NAME,
+    skypilot: SkyPilotJobs | None = None,
+    settings: SensorSettings | None = None,
+    minimum_interval_seconds: int = 60,
+) -> dg.SensorDefinition:
+    """The sensor; `skypilot` defaults to the real (lazily imported, optional) SkyPilot
+    queue; tests pass `SkyPilotJobs(queue=fake)`."""
+    jobs = skypilot if skypilot is not None else SkyPilotJobs()
+    config = settings or SensorSettings()
+
+    @dg.sensor(
+        name=name,
+        target=[reward_streams, series_metrics],
+        minimum_interval_seconds=minimum_interval_seconds,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Registers and requests the partition of every run that reached a "
+        "terminal state (finished, failed, crashed, killed) since the last tick; writes "
+        "discovered_runs first. Optional SkyPilot job tracking.",
+    )
+    def _sensor(
+        context: dg.SensorEvaluationContext, run_source: OfflineRunsSource, rts_storage: RtsStorage
+    ) -> dg.SensorResult:
+        return finished_runs_tick(context, run_source, rts_storage, jobs, config)
+
+    return _sensor
+
+
+finished_runs_sensor = build_finished_runs_sensor()
