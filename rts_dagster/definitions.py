@@ -8,7 +8,7 @@ from rts_dagster.defs.analysis import (
     timescale_recommendations,
     variance_table,
 )
-from rts_dagster.defs.resources import OfflineRunsSource, RtsStorage
+from rts_dagster.defs.resources import RtsStorage, run_source_from_env
 from rts_dagster.defs.runs import discovered_runs, reward_streams
 from rts_dagster.defs.sensors import finished_runs_sensor
 
@@ -29,7 +29,7 @@ ASSETS = [
     timescale_recommendations,
     report,
 ]
-RESOURCES = {"run_source": OfflineRunsSource(), "rts_storage": RtsStorage()}
+RESOURCES = {"run_source": run_source_from_env(), "rts_storage": RtsStorage()}
 
 defs = dg.Definitions(
     assets=ASSETS, sensors=[automation_sensor, finished_runs_sensor], resources=RESOURCES

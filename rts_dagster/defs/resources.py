@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import dagster as dg
@@ -87,3 +88,18 @@ class WandbRunsSource(dg.ConfigurableResource):
     def rules(self) -> DiscoveryRules:
         path = Path(self.rules_file) if self.rules_file else settings.rules_file()
         return load_rules(path)
+
+
+def run_source_from_env() -> OfflineRunsSource | WandbRunsSource:
+    """The `run_source` resource chosen by `RTS_SOURCE` (`offline`, the default, or
+    `wandb`, with `RTS_WANDB_ENTITY`/`RTS_WANDB_PROJECT`, default metta-research/metta).
+    Both resources offer the same `source()` and `rules()`."""
+    kind = os.environ.get("RTS_SOURCE", "offline").strip().lower()
+    if kind == "offline":
+        return OfflineRunsSource()
+    if kind == "wandb":
+        return WandbRunsSource(
+            entity=os.environ.get("RTS_WANDB_ENTITY", "metta-research"),
+            project=os.environ.get("RTS_WANDB_PROJECT", "metta"),
+        )
+    raise ValueError(f"RTS_SOURCE={kind!r}: expected 'offline' or 'wandb'")

@@ -125,3 +125,19 @@ def test_corrupt_run_among_good_ones(tiny_offline_dir, tmp_path, instance):
     else:
         reasons = " ".join(unreadable["reason"].to_list())
         assert "run-alice.assembly_lines.seed2.wandb" in reasons and "offset" in reasons
+
+
+def test_rts_source_selects_the_run_source(monkeypatch):
+    from rts_dagster.defs.resources import WandbRunsSource, run_source_from_env
+
+    monkeypatch.delenv("RTS_SOURCE", raising=False)
+    assert isinstance(run_source_from_env(), OfflineRunsSource)
+    monkeypatch.setenv("RTS_SOURCE", "wandb")
+    monkeypatch.setenv("RTS_WANDB_ENTITY", "team")
+    monkeypatch.setenv("RTS_WANDB_PROJECT", "proj")
+    chosen = run_source_from_env()
+    assert isinstance(chosen, WandbRunsSource)
+    assert (chosen.entity, chosen.project) == ("team", "proj")
+    monkeypatch.setenv("RTS_SOURCE", "nope")
+    with pytest.raises(ValueError, match="RTS_SOURCE"):
+        run_source_from_env()
