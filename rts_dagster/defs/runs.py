@@ -53,18 +53,25 @@ def discovered_runs(
     for row in table.filter(pl.col("status") != RUN_STATUS_MATCHED).iter_rows(named=True):
         context.log.warning(f"{row['status']} run {row['location']}: {row['reason']}")
 
-    counts = dict(table.group_by("status").len().iter_rows())
     return dg.MaterializeResult(
         metadata={
-            "dagster/row_count": table.height,
-            "matched": counts.get(RUN_STATUS_MATCHED, 0),
-            "ignored": counts.get("ignored", 0),
-            "unreadable": counts.get("unreadable", 0),
-            "new_partitions": len(new_keys),
-            "path": dg.MetadataValue.path(str(path)),
+            **discovery_metadata(table, path, new_keys),
             "preview": dg.MetadataValue.md(_runs_preview(table)),
         }
     )
+
+
+def discovery_metadata(table: pl.DataFrame, path: Path, new_keys: list[str]) -> dict[str, Any]:
+    """Counts and path of a discovered_runs table (shared by the asset and the sensor)."""
+    counts = dict(table.group_by("status").len().iter_rows())
+    return {
+        "dagster/row_count": table.height,
+        "matched": counts.get(RUN_STATUS_MATCHED, 0),
+        "ignored": counts.get("ignored", 0),
+        "unreadable": counts.get("unreadable", 0),
+        "new_partitions": len(new_keys),
+        "path": dg.MetadataValue.path(str(path)),
+    }
 
 
 def _runs_preview(table: pl.DataFrame, limit: int = 30) -> str:

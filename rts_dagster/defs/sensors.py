@@ -49,7 +49,12 @@ from rts_dagster import storage
 from rts_dagster.defs.analysis import series_metrics
 from rts_dagster.defs.partitions import runs_partitions
 from rts_dagster.defs.resources import OfflineRunsSource, RtsStorage
-from rts_dagster.defs.runs import STREAMS_VERSION, discovered_runs, reward_streams
+from rts_dagster.defs.runs import (
+    STREAMS_VERSION,
+    discovered_runs,
+    discovery_metadata,
+    reward_streams,
+)
 from rts_dagster.discovery import classify_runs, partition_files
 from rts_dagster.schema import RUN_STATUS_MATCHED
 from rts_dagster.sources.base import RunRecord
@@ -115,19 +120,10 @@ def partition_is_current(root: Path, row: dict[str, Any]) -> bool:
 def _discovered_event(
     table: pl.DataFrame, path: Path, new_keys: list[str]
 ) -> dg.AssetMaterialization:
-    counts = dict(table.group_by("status").len().iter_rows())
     return dg.AssetMaterialization(
         asset_key=discovered_runs.key,
         description=f"Written by {SENSOR_NAME} before requesting finished runs.",
-        metadata={
-            "dagster/row_count": table.height,
-            "matched": counts.get(RUN_STATUS_MATCHED, 0),
-            "ignored": counts.get("ignored", 0),
-            "unreadable": counts.get("unreadable", 0),
-            "new_partitions": len(new_keys),
-            "path": dg.MetadataValue.path(str(path)),
-            "written_by": SENSOR_NAME,
-        },
+        metadata={**discovery_metadata(table, path, new_keys), "written_by": SENSOR_NAME},
     )
 
 
