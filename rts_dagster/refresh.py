@@ -18,7 +18,7 @@ from rts_dagster import storage
 from rts_dagster.definitions import ASSETS, RESOURCES, defs
 from rts_dagster.defs.partitions import runs_partitions
 from rts_dagster.defs.resources import RtsStorage
-from rts_dagster.defs.runs import STREAMS_VERSION
+from rts_dagster.defs.runs import partition_is_current
 from rts_dagster.discovery import partition_files
 from rts_dagster.schema import RUN_STATUS_MATCHED
 
@@ -71,16 +71,6 @@ def _partition_paths(data_dir: Path, row: dict[str, Any]) -> tuple[Path, Path]:
     return storage.stream_paths(data_dir, folder, stem)
 
 
-def _is_current(meta_path: Path, fingerprint: str) -> bool:
-    if not meta_path.exists():
-        return False
-    try:
-        meta = storage.read_json(meta_path)
-    except ValueError:
-        return False
-    return meta.get("fingerprint") == fingerprint and meta.get("streams_version") == STREAMS_VERSION
-
-
 def refresh(force: bool = False, quiet: bool = False) -> int:
     """Run the whole pipeline; returns a process exit code (1 if anything failed)."""
 
@@ -110,8 +100,8 @@ def refresh(force: bool = False, quiet: bool = False) -> int:
     written: list[Path] = []
     todo = []
     for row in matched.iter_rows(named=True):
-        parquet_path, meta_path = _partition_paths(data_dir, row)
-        if force or not _is_current(meta_path, row["fingerprint"]):
+        parquet_path, _ = _partition_paths(data_dir, row)
+        if force or not partition_is_current(data_dir, row):
             todo.append((row, parquet_path))
         else:
             written.append(parquet_path)

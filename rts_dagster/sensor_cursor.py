@@ -15,7 +15,9 @@ for the same (state, data) and to never miss one, across restarts. It holds:
   changes whenever the run's data may have changed), else the heartbeat. A run that goes
   crashed -> running -> finished gets new entries; the same (state, marker) never gets a
   second request. Entries whose heartbeat fell out of the window are pruned: such a run
-  is never eligible again through the window.
+  is never eligible again through the window, unless the source re-lists it as
+  `late_data` (its data changed after its last heartbeat; kept from the tick it was
+  handled).
 - `pending` / `jobs`: SkyPilot jobs that reached a terminal status, waiting until the run
   source shows their run terminal (WandB can lag). A pending job widens the listing back
   to its end time and makes its run eligible even outside the window; it is dropped once
@@ -63,6 +65,9 @@ class RunView:
     state: str
     marker: str  # fingerprint, else the heartbeat in ISO form
     heartbeat: datetime | None
+    # The source re-listed the run because its data changed after its last heartbeat
+    # (a WandB export completing): eligible although older than the window.
+    late_data: bool = False
 
     @property
     def terminal(self) -> bool:
@@ -214,7 +219,7 @@ def select_runs(
         if not run.terminal or run.entry in cursor.processed or run.entry in selected:
             continue
         in_window = window is None or run.heartbeat is None or run.heartbeat >= window
-        if in_window or run.run_name in awaited or run.run_id in awaited:
+        if in_window or run.late_data or run.run_name in awaited or run.run_id in awaited:
             selected[run.entry] = run
     return list(selected.values())
 
@@ -267,7 +272,9 @@ def advance(
     cap): they hold the watermark back like non-terminal runs so they stay eligible."""
     processed = dict(cursor.processed)
     for run in handled:
-        processed[run.entry] = run.heartbeat
+        # A late-data run is kept as if seen now: its old heartbeat would prune it at once
+        # while the source still re-lists it.
+        processed[run.entry] = now if run.late_data else run.heartbeat
 
     heartbeat = cursor.heartbeat
     beats = [r.heartbeat for r in seen if r.heartbeat is not None]

@@ -160,6 +160,23 @@ def test_processed_entries_are_pruned_once_out_of_the_window():
     assert sc.select_runs(step.cursor, handled[:1]) == []
 
 
+def test_late_data_runs_are_eligible_outside_the_window_once_per_marker():
+    """A finished run whose export completes hours after its last heartbeat."""
+    from dataclasses import replace
+
+    cursor = sc.SensorCursor(heartbeat=at(600))
+    late = replace(view("w", "finished", 10, marker="finished:10:export"), late_data=True)
+    assert sc.select_runs(cursor, [view("w", "finished", 10)]) == []  # plain: out of window
+    assert sc.select_runs(cursor, [late]) == [late]
+    step = sc.advance(cursor, seen=[late], handled=[late], now=at(601))
+    assert step.cursor.processed[late.entry] == at(601)  # kept, not pruned at once
+    assert sc.select_runs(step.cursor, [late]) == []
+    # it survives a serialisation round trip and further idle ticks
+    again = sc.parse_cursor(sc.serialize_cursor(step.cursor))
+    idle = sc.advance(again, seen=[late], handled=[], now=at(700))
+    assert sc.select_runs(idle.cursor, [late]) == []
+
+
 # --- SkyPilot waiting -------------------------------------------------------------------------
 def test_ended_jobs_are_tracked_once_and_widen_the_listing():
     cursor = sc.SensorCursor(heartbeat=at(100))

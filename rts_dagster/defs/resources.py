@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import dagster as dg
@@ -21,28 +22,49 @@ class RtsStorage(dg.ConfigurableResource):
         return Path(self.data_dir).resolve() if self.data_dir else settings.data_dir()
 
 
-class OfflineRunsSource(dg.ConfigurableResource):
-    """The embedded default source: offline WandB run files on disk.
+class RunSourceResource(dg.ConfigurableResource):
+    """The `run_source` resource: a `RunSource` plus the task/seed rules applied to it.
 
-    `directory` empty means `$RTS_OFFLINE_DIR` (default `$RTS_DATA_DIR/wandb`);
+    Assets and sensors annotate `run_source` with this base class; the concrete resource
+    (offline files or a WandB project) is chosen in `definitions.py` by `RTS_SOURCE`.
     `rules_file` empty means `$RTS_RULES`, else the default `<user>.<task>.seed<N>` rule.
     """
 
-    directory: str = ""
     rules_file: str = ""
 
     def source(self) -> RunSource:
-        from rts_dagster.sources.offline import OfflineRunSource
-
-        root = Path(self.directory).resolve() if self.directory else settings.offline_dir()
-        return OfflineRunSource(root)
+        raise NotImplementedError(f"{type(self).__name__} does not define source()")
 
     def rules(self) -> DiscoveryRules:
         path = Path(self.rules_file) if self.rules_file else settings.rules_file()
         return load_rules(path)
 
 
-class WandbRunsSource(dg.ConfigurableResource):
+# One OfflineRunSource per (directory, grace): its scan cache then survives across
+# materializations and sensor ticks in one process (a rescan of a 463 MB file costs ~0.5 s).
+_OFFLINE_SOURCES: dict[Path, RunSource] = {}
+_OFFLINE_LOCK = threading.Lock()
+
+
+class OfflineRunsSource(RunSourceResource):
+    """The embedded default source: offline WandB run files on disk.
+
+    `directory` empty means `$RTS_OFFLINE_DIR` (default `$RTS_DATA_DIR/wandb`).
+    """
+
+    directory: str = ""
+
+    def source(self) -> RunSource:
+        from rts_dagster.sources.offline import OfflineRunSource
+
+        root = Path(self.directory).resolve() if self.directory else settings.offline_dir()
+        with _OFFLINE_LOCK:
+            if root not in _OFFLINE_SOURCES:
+                _OFFLINE_SOURCES[root] = OfflineRunSource(root)
+            return _OFFLINE_SOURCES[root]
+
+
+class WandbRunsSource(RunSourceResource):
     """Runs of one WandB project, read live through `wandb.Api` (sources/wandb_api.py).
 
     The API key is read from the `WANDB_API_KEY` environment variable when the client is
@@ -55,7 +77,6 @@ class WandbRunsSource(dg.ConfigurableResource):
     entity: str
     project: str
     base_url: str = ""  # empty: wandb's default (or WANDB_BASE_URL)
-    rules_file: str = ""
     cache_dir: str = ""
     name_regex: str = ""  # RE2 on the display name, e.g. "^alice\\."
     # pydantic copies field defaults per instance, so these lists are not shared
@@ -63,6 +84,8 @@ class WandbRunsSource(dg.ConfigurableResource):
     states: list[str] = []  # noqa: RUF012  (empty = any state)
     config_equals_json: str = ""  # JSON object of dotted config key -> value
     timeout_s: float = 30.0
+    # How often a finished run whose export is incomplete is asked again (seconds).
+    export_probe_interval_s: float = 300.0
 
     def source(self) -> RunSource:
         import json
@@ -83,14 +106,11 @@ class WandbRunsSource(dg.ConfigurableResource):
             cache_dir=Path(self.cache_dir).resolve() if self.cache_dir else None,
             filters=filters,
             timeout_s=self.timeout_s,
+            export_probe_interval_s=self.export_probe_interval_s,
         )
 
-    def rules(self) -> DiscoveryRules:
-        path = Path(self.rules_file) if self.rules_file else settings.rules_file()
-        return load_rules(path)
 
-
-def run_source_from_env() -> OfflineRunsSource | WandbRunsSource:
+def run_source_from_env() -> RunSourceResource:
     """The `run_source` resource chosen by `RTS_SOURCE` (`offline`, the default, or
     `wandb`, with `RTS_WANDB_ENTITY`/`RTS_WANDB_PROJECT`, default metta-research/metta).
     Both resources offer the same `source()` and `rules()`."""

@@ -12,7 +12,7 @@ import polars as pl
 from rts_dagster import storage
 from rts_dagster.analysis.streams import HISTORY_PREFIXES, build_reward_streams
 from rts_dagster.defs.partitions import runs_partitions
-from rts_dagster.defs.resources import OfflineRunsSource, RtsStorage
+from rts_dagster.defs.resources import RtsStorage, RunSourceResource
 from rts_dagster.discovery import classify_runs, partition_files
 from rts_dagster.escape import md_table
 from rts_dagster.schema import (
@@ -38,7 +38,7 @@ _SECRET_HINTS = ("key", "token", "secret", "password", "passwd", "credential")
     "key, or why it was ignored/unreadable. Registers new runs as `reward_streams` partitions.",
 )
 def discovered_runs(
-    context: dg.AssetExecutionContext, run_source: OfflineRunsSource, rts_storage: RtsStorage
+    context: dg.AssetExecutionContext, run_source: RunSourceResource, rts_storage: RtsStorage
 ) -> dg.MaterializeResult:
     source = run_source.source()
     runs, unreadable = source.list_runs()
@@ -103,6 +103,25 @@ def run_for_partition(discovered: pl.DataFrame, key: str) -> dict[str, Any]:
     return rows.row(0, named=True)
 
 
+def partition_is_current(root: Path, row: dict[str, Any]) -> bool:
+    """True if the partition of `row` (a matched discovered_runs row) already holds this
+    run's data: metadata.json of the same run, fingerprint and STREAMS_VERSION, and the
+    series metrics file."""
+    folder, stem = partition_files(row["task"], row["seed"], row["run_id"], row["partition_key"])
+    _, meta_path = storage.stream_paths(root, folder, stem)
+    if not meta_path.exists() or not storage.metrics_paths(root, folder, stem)["series"].exists():
+        return False
+    try:
+        meta = storage.read_json(meta_path)
+    except (OSError, ValueError):
+        return False
+    return (
+        meta.get("run_id") == row["run_id"]
+        and meta.get("fingerprint") == row["fingerprint"]
+        and meta.get("streams_version") == STREAMS_VERSION
+    )
+
+
 def redact(config: Any) -> Any:
     """The run config with values of secret-looking keys replaced (never store secrets)."""
     if isinstance(config, dict):
@@ -137,7 +156,7 @@ MIN_SERIES_SAMPLES = 25  # the default rolling-slope window
     "File: $RTS_DATA_DIR/<task>/<seed>.parquet (+ .metadata.json).",
 )
 def reward_streams(
-    context: dg.AssetExecutionContext, run_source: OfflineRunsSource, rts_storage: RtsStorage
+    context: dg.AssetExecutionContext, run_source: RunSourceResource, rts_storage: RtsStorage
 ) -> dg.MaterializeResult:
     key = context.partition_key
     row = run_for_partition(read_discovered(rts_storage), key)
@@ -173,7 +192,10 @@ def reward_streams(
         "state": row["state"],
         "source": row["source"],
         "location": row["location"],
-        "fingerprint": row["fingerprint"],
+        # What the data was read at (may differ from discovered_runs': the run moved on
+        # since discovery, or the read found a WandB export incomplete).
+        "fingerprint": source.data_fingerprint(run),
+        "discovered_fingerprint": row["fingerprint"],
         "created_at": row["created_at"],
         "heartbeat_at": row["heartbeat_at"],
         "materialized_at": datetime.now(UTC).isoformat(),

@@ -48,14 +48,14 @@ from rts_dagster import sensor_cursor as sc
 from rts_dagster import storage
 from rts_dagster.defs.analysis import series_metrics
 from rts_dagster.defs.partitions import runs_partitions
-from rts_dagster.defs.resources import OfflineRunsSource, RtsStorage
+from rts_dagster.defs.resources import RtsStorage, RunSourceResource
 from rts_dagster.defs.runs import (
-    STREAMS_VERSION,
     discovered_runs,
     discovery_metadata,
+    partition_is_current,
     reward_streams,
 )
-from rts_dagster.discovery import classify_runs, partition_files
+from rts_dagster.discovery import classify_runs
 from rts_dagster.schema import RUN_STATUS_MATCHED
 from rts_dagster.sources.base import RunRecord
 from rts_dagster.sources.skypilot import SkyJob, SkyPilotJobs
@@ -86,6 +86,7 @@ def _view(run: RunRecord) -> sc.RunView:
         state=run.state,
         marker=sc.marker_for(run.fingerprint, heartbeat),
         heartbeat=heartbeat,
+        late_data=bool(run.extra.get("late_data")),
     )
 
 
@@ -96,25 +97,6 @@ def _ended_job(job: SkyJob, now: datetime) -> sc.EndedJob | None:
     if job.status == "CANCELLED" and job.start_at is None:
         return None  # cancelled while still queued
     return sc.EndedJob(job.job_id, job.run_name, job.status, job.end_at or now)
-
-
-def partition_is_current(root: Path, row: dict[str, Any]) -> bool:
-    """True if the partition of `row` (a matched discovered_runs row) already holds this
-    run's data: metadata.json of the same run, fingerprint and STREAMS_VERSION, and the
-    series metrics file."""
-    folder, stem = partition_files(row["task"], row["seed"], row["run_id"], row["partition_key"])
-    _, meta_path = storage.stream_paths(root, folder, stem)
-    if not meta_path.exists() or not storage.metrics_paths(root, folder, stem)["series"].exists():
-        return False
-    try:
-        meta = storage.read_json(meta_path)
-    except (OSError, ValueError):
-        return False
-    return (
-        meta.get("run_id") == row["run_id"]
-        and meta.get("fingerprint") == row["fingerprint"]
-        and meta.get("streams_version") == STREAMS_VERSION
-    )
 
 
 def _discovered_event(
@@ -178,7 +160,7 @@ def _plan_requests(
 
 def finished_runs_tick(
     context: dg.SensorEvaluationContext,
-    run_source: OfflineRunsSource,
+    run_source: RunSourceResource,
     rts_storage: RtsStorage,
     skypilot: SkyPilotJobs | None,
     settings: SensorSettings,
@@ -293,7 +275,7 @@ def build_finished_runs_sensor(
         "discovered_runs first. Optional SkyPilot job tracking.",
     )
     def _sensor(
-        context: dg.SensorEvaluationContext, run_source: OfflineRunsSource, rts_storage: RtsStorage
+        context: dg.SensorEvaluationContext, run_source: RunSourceResource, rts_storage: RtsStorage
     ) -> dg.SensorResult:
         return finished_runs_tick(context, run_source, rts_storage, jobs, config)
 

@@ -54,7 +54,9 @@ class RunSource(Protocol):
         """Every run the source can see, plus the ones it found but could not read.
 
         With `updated_since`, only runs whose `heartbeat_at` is at or after it are needed
-        (a source may return more; a sensor uses this to poll cheaply)."""
+        (a source may return more; a sensor uses this to poll cheaply). A run whose data
+        changed after its last heartbeat (a WandB export completing) is listed too, with
+        `extra["late_data"] = True`."""
         ...
 
     def get_run(self, location: str) -> RunRecord:
@@ -74,6 +76,13 @@ class RunSource(Protocol):
     def read_completions(self, run: RunRecord) -> pl.DataFrame | None:
         """The per-completion stream (`schema.COMPLETION_RECORD`), or None if the run
         did not record one."""
+        ...
+
+    def data_fingerprint(self, run: RunRecord) -> str:
+        """The fingerprint of the data the reads of `run` returned: `run.fingerprint`,
+        unless reading taught the source more (a WandB run never read is listed as
+        exported; its first read may find the export incomplete). Stored with the
+        partition, so the next listing's fingerprint tells whether it is current."""
         ...
 
 

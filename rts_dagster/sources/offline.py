@@ -110,6 +110,10 @@ class OfflineRunSource:
                 raise RunReadError(f"{chunk}: unreadable reward stream chunk ({exc})") from exc
         return pl.concat(frames).sort("worker", "completion_index")
 
+    def data_fingerprint(self, run: RunRecord) -> str:
+        """`run.fingerprint`: a run file's data is what its size and mtime say."""
+        return run.fingerprint
+
     # --- internals ------------------------------------------------------------------------
     def _scan(self, path: Path) -> RunFile:
         """`scan_run_file`, cached by (size, mtime); errors are cached the same way."""

@@ -27,10 +27,15 @@ once. Rows holding none of the wanted keys are absent from that fallback. Scans 
 group: above `max_scan_pages` pages the read fails with a clear `RunReadError` instead (retry
 once the export exists). `run.history()` (server-side sampled) is never used.
 
-**Change detection.** `fingerprint = "<state>:<heartbeatAt as returned>:<export|live>"`.
+**Change detection.** `fingerprint = "<state>:<heartbeatAt as returned>:<export|live|unread>"`.
 The marker is `live` while the cache knows the run's export to be incomplete (and for active
-runs), `export` otherwise; `list_runs` re-probes runs cached as incomplete at most every
-`export_probe_interval_s`, so a refresh re-pulls a run once its export appears.
+runs), `export` once it is known complete, `unread` before any read told (listing does not
+probe every export; `data_fingerprint` gives the marker a read found); `list_runs` re-probes runs cached as incomplete at most every
+`export_probe_interval_s`, so a refresh re-pulls a run once its export appears. A finished
+run's heartbeat no longer moves when its export completes, so an incremental listing
+(`updated_since`) also re-lists, by id, the runs the cache knows as still exporting or
+exported within the last `late_export_window_s`, marked `extra["late_data"] = True`: the
+sensor refreshes them although their heartbeat is older than its window.
 
 **Cache.** `<cache_dir>/<entity>/<project>/<run_id>/` (slugged; default
 `$RTS_DATA_DIR/cache/wandb/...`): `state.json` (the (state, heartbeat) key the files belong
@@ -168,6 +173,7 @@ class WandbRunSource:
         max_scan_pages: int = 2_000,
         export_probe_interval_s: float = 300.0,
         updated_since_overlap_s: float = 60.0,
+        late_export_window_s: float = 86_400.0,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.entity = entity
@@ -184,6 +190,7 @@ class WandbRunSource:
         self.max_scan_pages = max_scan_pages
         self.export_probe_interval_s = export_probe_interval_s
         self.updated_since_overlap_s = updated_since_overlap_s
+        self.late_export_window_s = late_export_window_s
         self._sleep = sleep
         self._api: Any = None
         self._lock = threading.Lock()
@@ -199,28 +206,58 @@ class WandbRunSource:
         if updated_since is not None:
             moment = updated_since - timedelta(seconds=self.updated_since_overlap_s)
             after = format_wandb_time(moment)
-        filters = self.filters.to_wandb(after)
         path = f"{self.entity}/{self.project}"
+        listed = self._fetch_runs(path, self.filters.to_wandb(after), fresh=True)
+        late: set[str] = set()
+        if updated_since is not None:
+            late = set(self._late_export_ids())
+            missing = sorted(late - {str(getattr(r, "id", "")) for r in listed})
+            if missing:
+                by_id = {"name": {"$in": missing}}  # `name` is the run id in WandB filters
+                base = self.filters.to_wandb()
+                listed += self._fetch_runs(path, {"$and": [base, by_id]} if base else by_id)
 
+        runs: list[RunRecord] = []
+        unreadable: list[UnreadableRun] = []
+        for wandb_run in listed:
+            location = f"{self.entity}/{self.project}/{getattr(wandb_run, 'id', '?')}"
+            try:
+                record = self._record(wandb_run, probe=True)
+            except (WandbAuthError, WandbUnavailableError):
+                raise
+            except Exception as exc:  # one odd run must not hide the others
+                unreadable.append(UnreadableRun(location, _describe(exc), SOURCE_NAME))
+                continue
+            if record.run_id in late:
+                record.extra["late_data"] = True
+            runs.append(record)
+        return runs, unreadable
+
+    def _fetch_runs(self, path: str, filters: dict[str, Any], fresh: bool = False) -> list[Any]:
         def fetch() -> list[Any]:
-            api = self._fresh_api()  # Api caches Runs objects: a new one sees new runs
+            # Api caches Runs objects: a new one sees new runs
+            api = self._fresh_api() if fresh else self._cached_api()
             return list(
                 api.runs(
                     path, filters=filters, order=self.order, per_page=self.per_page, lazy=False
                 )
             )
 
-        runs: list[RunRecord] = []
-        unreadable: list[UnreadableRun] = []
-        for wandb_run in self._call(f"list runs of {path}", fetch):
-            location = f"{self.entity}/{self.project}/{getattr(wandb_run, 'id', '?')}"
-            try:
-                runs.append(self._record(wandb_run, probe=True))
-            except (WandbAuthError, WandbUnavailableError):
-                raise
-            except Exception as exc:  # one odd run must not hide the others
-                unreadable.append(UnreadableRun(location, _describe(exc), SOURCE_NAME))
-        return runs, unreadable
+        return self._call(f"list runs of {path}", fetch)
+
+    def _late_export_ids(self) -> list[str]:
+        """Run ids whose export the cache knows as incomplete, or completed recently."""
+        project_dir = self.cache_root / slug(self.entity) / slug(self.project)
+        now = time.time()
+        ids = []
+        for state_path in sorted(project_dir.glob("*/state.json")):
+            state = _read_state(state_path.parent)
+            completed_at = float(state.get("export_completed_at") or 0.0)
+            late = state.get("export_complete") is False
+            late = late or now - completed_at < self.late_export_window_s
+            if late and state.get("run_id"):
+                ids.append(str(state["run_id"]))
+        return ids
 
     def get_run(self, location: str) -> RunRecord:
         """The current record of `entity/project/run_id`; `RunReadError` if it is gone."""
@@ -270,6 +307,17 @@ class WandbRunSource:
                 ) from exc
         return pl.concat(frames).sort("worker", "completion_index")
 
+    def data_fingerprint(self, run: RunRecord) -> str:
+        """`run.fingerprint` with the export marker the cache now holds for its (state,
+        heartbeat): `live` if a read found the export incomplete, `export` if complete."""
+        heartbeat_raw = run.extra.get("heartbeat_raw") or _iso(run.heartbeat_at)
+        key = _cache_key(run.state, heartbeat_raw)
+        state = _read_state(self._run_dir(run.entity, run.project, run.run_id))
+        complete = state.get("export_complete") if state.get("key") == key else None
+        if run.state in ACTIVE_STATES:
+            complete = False
+        return f"{run.state}:{heartbeat_raw}:{_export_marker(complete)}"
+
     # --- records ----------------------------------------------------------------------------
     def _record(self, wandb_run: Any, probe: bool) -> RunRecord:
         run_id = str(wandb_run.id)
@@ -281,7 +329,6 @@ class WandbRunSource:
         key_counts = {n: _key_count(i) for n, i in (history_keys.get("keys") or {}).items()}
         run_dir = self._run_dir(self.entity, self.project, run_id)
         complete = self._export_complete(wandb_run, run_dir, state, heartbeat_raw, probe)
-        marker = "export" if complete else "live"
         return RunRecord(
             run_id=run_id,
             run_name=str(wandb_run.name or run_id),
@@ -294,7 +341,7 @@ class WandbRunSource:
             heartbeat_at=parse_wandb_time(heartbeat_raw),
             source=SOURCE_NAME,
             location=f"{self.entity}/{self.project}/{run_id}",
-            fingerprint=f"{state}:{heartbeat_raw}:{marker}",
+            fingerprint=f"{state}:{heartbeat_raw}:{_export_marker(complete)}",
             extra={
                 "heartbeat_raw": heartbeat_raw,
                 "created_raw": created_raw,
@@ -307,15 +354,17 @@ class WandbRunSource:
 
     def _export_complete(
         self, wandb_run: Any, run_dir: Path, state: str, heartbeat_raw: Any, probe: bool
-    ) -> bool:
-        """What the cache says about the export for this (state, heartbeat); an active run
-        is never complete; a run never read is assumed complete (its first read tells)."""
+    ) -> bool | None:
+        """What the cache says about the export for this (state, heartbeat): None if no
+        read told yet (listing every run does not probe every export); an active run's
+        export is never complete; one known incomplete is probed again when due."""
         if state in ACTIVE_STATES:
             return False
         key = _cache_key(state, heartbeat_raw)
         cached = _read_state(run_dir)
-        if cached.get("key") != key or cached.get("export_complete", True):
-            return True
+        known = cached.get("export_complete") if cached.get("key") == key else None
+        if known is None or known:
+            return known
         due = time.time() - float(cached.get("probed_at") or 0) >= self.export_probe_interval_s
         if not probe or not due:
             return False
@@ -359,14 +408,29 @@ class WandbRunSource:
         try:
             tmp = self._call(f"{location}: download history export", download)
         except IncompleteRunHistoryError:
-            _update_state(run_dir, key=key, export_complete=False, probed_at=time.time())
+            _update_state(
+                run_dir,
+                key=key,
+                run_id=str(wandb_run.id),
+                export_complete=False,
+                probed_at=time.time(),
+            )
             raise _ExportIncomplete(location) from None
         final = run_dir / f"export-{_short_hash(key)}"
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for index, path in enumerate(sorted(final.glob("*.parquet"))):
             path.rename(final / f"part-{index:05d}.parquet")
-        _update_state(run_dir, key=key, export_complete=True, export_dir=final.name, live={})
+        was_exporting = _read_state(run_dir).get("export_complete") is False
+        _update_state(
+            run_dir,
+            key=key,
+            run_id=str(wandb_run.id),
+            export_complete=True,
+            export_dir=final.name,
+            live={},
+            **({"export_completed_at": time.time()} if was_exporting else {}),
+        )
         _remove_stale(run_dir)
         return final
 
@@ -386,7 +450,7 @@ class WandbRunSource:
         write_parquet(frame, run_dir / name)
         live = dict(state.get("live") or {}) if state.get("key") == key else {}
         live[prefixes_id] = name
-        _update_state(run_dir, key=key, export_complete=False, live=live)
+        _update_state(run_dir, key=key, run_id=str(wandb_run.id), export_complete=False, live=live)
         _remove_stale(run_dir)
         return frame
 
@@ -753,6 +817,13 @@ def _iso(moment: datetime | None) -> str | None:
     return format_wandb_time(moment) if moment is not None else None
 
 
+def _export_marker(complete: bool | None) -> str:
+    """The fingerprint's last part: `export` (complete), `live` (incomplete: scan_history
+    data), `unread` (not known yet). Each step changes the fingerprint, so a run read live
+    and later exported is refreshed again, however the steps interleave with listings."""
+    return {True: "export", False: "live", None: "unread"}[complete]
+
+
 def _cache_key(state: str, heartbeat_raw: Any) -> str:
     return f"{state}:{heartbeat_raw}"
 
@@ -774,7 +845,7 @@ def _update_state(run_dir: Path, **changes: Any) -> None:
     state = _read_state(run_dir)
     if "key" in changes and changes["key"] != state.get("key"):
         # data cached for another (state, heartbeat) is stale; run files are immutable
-        state = {"files": state.get("files") or {}}
+        state = {"files": state.get("files") or {}, "run_id": state.get("run_id")}
     state.update(changes)
     write_json(state, run_dir / "state.json")
 

@@ -12,7 +12,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
@@ -29,41 +28,14 @@ from rts_dagster.sources.wandb_api import (
     WandbUnavailableError,
     classify_error,
 )
-from rts_dagster_tests.fakes.wandb_server import DEFAULT_API_KEY, FakeRun, FakeWandbServer
+from rts_dagster_tests.fakes.wandb_data import LABELS, metta_history, wandb_client_env
+from rts_dagster_tests.fakes.wandb_server import FakeRun, FakeWandbServer
 
 T0 = datetime(2026, 1, 5, 12, tzinfo=UTC)
-LABELS = ("training_facility.extractor_hub_30", "machina_1.collect_far", "late.label")
 FAST_RETRY = RetryPolicy(max_tries=4, base_s=0.05, cap_s=0.5, rate_limit_wait_s=1.0)
 
 
 # --- test data ------------------------------------------------------------------------------
-def metta_history(epochs: int, seed: int, steps_per_epoch: int = 1000) -> pl.DataFrame:
-    """A history shaped like Metta's: per-label rewards (one label appears late, one NaN,
-    one +inf, stale repeats), progress keys, plus keys the reward streams do not need."""
-    rng = np.random.default_rng(seed)
-    step = np.arange(1, epochs + 1, dtype=np.int64) * steps_per_epoch
-    data: dict[str, Any] = {
-        "_step": step,
-        "_timestamp": 1.7e9 + 3.5 * np.arange(epochs),
-        "_runtime": 3.5 * np.arange(epochs),
-        "metric/agent_step": step.astype(float),
-        "metric/epoch": np.arange(epochs, dtype=float),
-        "overview/sps": rng.normal(5000, 100, epochs),
-        "overview/reward": rng.random(epochs),
-        "env_agent/heart.amount": rng.random(epochs),
-    }
-    for i, label in enumerate(LABELS):
-        values: list[float | None] = list(np.round(rng.random(epochs), 4))
-        if label == "late.label":
-            values[: epochs // 3] = [None] * (epochs // 3)
-        values[epochs // 2] = values[epochs // 2 - 1]  # a stale re-emission
-        if i == 0:
-            values[5] = math.nan
-            values[7] = math.inf
-        data[f"env_per_label_rewards/{label}"] = values
-    return pl.DataFrame(data, schema_overrides={"_step": pl.Int64})
-
-
 def expected_history(history: pl.DataFrame, prefixes: Sequence[str] = HISTORY_PREFIXES):
     keys = sorted(
         c
@@ -99,11 +71,7 @@ def chunk_bytes(worker: int, start: int, n: int) -> tuple[pl.DataFrame, bytes]:
 # --- fixtures -------------------------------------------------------------------------------
 @pytest.fixture(autouse=True)
 def _wandb_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))  # Run objects mkdir here
-    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb_cache"))
-    monkeypatch.setenv("WANDB_API_KEY", DEFAULT_API_KEY)
+    wandb_client_env(monkeypatch, tmp_path)
 
 
 @pytest.fixture
@@ -175,7 +143,7 @@ def test_list_runs_filters_server_side_and_paginates(server: FakeWandbServer, tm
     assert first.heartbeat_at == T0 + timedelta(hours=4)
     assert first.heartbeat_at.tzinfo is UTC
     assert (first.source, first.location) == ("wandb", "tests/rts-test/id1")
-    assert first.fingerprint == "finished:2026-01-05T16:00:00:export"
+    assert first.fingerprint == "finished:2026-01-05T16:00:00:unread"
     assert (first.entity, first.project) == ("tests", "rts-test")
 
 
@@ -243,7 +211,7 @@ def test_incomplete_export_falls_back_to_scan_history_then_repulls(
     server.add_run(FakeRun("r1", history=history, exported_rows=12))  # 18 rows still live
     source = make_source(server, tmp_path, export_probe_interval_s=0)
     run = source.list_runs()[0][0]
-    assert run.fingerprint.endswith(":export")  # never read: assumed complete
+    assert run.fingerprint.endswith(":unread")  # never read: not known yet
 
     frame = source.read_history(run, HISTORY_PREFIXES)
     assert_frame_equal(frame, expected_history(history))
@@ -262,6 +230,38 @@ def test_incomplete_export_falls_back_to_scan_history_then_repulls(
     server.reset_log()
     assert_frame_equal(source.read_history(complete, HISTORY_PREFIXES), frame)
     assert server.operations() == []  # the probe already downloaded the export
+
+
+def test_incremental_listing_relists_runs_whose_export_completes_late(
+    server: FakeWandbServer, tmp_path: Path
+) -> None:
+    """A finished run's heartbeat stops moving; its export may complete hours later. The
+    incremental listing must still show it, marked late_data, until the window passes."""
+    server.add_run(FakeRun("old", history=metta_history(20, seed=3), exported_rows=5))
+    server.add_run(FakeRun("done", history=metta_history(20, seed=4)))
+    recent = T0 + timedelta(days=2)
+    server.add_run(FakeRun("new", created_at=recent, history=metta_history(20, seed=5)))
+    source = make_source(server, tmp_path, export_probe_interval_s=0)
+    by_id = {r.run_id: r for r in source.list_runs()[0]}
+    for run in by_id.values():
+        source.read_history(run, HISTORY_PREFIXES)  # "old" falls back to scan_history
+
+    since = recent  # both "old" and "done" beat long before this
+    runs = {r.run_id: r for r in source.list_runs(updated_since=since)[0]}
+    assert set(runs) == {"new", "old"}  # "old" is still exporting: re-listed by id
+    assert runs["old"].extra.get("late_data") is True and "late_data" not in runs["new"].extra
+    assert runs["old"].fingerprint.endswith(":live")
+    sent = [r.variables["filters"] for r in server.requests if r.operation == "Runs"]
+    assert sent[-1] == '{"name": {"$in": ["old"]}}'
+
+    server.complete_export("old")
+    runs = {r.run_id: r for r in source.list_runs(updated_since=since)[0]}
+    assert runs["old"].fingerprint.endswith(":export") and runs["old"].extra["late_data"]
+    # still listed for late_export_window_s after completing, so a sensor that did not
+    # run the probe itself sees the change; then it drops out of incremental listings
+    assert "old" in {r.run_id for r in source.list_runs(updated_since=since)[0]}
+    short = make_source(server, tmp_path, late_export_window_s=0)
+    assert {r.run_id for r in short.list_runs(updated_since=since)[0]} == {"new"}
 
 
 def test_scan_fallback_refuses_unbounded_scans(server: FakeWandbServer, tmp_path: Path):
