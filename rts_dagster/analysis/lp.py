@@ -1,4 +1,11 @@
-"""Learning Progress (LP) curriculum score of Metta main, bidirectional variant, in numpy.
+"""Learning Progress (LP) curriculum scores in numpy: Metta main's bidirectional LP and the
+z-score-amplification variant of the `msb_curr_min_v2` branch (`ZScoreLPConfig`).
+
+This module holds the configs, the score and distribution math (vectorised over labels,
+and over time where `lp_replay` evaluates many instants at once) and the straightforward
+stateful versions fed one completion at a time (`LearningProgress`,
+`ZScoreLearningProgress`): the simulator's curriculum and the reference the vectorised
+replay (`analysis/lp_replay.py`) is tested against.
 
 Written from the description in DOMAIN.md ("The LP algorithm on Metta main"). A *label*
 here plays the role of one LP task: the simulator and the replay checks track one LP entry
@@ -78,7 +85,8 @@ def raw_scores(
 
 
 def sampling_probabilities(raw: np.ndarray) -> np.ndarray:
-    """Turn LP scores into sampling probabilities over the labels.
+    """Turn LP scores into sampling probabilities over the labels (the last axis; a 2-D
+    input is one distribution per row).
 
     Labels with a score <= 0 (or NaN) get probability 0. With more than 2 remaining
     labels the scores are z-scored with the population std (plain `raw - mean` when the
@@ -92,20 +100,26 @@ def sampling_probabilities(raw: np.ndarray) -> np.ndarray:
     (only possible with exploration_bonus <= 0), the distribution is uniform.
     """
     raw = np.asarray(raw, dtype=np.float64)
-    keep = raw > 0.0
-    n_keep = int(keep.sum())
-    if n_keep == 0:
-        return np.full(raw.shape, 1.0 / raw.size)
-    weights = raw[keep]
-    if n_keep > 2:
-        centred = weights - weights.mean()
-        std = weights.std()
-        z = centred / std if std > 0.0 else centred
-        # tanh form of the sigmoid: no overflow warning for large |z|.
-        weights = 0.5 * (1.0 + np.tanh(0.5 * z))
-    probabilities = np.zeros(raw.shape)
-    probabilities[keep] = weights / weights.sum()
-    return probabilities
+    rows = np.atleast_2d(raw)
+    keep = rows > 0.0  # NaN compares False
+    n_keep = keep.sum(axis=-1, keepdims=True)
+    kept = np.where(keep, rows, 0.0)
+    safe_n = np.maximum(n_keep, 1)
+    mean = kept.sum(axis=-1, keepdims=True) / safe_n
+    centred = np.where(keep, rows - mean, 0.0)
+    std = np.sqrt((centred**2).sum(axis=-1, keepdims=True) / safe_n)
+    z = np.divide(centred, std, out=centred.copy(), where=std > 0.0)
+    weights = np.where(n_keep > 2, sigmoid(z), kept)
+    weights = np.where(keep, weights, 0.0)
+    total = weights.sum(axis=-1, keepdims=True)
+    uniform = np.full(rows.shape, 1.0 / rows.shape[-1])
+    out = np.where(n_keep > 0, weights / np.where(total > 0.0, total, 1.0), uniform)
+    return out.reshape(raw.shape)
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(-z)) in its tanh form: no overflow warning for large |z|."""
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(z, dtype=np.float64)))
 
 
 class LearningProgress:
@@ -164,3 +178,140 @@ class LearningProgress:
         held = self.n_outcomes
         sums = np.nansum(self.outcomes, axis=1)
         return np.divide(sums, held, out=np.full(self.n_labels, np.nan), where=held > 0)
+
+
+# --- the z-score-amplification variant (branch msb_curr_min_v2) --------------------------------
+class ZScoreLPConfig(BaseModel):
+    """LP hyperparameters of the z-score-amplification variant, defaults of its branch.
+
+    `rand_task_rate` and the eviction percentile exist there too; DOMAIN.md's sampling
+    rule does not use them and neither does this module.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    ema_timescale: float = Field(0.1, gt=0.0, le=1.0)
+    slow_timescale_factor: float = Field(0.2, gt=0.0)
+    exploration_bonus: float = 0.1
+    progress_smoothing: float = 0.0
+    performance_bonus_weight: float = 0.0
+    lp_score_temperature: float = Field(0.0, ge=0.0)  # 0 means z-score mode
+    z_score_amplification: float = 10.0
+    early_progress_amplification: float = Field(0.5, ge=0.0, le=1.0)  # 0.5: reweighting off
+    use_baseline_normalization: bool = True
+    min_samples_for_lp: int = Field(10, ge=0)
+
+    @property
+    def slow_timescale(self) -> float:
+        return self.ema_timescale * self.slow_timescale_factor
+
+
+BASELINE_CAP = 0.75  # the baseline is the first non-zero score, capped here
+
+
+def reweight(p: np.ndarray, theta: float) -> np.ndarray:
+    """R_theta(p) = p (1 - theta) / (p + theta (1 - 2p)) of the z-score variant, applied to p
+    clipped to [0, 1]; where |denominator| < 1e-10 the result is 0 for p < 0.5, else 1."""
+    p = np.clip(np.asarray(p, dtype=np.float64), 0.0, 1.0)
+    denominator = p + theta * (1.0 - 2.0 * p)
+    tiny = np.abs(denominator) < 1e-10
+    value = p * (1.0 - theta) / np.where(tiny, 1.0, denominator)
+    return np.where(tiny, np.where(p < 0.5, 0.0, 1.0), value)
+
+
+def zscore_lp(fast: np.ndarray, slow: np.ndarray, config: ZScoreLPConfig) -> np.ndarray:
+    """LP_i of the variant: |R_theta(F) - R_theta(S)|, or |F - S| when theta == 0.5."""
+    theta = config.early_progress_amplification
+    if theta == 0.5:
+        return np.abs(np.asarray(fast) - np.asarray(slow))
+    return np.abs(reweight(fast, theta) - reweight(slow, theta))
+
+
+def zscore_probabilities(
+    fast: np.ndarray,
+    slow: np.ndarray,
+    perf: np.ndarray,
+    counts: np.ndarray,
+    config: ZScoreLPConfig,
+    amplification: float | np.ndarray | None = None,
+) -> np.ndarray:
+    """The variant's sampling weights over all tracked labels (last axis), normalised.
+
+    u = LP + progress_smoothing + performance_bonus_weight * T; z-score mode
+    (temperature 0): u = Z (u - mean) / std when the population std exceeds 1e-10, else u
+    unchanged; p = sigmoid(u) / sum (uniform if the sum is 0). Labels with fewer than
+    `min_samples_for_lp` completions weigh `exploration_bonus` instead of p; the weights
+    are normalised again. `amplification` overrides Z (a scalar, or one per row for an
+    annealed schedule).
+    """
+    z_amp = config.z_score_amplification if amplification is None else amplification
+    u = zscore_lp(fast, slow, config) + config.progress_smoothing
+    u = np.atleast_2d(u + config.performance_bonus_weight * np.asarray(perf, dtype=np.float64))
+    if config.lp_score_temperature == 0.0:
+        mean = u.mean(axis=-1, keepdims=True)
+        std = u.std(axis=-1, keepdims=True)
+        z_amp = np.reshape(np.asarray(z_amp, dtype=np.float64), (-1, 1))
+        scaled = z_amp * (u - mean) / np.where(std > 1e-10, std, 1.0)
+        u = np.where(std > 1e-10, scaled, u)
+    else:
+        u = u / config.lp_score_temperature
+    sig = sigmoid(u)
+    total = sig.sum(axis=-1, keepdims=True)
+    p = np.where(total > 0.0, sig / np.where(total > 0.0, total, 1.0), 1.0 / u.shape[-1])
+    counts = np.broadcast_to(np.asarray(counts), p.shape)
+    weights = np.where(counts < config.min_samples_for_lp, config.exploration_bonus, p)
+    total = weights.sum(axis=-1, keepdims=True)
+    out = np.where(total > 0.0, weights / np.where(total > 0.0, total, 1.0), 1.0 / u.shape[-1])
+    return out[0] if np.ndim(fast) == 1 else out
+
+
+class ZScoreLearningProgress:
+    """Stateful z-score-amplification LP over `n_labels` labels, one completion at a time.
+
+    Attributes: `F`, `S` (0 until a label's first non-zero normalised score), `T` (EMA of
+    the raw score), `B` (baseline), `counts`.
+    """
+
+    def __init__(self, n_labels: int, config: ZScoreLPConfig | None = None) -> None:
+        if n_labels < 1:
+            raise ValueError("n_labels must be >= 1")
+        self.config = config or ZScoreLPConfig()
+        self.n_labels = n_labels
+        self.F = np.zeros(n_labels)
+        self.S = np.zeros(n_labels)
+        self.T = np.zeros(n_labels)
+        self.B = np.zeros(n_labels)
+        self.counts = np.zeros(n_labels, dtype=np.int64)
+
+    def update(self, label_index: int, reward: float) -> None:
+        """Feed the score of one finished episode (not clipped)."""
+        i = int(label_index)
+        r = float(reward)
+        if r != r:
+            raise ValueError("reward is NaN")
+        config = self.config
+        if config.use_baseline_normalization:
+            if self.B[i] == 0.0:
+                self.B[i] = min(r, BASELINE_CAP)
+            b = self.B[i]
+            x = max(r - b, 0.0) / max(1.0 - b, 1e-10)
+        else:
+            x = r
+        if self.F[i] == 0.0 and self.S[i] == 0.0:
+            self.F[i] = self.S[i] = x
+            self.T[i] = r
+        else:
+            a = config.ema_timescale
+            bs = config.slow_timescale
+            self.F[i] = a * x + (1.0 - a) * self.F[i]
+            self.S[i] = bs * x + (1.0 - bs) * self.S[i]
+            self.T[i] = a * r + (1.0 - a) * self.T[i]
+        self.counts[i] += 1
+
+    def scores(self) -> np.ndarray:
+        """LP_i per label (before the distribution)."""
+        return zscore_lp(self.F, self.S, self.config)
+
+    def probabilities(self, amplification: float | None = None) -> np.ndarray:
+        """Sampling probability per label (see `zscore_probabilities`)."""
+        return zscore_probabilities(self.F, self.S, self.T, self.counts, self.config, amplification)

@@ -1,0 +1,376 @@
+"""Replay a recorded reward stream through an LP curriculum configuration, vectorised.
+
+LP's state per label is a set of independent recursions (EMAs of that label's own
+outcomes), so a whole stream is replayed without one Python step per completion:
+completions are grouped by label (one stable sort), each label's EMAs are one
+`scipy.signal.lfilter` call, and the state of every label at the evaluation instants is
+gathered with `searchsorted`. The sampling distribution (which couples the labels) is then
+computed for all instants at once on a (instants x labels) matrix.
+
+A `CurriculumConfig` is an LP variant (`lp.LPConfig`: Metta main; `lp.ZScoreLPConfig`: the
+z-score-amplification branch) plus the study plan's experiment knobs:
+- `z_anneal = (Z_start, Z_end)`: Z moves linearly with the fraction of the stream done;
+- `pool_cap = k`: only the k labels with the highest sampling weight can be drawn;
+- `sps_weight = gamma`: weights times (label SPS / mean label SPS)^gamma, where a label's SPS
+  is an EMA (weight `sps_ema`) of the throughput at its completions: labels whose episodes
+  coincide with slow training are drawn less (SPS-aware gating).
+
+Replay is open-loop: the recorded stream's label order came from the curriculum that ran,
+not from the replayed one, so it shows how a configuration *reacts* to the rewards, not
+what it would have made the learner practise (the simulator's closed loop does that).
+Labels are LP's tasks here: eviction of task instances is not modelled.
+
+`StepwiseCurriculum` is the straightforward version fed one completion at a time: the
+simulator's curriculum, and the reference `replay` is tested and benchmarked against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from scipy.signal import lfilter
+
+from rts_dagster.analysis.lp import (
+    BASELINE_CAP,
+    LearningProgress,
+    LPConfig,
+    ZScoreLearningProgress,
+    ZScoreLPConfig,
+    raw_scores,
+    sampling_probabilities,
+    zscore_lp,
+    zscore_probabilities,
+)
+
+DEFAULT_EVAL_POINTS = 400  # instants of a replay's time series (evenly spaced)
+
+
+class CurriculumConfig(BaseModel):
+    """One LP configuration to replay (or to run in the simulator)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(min_length=1)
+    variant: Literal["main", "zscore"] = "main"
+    main: LPConfig = LPConfig()
+    zscore: ZScoreLPConfig = ZScoreLPConfig()
+    z_anneal: tuple[float, float] | None = None
+    pool_cap: int | None = Field(None, ge=1)
+    sps_weight: float = 0.0
+    sps_ema: float = Field(0.05, gt=0.0, le=1.0)
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _anneal_needs_zscore(self) -> CurriculumConfig:
+        if self.z_anneal is not None and self.variant != "zscore":
+            raise ValueError(f"{self.name}: z_anneal applies to the zscore variant only")
+        return self
+
+    @property
+    def ema_timescale(self) -> float:
+        return (self.main if self.variant == "main" else self.zscore).ema_timescale
+
+    def settings(self) -> dict[str, float | int | str | None]:
+        """The knobs that differ between sweep entries, flat (for tables)."""
+        lp = self.main if self.variant == "main" else self.zscore
+        z_start, z_end = self.z_anneal or (None, None)
+        return {
+            "variant": self.variant,
+            "ema_timescale": lp.ema_timescale,
+            "slow_timescale_factor": lp.slow_timescale_factor,
+            "z_score_amplification": (
+                self.zscore.z_score_amplification if self.variant == "zscore" else None
+            ),
+            "z_anneal_start": z_start,
+            "z_anneal_end": z_end,
+            "pool_cap": self.pool_cap,
+            "sps_weight": self.sps_weight,
+        }
+
+
+@dataclass(frozen=True)
+class Replay:
+    """LP state over time. Shapes: G evaluation instants x L labels."""
+
+    config: CurriculumConfig
+    eval_index: np.ndarray  # (G,) state after this completion (0-based) was fed
+    progress: np.ndarray  # (G,) eval_index / (n - 1): fraction of the stream done
+    counts: np.ndarray  # (G, L) completions fed per label
+    fast: np.ndarray  # (G, L) F (main: NaN before a label's first completion)
+    slow: np.ndarray  # (G, L) S
+    score: np.ndarray  # (G, L) main: raw LP score; zscore: LP_i = |R(F) - R(S)|
+    probability: np.ndarray  # (G, L) sampling distribution over labels (rows sum to 1)
+
+    @property
+    def n_labels(self) -> int:
+        return int(self.counts.shape[1])
+
+
+def evaluation_points(n: int, n_eval: int = DEFAULT_EVAL_POINTS) -> np.ndarray:
+    """`n_eval` completion indices evenly spread over a stream of n (always the last)."""
+    if n < 1:
+        raise ValueError("the stream is empty")
+    return np.unique(np.linspace(0, n - 1, min(n_eval, n)).round().astype(np.int64))
+
+
+def replay(
+    label_index: np.ndarray,
+    reward: np.ndarray,
+    n_labels: int,
+    config: CurriculumConfig,
+    *,
+    eval_index: np.ndarray | None = None,
+    n_eval: int = DEFAULT_EVAL_POINTS,
+    sps: np.ndarray | None = None,
+) -> Replay:
+    """Feed the completions (label, reward[, SPS at that time]) in order through `config`;
+    return the state at `eval_index` (default: `n_eval` evenly spaced instants)."""
+    labels, rewards = _check_stream(label_index, reward, n_labels)
+    n = labels.size
+    points = evaluation_points(n, n_eval) if eval_index is None else _check_points(eval_index, n)
+    progress = points / max(n - 1, 1)
+    groups = _Groups(labels, n_labels)
+
+    if config.variant == "main":
+        lp = config.main
+        x = (np.clip(rewards, 0.0, 1.0) - 0.5) / 0.5
+        xs = x[groups.order]
+        fast = groups.at(points, groups.ema(xs, lp.ema_timescale), np.nan)
+        slow = groups.at(points, groups.ema(xs, lp.slow_timescale), np.nan)
+        counts = groups.counts_at(points)
+        score = raw_scores(fast, slow, np.minimum(counts, lp.memory), lp)
+        probability = sampling_probabilities(score)
+    else:
+        zc = config.zscore
+        rs = rewards[groups.order]
+        xs = _zscore_inputs(rs, groups, zc)
+        started = groups.first_nonzero(xs)  # per completion: F/S have left exactly 0
+        fast = groups.at(points, groups.ema(xs, zc.ema_timescale, started), 0.0)
+        slow = groups.at(points, groups.ema(xs, zc.slow_timescale, started), 0.0)
+        perf = groups.at(points, groups.ema(rs, zc.ema_timescale, started), 0.0)
+        counts = groups.counts_at(points)
+        amplification = None
+        if config.z_anneal is not None:
+            z_start, z_end = config.z_anneal
+            amplification = z_start + (z_end - z_start) * progress
+        score = zscore_lp(fast, slow, zc)
+        probability = zscore_probabilities(fast, slow, perf, counts, zc, amplification)
+
+    if config.sps_weight != 0.0 and sps is not None:
+        level = _label_sps(groups, np.asarray(sps, dtype=np.float64), config.sps_ema, points)
+        probability = sps_gate(probability, level, config.sps_weight)
+    if config.pool_cap is not None:
+        probability = cap_pool(probability, config.pool_cap)
+    return Replay(config, points, progress, counts, fast, slow, score, probability)
+
+
+# --- the experiment knobs, on the last axis (shared with StepwiseCurriculum) -----------------
+def sps_gate(probability: np.ndarray, label_sps: np.ndarray, gamma: float) -> np.ndarray:
+    """Weights times (label SPS / mean label SPS)^gamma, renormalised; labels without an SPS
+    (NaN) keep factor 1."""
+    have = np.isfinite(label_sps) & (label_sps > 0)
+    n_have = have.sum(axis=-1, keepdims=True)
+    mean = np.where(have, label_sps, 0.0).sum(axis=-1, keepdims=True) / np.maximum(n_have, 1)
+    ratio = np.divide(label_sps, mean, out=np.ones_like(probability), where=have & (mean > 0))
+    return _normalise(probability * ratio**gamma)
+
+
+def cap_pool(probability: np.ndarray, k: int) -> np.ndarray:
+    """Keep the k largest weights (ties: lower label index first), renormalised."""
+    n_labels = probability.shape[-1]
+    if k >= n_labels:
+        return probability
+    rank_order = np.argsort(-probability, axis=-1, kind="stable")
+    keep = np.zeros(probability.shape, dtype=bool)
+    np.put_along_axis(keep, rank_order[..., :k], True, axis=-1)
+    return _normalise(np.where(keep, probability, 0.0))
+
+
+def _normalise(weights: np.ndarray) -> np.ndarray:
+    total = weights.sum(axis=-1, keepdims=True)
+    uniform = np.full(weights.shape, 1.0 / weights.shape[-1])
+    return np.where(total > 0, weights / np.where(total > 0, total, 1.0), uniform)
+
+
+# --- vectorised per-label recursions ----------------------------------------------------------
+class _Groups:
+    """Completions grouped by label: `order` sorts time order into label order (stable, so
+    each label's completions stay in time order); label l is `order[lo[lab]:hi[lab]]`."""
+
+    def __init__(self, labels: np.ndarray, n_labels: int) -> None:
+        # int16 keys let numpy use its O(n) radix sort (labels < 32768 in practice)
+        keys = labels.astype(np.int16) if n_labels < 2**15 else labels
+        self.order = np.argsort(keys, kind="stable")
+        bounds = np.searchsorted(labels[self.order], np.arange(n_labels + 1))
+        self.lo, self.hi = bounds[:-1], bounds[1:]
+        self.n_labels = n_labels
+        self.present = np.flatnonzero(self.hi > self.lo)
+
+    def ema(
+        self, values: np.ndarray, weight: float, started: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Per label (label order): y = values until the label's start (inclusive), then
+        y_k = w v_k + (1 - w) y_{k-1}. `started` is each label's start offset (default 0:
+        y_0 = v_0)."""
+        out = values.copy()
+        for lab in self.present:  # one C call per label, none per completion
+            lo, hi = int(self.lo[lab]), int(self.hi[lab])
+            m = lo + (0 if started is None else int(started[lab]))
+            if m + 1 < hi:
+                zi = [(1.0 - weight) * values[m]]
+                out[m + 1 : hi] = lfilter([weight], [1.0, weight - 1.0], values[m + 1 : hi], zi=zi)[
+                    0
+                ]
+        return out
+
+    def first_nonzero(self, values: np.ndarray) -> np.ndarray:
+        """Per label: offset of its first non-zero value (its count if none)."""
+        nonzero = values != 0.0
+        index = np.where(nonzero, np.arange(values.size), values.size)
+        first = np.minimum.reduceat(index, self.lo[self.present]) if self.present.size else []
+        out = (self.hi - self.lo).copy()
+        out[self.present] = np.minimum(np.asarray(first) - self.lo[self.present], out[self.present])
+        return out
+
+    def at(self, points: np.ndarray, per_completion: np.ndarray, before: float) -> np.ndarray:
+        """(G, L): each label's value after its last completion at or before each point."""
+        out = np.full((points.size, self.n_labels), before)
+        for lab in self.present:
+            lo, hi = int(self.lo[lab]), int(self.hi[lab])
+            k = np.searchsorted(self.order[lo:hi], points, side="right") - 1
+            seen = k >= 0
+            out[seen, lab] = per_completion[lo + k[seen]]
+        return out
+
+    def counts_at(self, points: np.ndarray) -> np.ndarray:
+        out = np.zeros((points.size, self.n_labels), dtype=np.int64)
+        for lab in self.present:
+            lo, hi = int(self.lo[lab]), int(self.hi[lab])
+            out[:, lab] = np.searchsorted(self.order[lo:hi], points, side="right")
+        return out
+
+
+def _zscore_inputs(rs: np.ndarray, groups: _Groups, config: ZScoreLPConfig) -> np.ndarray:
+    """x per completion (label order) of the z-score variant: baseline-normalised score.
+    The baseline is 0 until a label's first non-zero score r*, then min(r*, 0.75)."""
+    if not config.use_baseline_normalization:
+        return rs.copy()
+    first = groups.first_nonzero(rs)
+    position = np.arange(rs.size) - np.repeat(groups.lo, groups.hi - groups.lo)
+    label_of = np.repeat(np.arange(groups.n_labels), groups.hi - groups.lo)
+    has = first < (groups.hi - groups.lo)
+    base_value = np.zeros(groups.n_labels)
+    base_value[has] = np.minimum(rs[groups.lo[has] + first[has]], BASELINE_CAP)
+    baseline = np.where(position >= first[label_of], base_value[label_of], 0.0)
+    return np.maximum(rs - baseline, 0.0) / np.maximum(1.0 - baseline, 1e-10)
+
+
+def _label_sps(groups: _Groups, sps: np.ndarray, weight: float, points: np.ndarray) -> np.ndarray:
+    """(G, L) EMA of the SPS at each label's completions (NaN SPS samples are skipped)."""
+    out = np.full((points.size, groups.n_labels), np.nan)
+    ordered = sps[groups.order]
+    for lab in groups.present:
+        lo, hi = int(groups.lo[lab]), int(groups.hi[lab])
+        finite = np.isfinite(ordered[lo:hi])
+        if not finite.any():
+            continue
+        values = ordered[lo:hi][finite]
+        times = groups.order[lo:hi][finite]
+        level = values.copy()
+        if values.size > 1:
+            zi = [(1.0 - weight) * values[0]]
+            level[1:] = lfilter([weight], [1.0, weight - 1.0], values[1:], zi=zi)[0]
+        k = np.searchsorted(times, points, side="right") - 1
+        out[k >= 0, lab] = level[k[k >= 0]]
+    return out
+
+
+def _check_stream(
+    label_index: np.ndarray, reward: np.ndarray, n_labels: int
+) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.asarray(label_index)
+    rewards = np.asarray(reward, dtype=np.float64)
+    if labels.ndim != 1 or labels.shape != rewards.shape:
+        raise ValueError("label_index and reward must be 1-D arrays of the same length")
+    if labels.size == 0:
+        raise ValueError("the stream is empty")
+    if n_labels < 1:
+        raise ValueError("n_labels must be >= 1")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError("label_index must hold integers")
+    bad = np.flatnonzero((labels < 0) | (labels >= n_labels))
+    if bad.size:
+        raise ValueError(
+            f"completion {bad[0]}: label_index {labels[bad[0]]} not in [0, {n_labels})"
+        )
+    bad = np.flatnonzero(~np.isfinite(rewards))
+    if bad.size:
+        raise ValueError(f"completion {bad[0]}: reward {rewards[bad[0]]} is not finite")
+    return labels.astype(np.int64, copy=False), rewards
+
+
+def _check_points(eval_index: np.ndarray, n: int) -> np.ndarray:
+    points = np.asarray(eval_index, dtype=np.int64)
+    if points.ndim != 1 or points.size == 0:
+        raise ValueError("eval_index must be a non-empty 1-D array")
+    if (np.diff(points) <= 0).any() or points[0] < 0 or points[-1] >= n:
+        raise ValueError(f"eval_index must increase strictly within [0, {n})")
+    return points
+
+
+# --- the straightforward reference --------------------------------------------------------------
+class StepwiseCurriculum:
+    """`config` fed one completion at a time (the simulator's curriculum; the reference
+    of `replay`)."""
+
+    def __init__(self, config: CurriculumConfig, n_labels: int) -> None:
+        self.config = config
+        self.lp: LearningProgress | ZScoreLearningProgress = (
+            LearningProgress(n_labels, config.main)
+            if config.variant == "main"
+            else ZScoreLearningProgress(n_labels, config.zscore)
+        )
+        self.label_sps = np.full(n_labels, np.nan)
+
+    @property
+    def F(self) -> np.ndarray:  # DOMAIN.md's names
+        return self.lp.F
+
+    @property
+    def S(self) -> np.ndarray:
+        return self.lp.S
+
+    @property
+    def counts(self) -> np.ndarray:
+        return self.lp.counts
+
+    def update(self, label_index: int, reward: float, sps: float | None = None) -> None:
+        self.lp.update(label_index, reward)
+        if sps is not None and sps == sps:
+            i = int(label_index)
+            previous = self.label_sps[i]
+            w = self.config.sps_ema
+            self.label_sps[i] = sps if previous != previous else w * sps + (1 - w) * previous
+
+    def scores(self) -> np.ndarray:
+        return self.lp.scores()
+
+    def probabilities(self, progress: float = 0.0) -> np.ndarray:
+        """The sampling distribution now; `progress` (0..1) drives an annealed Z."""
+        config = self.config
+        if isinstance(self.lp, ZScoreLearningProgress):
+            amplification = None
+            if config.z_anneal is not None:
+                z_start, z_end = config.z_anneal
+                amplification = z_start + (z_end - z_start) * progress
+            p = self.lp.probabilities(amplification)
+        else:
+            p = self.lp.probabilities()
+        if config.sps_weight != 0.0:
+            p = sps_gate(p, self.label_sps, config.sps_weight)
+        if config.pool_cap is not None:
+            p = cap_pool(p, config.pool_cap)
+        return p
