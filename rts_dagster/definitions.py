@@ -2,12 +2,9 @@
 
 import dagster as dg
 
-from rts_dagster.defs.analysis import (
-    report,
-    series_metrics,
-    timescale_recommendations,
-    variance_table,
-)
+from rts_dagster.defs.analysis import series_metrics, timescale_recommendations, variance_table
+from rts_dagster.defs.lp import lp_recommendations, lp_replay
+from rts_dagster.defs.report import report
 from rts_dagster.defs.resources import RtsStorage, run_source_from_env
 from rts_dagster.defs.runs import discovered_runs, reward_streams
 from rts_dagster.defs.sensors import finished_runs_sensor
@@ -27,6 +24,8 @@ ASSETS = [
     series_metrics,
     variance_table,
     timescale_recommendations,
+    lp_replay,
+    lp_recommendations,
     report,
 ]
 RESOURCES = {"run_source": run_source_from_env(), "rts_storage": RtsStorage()}

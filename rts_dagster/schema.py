@@ -211,6 +211,135 @@ TIMESCALE_RECOMMENDATIONS = pl.Schema(
 )
 
 
+# === LP replay (analysis.lp_replay, lp_signal, lp_sweep) ====================================
+_LP_SETTINGS = {
+    "config": pl.String,  # name of the curriculum configuration (sweep entry)
+    "variant": pl.String,  # "main" | "zscore"
+    "ema_timescale": pl.Float64,  # LP fast EMA weight
+    "slow_timescale_factor": pl.Float64,
+    "z_score_amplification": pl.Float64,  # zscore variant only
+    "z_anneal_start": pl.Float64,  # annealed Z: value at the start of the stream
+    "z_anneal_end": pl.Float64,
+    "pool_cap": pl.Int64,  # active-pool cap (labels), null = none
+    "sps_weight": pl.Float64,  # SPS-aware down-weighting exponent, 0 = off
+}
+
+# One row per (run, configuration): signal quality of the replay (lp_signal module doc).
+LP_REPLAY_METRICS = pl.Schema(
+    {
+        "task": pl.String,
+        "seed": pl.Int64,
+        "run_id": pl.String,
+        "granularity": pl.String,  # the stream replayed: "completion" or "epoch"
+        **_LP_SETTINGS,
+        "n_completions": pl.Int64,  # samples replayed
+        "n_labels": pl.Int64,
+        "gini_mean": pl.Float64,  # Gini of the sampling distribution, mean over time
+        "entropy_mean": pl.Float64,  # entropy / log(n_labels), mean over time
+        "lp_snr": pl.Float64,  # probability per improving label / per plateaued label
+        "improving_mass": pl.Float64,  # mean probability mass on improving labels
+        "improving_fraction": pl.Float64,  # share of label-instants improving
+        "plateaued_fraction": pl.Float64,
+        "lag_median": pl.Float64,  # completions from turning improving to LP top k (inf: never)
+        "lag_censored": pl.Float64,  # share of those events never reaching the top k
+        "n_improving_events": pl.Int64,
+        "churn_plateau": pl.Float64,  # rank moves of plateaued labels per 1000 completions
+        "starved_fraction": pl.Float64,  # label-instants below 1/10 of uniform probability
+        "pole_fraction": pl.Float64,  # main: label-instants with |R(F)| or |R(S)| > 1
+        "top_k": pl.Int64,
+    }
+)
+
+# The LP state over time of one run under a few configurations (for plots).
+LP_REPLAY_TRACE = pl.Schema(
+    {
+        "task": pl.String,
+        "seed": pl.Int64,
+        "run_id": pl.String,
+        "config": pl.String,
+        "eval_index": pl.Int64,  # completions fed so far - 1
+        "progress": pl.Float64,  # fraction of the stream
+        "label": pl.String,
+        "count": pl.Int64,  # completions of that label so far
+        "fast": pl.Float64,  # F
+        "slow": pl.Float64,  # S
+        "score": pl.Float64,  # main: raw LP score; zscore: LP_i
+        "probability": pl.Float64,  # sampling probability
+        "trend": pl.Int8,  # 1 improving, 0 plateaued, -1 declining, -2 undecided
+    }
+)
+
+# One row per (task, configuration, metric): across-seed mean, CI and paired difference
+# against Metta's default on the same seeds.
+LP_SWEEP_SUMMARY = pl.Schema(
+    {
+        "task": pl.String,
+        **_LP_SETTINGS,
+        "metric": pl.String,
+        "n_seeds": pl.Int64,
+        "mean": pl.Float64,
+        "ci_low": pl.Float64,  # 95% t interval over seeds
+        "ci_high": pl.Float64,
+        "diff_vs_default": pl.Float64,  # mean paired difference (log ratio for lp_snr)
+        "diff_ci_low": pl.Float64,
+        "diff_ci_high": pl.Float64,
+    }
+)
+
+# One row per task: the recommended configuration and its evidence.
+LP_RECOMMENDATIONS = pl.Schema(
+    {
+        "task": pl.String,
+        "granularity": pl.String,
+        **_LP_SETTINGS,
+        "n_seeds": pl.Int64,
+        "snr_default": pl.Float64,  # geometric mean lp_snr of Metta's default
+        "snr_recommended": pl.Float64,
+        "snr_ratio": pl.Float64,  # recommended / default, geometric mean over seeds
+        "snr_ratio_ci_low": pl.Float64,  # 95% t interval of the paired log ratio
+        "snr_ratio_ci_high": pl.Float64,
+        "lag_default": pl.Float64,
+        "lag_recommended": pl.Float64,
+        "churn_default": pl.Float64,
+        "churn_recommended": pl.Float64,
+        "starved_default": pl.Float64,
+        "starved_recommended": pl.Float64,
+        "replay_best": pl.String,  # the highest replayed SNR, eligible or not
+        "confident": pl.Boolean,  # the ratio's CI excludes 1
+        "sentence": pl.String,  # plain words; untrusted text not escaped here
+    }
+)
+
+# Closed loop: the simulator under the recommended configuration vs Metta's default.
+LP_CLOSED_LOOP = pl.Schema(
+    {
+        "task": pl.String,
+        "config": pl.String,
+        "seed": pl.Int64,
+        "epochs": pl.Int64,
+        "time_to_competence": pl.Float64,  # epochs until mean latent competence >= target
+        "final_reward": pl.Float64,  # mean episode reward over the last 10% of epochs
+        "competence_final": pl.Float64,  # mean latent competence at the end
+    }
+)
+
+LP_CLOSED_LOOP_SUMMARY = pl.Schema(
+    {
+        "task": pl.String,
+        "config": pl.String,  # the configuration compared with Metta's default
+        "role": pl.String,  # "recommended" | "replay_best" (highest replayed SNR)
+        "metric": pl.String,  # time_to_competence | final_reward | competence_final
+        "n_seeds": pl.Int64,
+        "default_mean": pl.Float64,
+        "recommended_mean": pl.Float64,
+        "diff": pl.Float64,  # recommended - default, mean over paired seeds
+        "diff_ci_low": pl.Float64,  # 95% t interval
+        "diff_ci_high": pl.Float64,
+        "n_censored": pl.Int64,  # runs that never reached competence (counted as epochs)
+    }
+)
+
+
 def conform(df: pl.DataFrame, schema: pl.Schema, table: str = "table") -> pl.DataFrame:
     """Return `df` with exactly the columns of `schema`, in order, cast to its dtypes."""
     missing = [name for name in schema.names() if name not in df.columns]

@@ -93,5 +93,29 @@ def timescales_path(data_dir: Path) -> Path:
     return metrics_dir(data_dir) / "timescale_recommendations.parquet"
 
 
+def lp_dir(data_dir: Path) -> Path:
+    return data_dir / "lp"
+
+
+LP_TABLES = ("metrics", "trace")
+
+
+def lp_replay_paths(data_dir: Path, task_slug: str, file_stem: str) -> dict[str, Path]:
+    """The lp_replay files of one partition: `lp/<task>/<seed>.<table>.parquet`."""
+    base = lp_dir(data_dir) / task_slug
+    return {name: base / f"{file_stem}.{name}.parquet" for name in LP_TABLES}
+
+
+def lp_aggregate_paths(data_dir: Path) -> dict[str, Path]:
+    """The lp_recommendations files: sweep summary, recommendations, closed loop."""
+    base = lp_dir(data_dir)
+    return {
+        "summary": base / "sweep_summary.parquet",
+        "recommendations": base / "recommendations.parquet",
+        "closed_loop_runs": base / "closed_loop_runs.parquet",
+        "closed_loop": base / "closed_loop.parquet",
+    }
+
+
 def report_dir(data_dir: Path) -> Path:
     return data_dir / "report"

@@ -26,6 +26,7 @@ simulator's curriculum, and the reference `replay` is tested and benchmarked aga
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -113,6 +114,10 @@ def evaluation_points(n: int, n_eval: int = DEFAULT_EVAL_POINTS) -> np.ndarray:
     """`n_eval` completion indices evenly spread over a stream of n (always the last)."""
     if n < 1:
         raise ValueError("the stream is empty")
+    if n_eval < 1:
+        raise ValueError(f"n_eval must be >= 1, got {n_eval}")
+    if n_eval == 1:
+        return np.array([n - 1], dtype=np.int64)
     return np.unique(np.linspace(0, n - 1, min(n_eval, n)).round().astype(np.int64))
 
 
@@ -130,6 +135,8 @@ def replay(
     return the state at `eval_index` (default: `n_eval` evenly spaced instants)."""
     labels, rewards = _check_stream(label_index, reward, n_labels)
     n = labels.size
+    if sps is not None and np.shape(sps) != (n,):
+        raise ValueError(f"sps has shape {np.shape(sps)}; expected ({n},), one per completion")
     points = evaluation_points(n, n_eval) if eval_index is None else _check_points(eval_index, n)
     progress = points / max(n - 1, 1)
     groups = _Groups(labels, n_labels)
@@ -148,9 +155,13 @@ def replay(
         rs = rewards[groups.order]
         xs = _zscore_inputs(rs, groups, zc)
         started = groups.first_nonzero(xs)  # per completion: F/S have left exactly 0
-        fast = groups.at(points, groups.ema(xs, zc.ema_timescale, started), 0.0)
-        slow = groups.at(points, groups.ema(xs, zc.slow_timescale, started), 0.0)
-        perf = groups.at(points, groups.ema(rs, zc.ema_timescale, started), 0.0)
+        f_all = groups.ema(xs, zc.ema_timescale, started)
+        s_all = groups.ema(xs, zc.slow_timescale, started)
+        t_all = groups.ema(rs, zc.ema_timescale, started)
+        _restart_at_exact_zero(groups, started, xs, rs, f_all, s_all, t_all, zc)
+        fast = groups.at(points, f_all, 0.0)
+        slow = groups.at(points, s_all, 0.0)
+        perf = groups.at(points, t_all, 0.0)
         counts = groups.counts_at(points)
         amplification = None
         if config.z_anneal is not None:
@@ -268,6 +279,36 @@ def _zscore_inputs(rs: np.ndarray, groups: _Groups, config: ZScoreLPConfig) -> n
     return np.maximum(rs - baseline, 0.0) / np.maximum(1.0 - baseline, 1e-10)
 
 
+def _restart_at_exact_zero(
+    groups: _Groups,
+    started: np.ndarray,
+    xs: np.ndarray,
+    rs: np.ndarray,
+    fast: np.ndarray,
+    slow: np.ndarray,
+    perf: np.ndarray,
+    config: ZScoreLPConfig,
+) -> None:
+    """The variant restarts F = S = x (T = r) whenever F and S are both exactly 0, not
+    only before a label's first non-zero x. The EMAs return to exactly 0 only in corner
+    cases (no baseline normalisation, rewards cancelling out exactly); the labels where it
+    happens are recomputed step by step, in place."""
+    offset = np.arange(xs.size) - np.repeat(groups.lo, groups.hi - groups.lo)
+    label_of = np.repeat(np.arange(groups.n_labels), groups.hi - groups.lo)
+    back = (fast == 0.0) & (slow == 0.0) & (offset > started[label_of])
+    a, b = config.ema_timescale, config.slow_timescale
+    for lab in np.unique(label_of[back]):
+        f = s_ = t = 0.0
+        for k in range(int(groups.lo[lab]), int(groups.hi[lab])):
+            x, r = float(xs[k]), float(rs[k])
+            if f == 0.0 and s_ == 0.0:
+                f = s_ = x
+                t = r
+            else:
+                f, s_, t = a * x + (1 - a) * f, b * x + (1 - b) * s_, a * r + (1 - a) * t
+            fast[k], slow[k], perf[k] = f, s_, t
+
+
 def _label_sps(groups: _Groups, sps: np.ndarray, weight: float, points: np.ndarray) -> np.ndarray:
     """(G, L) EMA of the SPS at each label's completions (NaN SPS samples are skipped)."""
     out = np.full((points.size, groups.n_labels), np.nan)
@@ -294,7 +335,10 @@ def _check_stream(
     labels = np.asarray(label_index)
     rewards = np.asarray(reward, dtype=np.float64)
     if labels.ndim != 1 or labels.shape != rewards.shape:
-        raise ValueError("label_index and reward must be 1-D arrays of the same length")
+        raise ValueError(
+            "label_index and reward must be 1-D arrays of the same length; got shapes "
+            f"{labels.shape} and {rewards.shape}"
+        )
     if labels.size == 0:
         raise ValueError("the stream is empty")
     if n_labels < 1:
@@ -316,8 +360,17 @@ def _check_points(eval_index: np.ndarray, n: int) -> np.ndarray:
     points = np.asarray(eval_index, dtype=np.int64)
     if points.ndim != 1 or points.size == 0:
         raise ValueError("eval_index must be a non-empty 1-D array")
-    if (np.diff(points) <= 0).any() or points[0] < 0 or points[-1] >= n:
-        raise ValueError(f"eval_index must increase strictly within [0, {n})")
+    outside = np.flatnonzero((points < 0) | (points >= n))
+    if outside.size:
+        i = int(outside[0])
+        raise ValueError(f"eval_index[{i}] = {points[i]} is not a completion in [0, {n})")
+    stuck = np.flatnonzero(np.diff(points) <= 0)
+    if stuck.size:
+        i = int(stuck[0]) + 1
+        raise ValueError(
+            f"eval_index must increase strictly: eval_index[{i}] = {points[i]} follows "
+            f"{points[i - 1]}"
+        )
     return points
 
 
@@ -349,7 +402,7 @@ class StepwiseCurriculum:
 
     def update(self, label_index: int, reward: float, sps: float | None = None) -> None:
         self.lp.update(label_index, reward)
-        if sps is not None and sps == sps:
+        if sps is not None and math.isfinite(sps):
             i = int(label_index)
             previous = self.label_sps[i]
             w = self.config.sps_ema
@@ -357,6 +410,13 @@ class StepwiseCurriculum:
 
     def scores(self) -> np.ndarray:
         return self.lp.scores()
+
+    def recent_means(self) -> np.ndarray:
+        """Mean of each label's outcome memory (main); NaN for the z-score variant,
+        which keeps no outcome memory."""
+        if isinstance(self.lp, LearningProgress):
+            return self.lp.recent_means()
+        return np.full(self.lp.n_labels, np.nan)
 
     def probabilities(self, progress: float = 0.0) -> np.ndarray:
         """The sampling distribution now; `progress` (0..1) drives an annealed Z."""

@@ -1,7 +1,6 @@
-"""Assets `series_metrics` (per run) and the cross-run aggregates `variance_table`,
-`timescale_recommendations` and `report`. Thin: the science is in rts_dagster.analysis."""
+"""Assets `series_metrics` (per run) and the cross-run aggregates `variance_table` and
+`timescale_recommendations`. Thin: the science is in rts_dagster.analysis."""
 
-import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -219,45 +218,3 @@ def timescale_recommendations(
             ),
         }
     )
-
-
-@dg.asset(
-    group_name="report",
-    deps=[variance_table, timescale_recommendations],
-    automation_condition=dg.AutomationCondition.eager(),
-    description="report.md (+ PNG figures) and a self-contained report.html under "
-    "$RTS_DATA_DIR/report/, built from the tables above.",
-)
-def report(context: dg.AssetExecutionContext, rts_storage: RtsStorage) -> dg.MaterializeResult:
-    from rts_dagster.report.build import build_report
-    from rts_dagster.report.document import write_report
-
-    root = rts_storage.root()
-    tables = load_all(rts_storage, context)
-    variance_df = pl.read_parquet(storage.variance_table_path(root))
-    recs = pl.read_parquet(storage.timescales_path(root))
-    doc = build_report(
-        tables["streams"],
-        tables["series"],
-        tables["rolling"],
-        tables["progress"],
-        variance_df,
-        recs,
-        kalman.describe_recommendations(recs),
-        _lp_configs(rts_storage),
-    )
-    written = write_report(doc, storage.report_dir(root))
-    if written["note"]:
-        context.log.warning(str(written["note"]))
-    metadata: dict[str, Any] = {
-        "report_md": dg.MetadataValue.path(str(written["markdown"])),
-        "report_html": dg.MetadataValue.path(str(written["html"])),
-        "figures": len(written["pngs"]),
-    }
-    curves = written["pngs"].get("reward_curves")
-    if curves is not None:
-        encoded = base64.b64encode(curves.read_bytes()).decode()
-        metadata["reward_curves"] = dg.MetadataValue.md(
-            f"![reward curves](data:image/png;base64,{encoded})"
-        )
-    return dg.MaterializeResult(metadata=metadata)

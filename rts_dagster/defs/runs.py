@@ -19,8 +19,10 @@ from rts_dagster.schema import (
     DISCOVERED_RUNS,
     GRANULARITY_COMPLETION,
     GRANULARITY_EPOCH,
+    LP_REPLAY_METRICS,
     REWARD_STREAMS,
     RUN_STATUS_MATCHED,
+    SERIES_METRICS,
     conform,
 )
 from rts_dagster.sources.base import RunRecord
@@ -106,10 +108,14 @@ def run_for_partition(discovered: pl.DataFrame, key: str) -> dict[str, Any]:
 def partition_is_current(root: Path, row: dict[str, Any]) -> bool:
     """True if the partition of `row` (a matched discovered_runs row) already holds this
     run's data: metadata.json of the same run, fingerprint and STREAMS_VERSION, and the
-    series metrics file."""
+    series_metrics and lp_replay files, in the current table schemas."""
     folder, stem = partition_files(row["task"], row["seed"], row["run_id"], row["partition_key"])
     _, meta_path = storage.stream_paths(root, folder, stem)
-    if not meta_path.exists() or not storage.metrics_paths(root, folder, stem)["series"].exists():
+    derived = (
+        (storage.metrics_paths(root, folder, stem)["series"], SERIES_METRICS),
+        (storage.lp_replay_paths(root, folder, stem)["metrics"], LP_REPLAY_METRICS),
+    )
+    if not meta_path.exists() or not all(_has_schema(p, schema) for p, schema in derived):
         return False
     try:
         meta = storage.read_json(meta_path)
@@ -120,6 +126,14 @@ def partition_is_current(root: Path, row: dict[str, Any]) -> bool:
         and meta.get("fingerprint") == row["fingerprint"]
         and meta.get("streams_version") == STREAMS_VERSION
     )
+
+
+def _has_schema(path: Path, schema: pl.Schema) -> bool:
+    """The file exists and holds exactly `schema` (a file from an older version does not)."""
+    try:
+        return pl.read_parquet_schema(path) == dict(schema)
+    except (OSError, pl.exceptions.PolarsError):
+        return False
 
 
 def redact(config: Any) -> Any:

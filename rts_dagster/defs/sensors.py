@@ -7,7 +7,7 @@ Each tick:
    (`RunSource.list_runs(updated_since=...)`: cheap, and all an idle tick does);
 3. if some run reached a terminal state not handled yet: lists *every* run, classifies
    them with `discovery.classify_runs` and writes `discovered_runs.parquet` itself, then
-   registers new partitions and requests `reward_streams` + `series_metrics` for each such
+   registers new partitions and requests `reward_streams`, `series_metrics` and `lp_replay` for each such
    run's partition, with `run_key = run_id:state:fingerprint`;
 4. stores the new cursor (`rts_dagster.sensor_cursor`).
 
@@ -47,6 +47,7 @@ import polars as pl
 from rts_dagster import sensor_cursor as sc
 from rts_dagster import storage
 from rts_dagster.defs.analysis import series_metrics
+from rts_dagster.defs.lp import lp_replay
 from rts_dagster.defs.partitions import runs_partitions
 from rts_dagster.defs.resources import RtsStorage, RunSourceResource
 from rts_dagster.defs.runs import (
@@ -146,7 +147,7 @@ def _plan_requests(
             dg.RunRequest(
                 run_key=sc.run_key(view),
                 partition_key=key,
-                asset_selection=[reward_streams.key, series_metrics.key],
+                asset_selection=[reward_streams.key, series_metrics.key, lp_replay.key],
                 tags={TRIGGER_TAG: SENSOR_NAME, "rts/run_state": view.state},
             )
         )
@@ -267,7 +268,7 @@ def build_finished_runs_sensor(
 
     @dg.sensor(
         name=name,
-        target=[reward_streams, series_metrics],
+        target=[reward_streams, series_metrics, lp_replay],
         minimum_interval_seconds=minimum_interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="Registers and requests the partition of every run that reached a "

@@ -13,6 +13,7 @@ import polars as pl
 
 from rts_dagster.report import figures
 from rts_dagster.report.document import Bullets, Figure, Heading, Paragraph, Report, Table
+from rts_dagster.report.lp_section import add_lp_section
 
 MAX_PLOT_POINTS = 400  # per line: enough for the shape, small HTML
 BAND_POINTS = 60  # slope/noise bands: each bin averages enough windows to show a trend
@@ -133,8 +134,10 @@ def build_report(
     recommendations: pl.DataFrame,
     recommendation_sentences: list[str],
     lp_configs: dict[str, dict],
+    lp: dict[str, pl.DataFrame] | None = None,
 ) -> Report:
-    """The whole report. `lp_configs`: task -> LP config found in its runs' config."""
+    """The whole report. `lp_configs`: task -> LP config found in its runs' config; `lp`:
+    the lp_recommendations tables (`defs.lp.lp_tables`), None when not materialized."""
     granularity = preferred_granularity(streams)
     n_runs = streams.select("task", "seed", "run_id").unique().height
     tasks = sorted(streams["task"].unique().to_list())
@@ -156,6 +159,8 @@ def build_report(
 
     report.add(Heading("Recommendations"))
     report.add(Bullets(recommendation_sentences or ["No recommendation: too few samples."]))
+    if lp is not None:
+        add_lp_section(report, lp)
 
     sel = series.filter(pl.col("granularity") == granularity)
     report.add(Heading("Reward curves"))

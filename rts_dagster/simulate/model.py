@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rts_dagster.analysis.lp import LearningProgress, LPConfig
+from rts_dagster.analysis.lp import LPConfig
+from rts_dagster.analysis.lp_replay import CurriculumConfig, StepwiseCurriculum
 
 DEFAULT_EPOCHS = 300
 STEPS_PER_EPOCH = 65_536 * 4  # agent steps per epoch (a Metta-sized batch)
@@ -224,8 +225,16 @@ def _sps_trace(base: float, epochs: int, rng: np.random.Generator) -> np.ndarray
     return base * factor
 
 
-def simulate(task: str | TaskSpec, seed: int, epochs: int | None = None) -> SimulatedRun:
-    """Run the closed loop for `epochs` epochs (default DEFAULT_EPOCHS)."""
+def simulate(
+    task: str | TaskSpec,
+    seed: int,
+    epochs: int | None = None,
+    curriculum: CurriculumConfig | None = None,
+) -> SimulatedRun:
+    """Run the closed loop for `epochs` epochs (default DEFAULT_EPOCHS) under `curriculum`
+    (default: Metta main LP with the task's LP config). The learner, SPS and every random
+    draw depend on (task, seed) only, so two curricula on one seed differ only by what
+    they made the learner practise."""
     spec = TASKS[task] if isinstance(task, str) else task
     n_epochs = DEFAULT_EPOCHS if epochs is None else int(epochs)
     if n_epochs < 1:
@@ -254,7 +263,9 @@ def simulate(task: str | TaskSpec, seed: int, epochs: int | None = None) -> Simu
     mean_recent = np.empty(n_epochs)
     epoch_competence = np.empty((n_epochs, n_labels))
 
-    lp = LearningProgress(n_labels, spec.lp)
+    config = curriculum or CurriculumConfig(name="task_default", main=spec.lp)
+    lp = StepwiseCurriculum(config, n_labels)
+    expected_total = max(spec.completions_per_epoch * n_epochs, 1.0)  # for an annealed Z
     practice = np.zeros(n_labels)
     # Python lists for the per-completion loop: scalar numpy indexing is several times
     # slower than list indexing, and this loop is the simulator's only sequential part.
@@ -274,15 +285,16 @@ def simulate(task: str | TaskSpec, seed: int, epochs: int | None = None) -> Simu
         shocks = episode_rng.standard_normal(n).tolist()
         fails = episode_rng.random(n).tolist()
         practised = practice.tolist()
+        epoch_sps = float(sps[e])
         for k in range(n):
             j = lo + k
-            p = lp.probabilities()
+            p = lp.probabilities(min(j / expected_total, 1.0))
             probabilities[j] = p
             i = min(int(np.searchsorted(np.cumsum(p), draws[k], side="right")), last)
             g = 1.0 / (1.0 + math.exp(-(practised[i] - half[i]) / width[i]))
             c = floor[i] + span[i] * (g - g0[i]) / (1.0 - g0[i])
             r = 0.0 if fails[k] < failure[i] else max(0.0, c + noise[i] * shocks[k])
-            lp.update(i, r)
+            lp.update(i, r, epoch_sps)
             practised[i] += 1.0
             label_index[j] = i
             reward[j] = r
@@ -300,7 +312,8 @@ def simulate(task: str | TaskSpec, seed: int, epochs: int | None = None) -> Simu
         label_means[e] = np.where(per_label > 0, sums / np.maximum(per_label, 1), previous)
         mean_lp[e] = lp.scores().mean()
         recent = lp.recent_means()
-        mean_recent[e] = recent[~np.isnan(recent)].mean() if (lp.counts > 0).any() else np.nan
+        held = recent[~np.isnan(recent)]
+        mean_recent[e] = held.mean() if held.size else np.nan
 
     epoch = np.repeat(np.arange(n_epochs), counts)
     # Agent-step offsets inside the epoch, ascending within each epoch (epoch is sorted).

@@ -224,6 +224,7 @@ def test_ten_ticks_request_each_terminal_state_once(harness: Harness):
         assert [k.to_user_string() for k in request.asset_selection] == [
             "reward_streams",
             "series_metrics",
+            "lp_replay",
         ]
         assert request.tags["rts/trigger"] == "finished_runs_sensor"
     assert set(table.filter(pl.col("status") != "matched")["status"]) == {"ignored", "unreadable"}

@@ -1,0 +1,230 @@
+"""Assets `lp_replay` (per run) and `lp_recommendations` (across runs): LP configurations
+replayed on the recorded reward streams, a recommendation per task, and a closed-loop
+check in the simulator. Thin: the science is in rts_dagster.analysis.lp_*."""
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import polars as pl
+
+from rts_dagster import storage
+from rts_dagster.analysis import lp_sweep
+from rts_dagster.analysis.lp_signal import TrendSettings
+from rts_dagster.defs.analysis import _matched_rows, _preview
+from rts_dagster.defs.partitions import runs_partitions
+from rts_dagster.defs.resources import RtsStorage
+from rts_dagster.defs.runs import read_discovered, reward_streams, run_for_partition
+from rts_dagster.discovery import partition_files
+from rts_dagster.schema import (
+    LP_CLOSED_LOOP,
+    LP_CLOSED_LOOP_SUMMARY,
+    LP_RECOMMENDATIONS,
+    LP_REPLAY_METRICS,
+    LP_REPLAY_TRACE,
+    LP_SWEEP_SUMMARY,
+    REWARD_STREAMS,
+    conform,
+    empty,
+)
+
+
+class LPReplayConfig(dg.Config):
+    """How replays are evaluated (defaults: the analysis core's slope window)."""
+
+    n_eval: int = 400  # evaluation instants per replay
+    trend_window: int = 25  # samples of a label in its rolling slope
+    t_improving: float = 2.0  # slope / se above this: improving
+    t_flat: float = 1.0  # |slope / se| below this: plateaued
+
+
+@dg.asset(
+    group_name="lp",
+    partitions_def=runs_partitions,
+    deps=[reward_streams],
+    automation_condition=dg.AutomationCondition.eager(),
+    description="One run's reward stream replayed through the default LP experiments matrix "
+    "(ema_timescale grid, dual timescales, z-score Z 10/20/30 and annealed, pool cap, "
+    "SPS-aware weighting): signal-quality metrics per configuration and the LP state over "
+    "time. Files: lp/<task>/<seed>.{metrics,trace}.parquet.",
+)
+def lp_replay(
+    context: dg.AssetExecutionContext, config: LPReplayConfig, rts_storage: RtsStorage
+) -> dg.MaterializeResult:
+    root = rts_storage.root()
+    row = run_for_partition(read_discovered(rts_storage), context.partition_key)
+    folder, stem = partition_files(row["task"], row["seed"], row["run_id"], row["partition_key"])
+    stream_path = storage.stream_paths(root, folder, stem)[0]
+    if not stream_path.exists():
+        raise dg.Failure(
+            f"{stream_path} is missing: materialize reward_streams[{row['partition_key']}]"
+        )
+    streams = conform(pl.read_parquet(stream_path), REWARD_STREAMS, str(stream_path))
+    try:
+        stream = lp_sweep.replay_stream(streams)
+    except ValueError as exc:
+        raise dg.Failure(f"{stream_path}: {exc}") from exc
+    configs = lp_sweep.default_sweep(len(stream.labels))
+    started = time.perf_counter()
+    metrics, trace = lp_sweep.sweep_run(
+        stream,
+        configs,
+        task=row["task"],
+        seed=row["seed"],
+        run_id=row["run_id"],
+        trend_settings=TrendSettings(config.trend_window, config.t_improving, config.t_flat),
+        n_eval=config.n_eval,
+    )
+    elapsed = time.perf_counter() - started
+    paths = storage.lp_replay_paths(root, folder, stem)
+    storage.write_parquet(metrics, paths["metrics"])
+    storage.write_parquet(trace, paths["trace"])
+    if stream.n_dropped:
+        context.log.warning(f"{stream.n_dropped} rows without a finite reward not replayed")
+    context.log.info(
+        f"{len(configs)} configurations x {stream.reward.size} {stream.granularity} samples "
+        f"replayed in {elapsed:.2f}s"
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": metrics.height,
+            "granularity": stream.granularity,
+            "completions": int(stream.reward.size),
+            "labels": len(stream.labels),
+            "dropped_nonfinite": stream.n_dropped,
+            "seconds": round(elapsed, 3),
+            "path": dg.MetadataValue.path(str(paths["metrics"])),
+            "preview": dg.MetadataValue.md(
+                _preview(
+                    metrics.sort("lp_snr", descending=True, nulls_last=True),
+                    ["config", "lp_snr", "lag_median", "churn_plateau", "gini_mean"],
+                    limit=30,
+                )
+            ),
+        }
+    )
+
+
+class LPRecommendationsConfig(dg.Config):
+    """Recommendation rule and closed-loop check settings."""
+
+    tolerance: float = 1.5  # max lag / churn relative to Metta's default
+    closed_loop: bool = True  # run the simulator check (embedded demo tasks only)
+    closed_loop_seeds: list[int] = [101, 102, 103]  # noqa: RUF012  (fresh seeds, not the demo's)
+    closed_loop_epochs: int = 300
+    workers: int = 2  # simulator processes
+
+
+@dg.asset(
+    group_name="lp",
+    deps=[lp_replay],
+    automation_condition=dg.AutomationCondition.eager(),
+    description="Per task: the LP configuration with the best replayed signal-to-noise "
+    "ratio (paired by seed against Metta's default, 95% CI), the sweep summary, and a "
+    "closed-loop comparison in the simulator (time-to-competence, final reward) for the "
+    "tasks it models. Files: lp/{sweep_summary,recommendations,closed_loop*}.parquet.",
+)
+def lp_recommendations(
+    context: dg.AssetExecutionContext, config: LPRecommendationsConfig, rts_storage: RtsStorage
+) -> dg.MaterializeResult:
+    from rts_dagster.simulate.closed_loop import run_closed_loop
+    from rts_dagster.simulate.model import TASKS
+
+    root = rts_storage.root()
+    metrics = _load_lp_metrics(rts_storage, context)
+    summary = lp_sweep.summarise_sweep(metrics)
+    recs = lp_sweep.recommend(metrics, tolerance=config.tolerance)
+    paths = storage.lp_aggregate_paths(root)
+
+    outcomes = empty(LP_CLOSED_LOOP)
+    closed = empty(LP_CLOSED_LOOP_SUMMARY)
+    if config.closed_loop:
+        candidates = lp_sweep.closed_loop_candidates(recs)
+        jobs = []
+        for task, pairs in candidates.items():
+            if task not in TASKS:
+                context.log.info(f"closed loop: no simulator model of task {task!r}: skipped")
+                continue
+            sweep = {c.name: c for c in lp_sweep.default_sweep(len(TASKS[task].labels))}
+            names = [lp_sweep.METTA_DEFAULT, *(name for name, _ in pairs if name in sweep)]
+            for seed in config.closed_loop_seeds:
+                jobs.extend((task, seed, config.closed_loop_epochs, sweep[n]) for n in names)
+        if jobs:
+            context.log.info(f"closed loop: {len(jobs)} simulator runs on {config.workers} workers")
+            started = time.perf_counter()
+
+            def progress(done: int, total: int) -> None:
+                if done == total or done % max(1, total // 4) == 0:
+                    context.log.info(
+                        f"closed loop: {done}/{total} runs ({time.perf_counter() - started:.0f}s)"
+                    )
+
+            outcomes = run_closed_loop(jobs, workers=config.workers, progress=progress)
+            closed = lp_sweep.summarise_closed_loop(outcomes, candidates)
+
+    storage.write_parquet(conform(summary, LP_SWEEP_SUMMARY), paths["summary"])
+    storage.write_parquet(conform(recs, LP_RECOMMENDATIONS), paths["recommendations"])
+    storage.write_parquet(outcomes, paths["closed_loop_runs"])
+    storage.write_parquet(closed, paths["closed_loop"])
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": recs.height,
+            "path": dg.MetadataValue.path(str(paths["recommendations"])),
+            "recommendations": dg.MetadataValue.md(
+                "\n".join(f"- {s}" for s in recs["sentence"].to_list()) or "none"
+            ),
+            "closed_loop_runs": outcomes.height,
+            "config": json.dumps(config.model_dump()),
+        }
+    )
+
+
+def _load_lp_metrics(rts_storage: RtsStorage, context: dg.AssetExecutionContext) -> pl.DataFrame:
+    root = rts_storage.root()
+    frames, missing = [], []
+    for row in _matched_rows(rts_storage):
+        folder, stem = partition_files(
+            row["task"], row["seed"], row["run_id"], row["partition_key"]
+        )
+        path = storage.lp_replay_paths(root, folder, stem)["metrics"]
+        if path.exists():
+            frames.append(conform(pl.read_parquet(path), LP_REPLAY_METRICS, str(path)))
+        else:
+            missing.append(row["partition_key"])
+    if missing:
+        context.log.warning(f"lp_replay not yet materialized, left out: {', '.join(missing)}")
+    if not frames:
+        raise dg.Failure("no materialized lp_replay partitions yet: run `rts refresh`")
+    return pl.concat(frames)
+
+
+def lp_tables(root: Path, matched: list[dict[str, Any]]) -> dict[str, pl.DataFrame] | None:
+    """The lp_recommendations tables for the report, plus `traces`: the LP state over time
+    of Metta's default, the recommended and the best-replayed configuration of every run
+    in `matched` (discovered_runs rows). None if lp_recommendations is not materialized."""
+    paths = storage.lp_aggregate_paths(root)
+    if not all(p.exists() for p in paths.values()):
+        return None
+    tables = {name: pl.read_parquet(path) for name, path in paths.items()}
+    recs = tables["recommendations"]
+    wanted = (
+        recs.select(
+            "task",
+            pl.concat_list(pl.lit(lp_sweep.METTA_DEFAULT), "config", "replay_best").alias("config"),
+        )
+        .explode("config")
+        .unique()
+    )
+    traces = []
+    for row in matched:
+        folder, stem = partition_files(
+            row["task"], row["seed"], row["run_id"], row["partition_key"]
+        )
+        path = storage.lp_replay_paths(root, folder, stem)["trace"]
+        if path.exists():
+            trace = pl.read_parquet(path)
+            traces.append(trace.join(wanted, on=["task", "config"], how="semi"))
+    tables["traces"] = pl.concat(traces) if traces else empty(LP_REPLAY_TRACE)
+    return tables

@@ -1,0 +1,62 @@
+"""Asset `report`: report.md (+ PNGs) and report.html from every table above."""
+
+import base64
+from typing import Any
+
+import dagster as dg
+import polars as pl
+
+from rts_dagster import storage
+from rts_dagster.analysis import kalman
+from rts_dagster.defs.analysis import (
+    _lp_configs,
+    _matched_rows,
+    load_all,
+    timescale_recommendations,
+    variance_table,
+)
+from rts_dagster.defs.lp import lp_recommendations, lp_tables
+from rts_dagster.defs.resources import RtsStorage
+
+
+@dg.asset(
+    group_name="report",
+    deps=[variance_table, timescale_recommendations, lp_recommendations],
+    automation_condition=dg.AutomationCondition.eager(),
+    description="report.md (+ PNG figures) and a self-contained report.html under "
+    "$RTS_DATA_DIR/report/, built from the tables above.",
+)
+def report(context: dg.AssetExecutionContext, rts_storage: RtsStorage) -> dg.MaterializeResult:
+    from rts_dagster.report.build import build_report
+    from rts_dagster.report.document import write_report
+
+    root = rts_storage.root()
+    tables = load_all(rts_storage, context)
+    variance_df = pl.read_parquet(storage.variance_table_path(root))
+    recs = pl.read_parquet(storage.timescales_path(root))
+    doc = build_report(
+        tables["streams"],
+        tables["series"],
+        tables["rolling"],
+        tables["progress"],
+        variance_df,
+        recs,
+        kalman.describe_recommendations(recs),
+        _lp_configs(rts_storage),
+        lp=lp_tables(root, _matched_rows(rts_storage)),
+    )
+    written = write_report(doc, storage.report_dir(root))
+    if written["note"]:
+        context.log.warning(str(written["note"]))
+    metadata: dict[str, Any] = {
+        "report_md": dg.MetadataValue.path(str(written["markdown"])),
+        "report_html": dg.MetadataValue.path(str(written["html"])),
+        "figures": len(written["pngs"]),
+    }
+    curves = written["pngs"].get("reward_curves")
+    if curves is not None:
+        encoded = base64.b64encode(curves.read_bytes()).decode()
+        metadata["reward_curves"] = dg.MetadataValue.md(
+            f"![reward curves](data:image/png;base64,{encoded})"
+        )
+    return dg.MaterializeResult(metadata=metadata)
