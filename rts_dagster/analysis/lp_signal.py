@@ -79,8 +79,8 @@ def label_trends(
         if sigma > 0:
             t[a:b] = slope[a:b] / (sigma * se_unit)
         else:  # a noiseless label: any rise is real
-            t[a:b] = np.sign(slope[a:b]) * np.inf
-            t[a:b][slope[a:b] == 0] = 0.0
+            sl = slope[a:b]  # NaN (window not full yet) stays NaN
+            t[a:b] = np.where(sl > 0, np.inf, np.where(sl < 0, -np.inf, sl))
     state = np.full(ys.size, UNDECIDED, dtype=np.int8)
     state[np.abs(t) < settings.t_flat] = PLATEAUED
     state[t > settings.t_improving] = IMPROVING

@@ -134,7 +134,11 @@ class ReplayStream:
 def replay_stream(streams: pl.DataFrame) -> ReplayStream:
     """The stream to replay from a `reward_streams` table of one run: the per-completion
     rows when recorded (in agent_step order), else the fresh (non-stale) epoch means, one
-    pseudo-completion per label and epoch, in agent_step order."""
+    pseudo-completion per label and epoch, in agent_step order.
+
+    Completions sharing an agent_step are taken in label order (reward_streams does not
+    keep the recorder's order within a step). Each label's LP state is its own recursion,
+    so that only shifts which of the tied completions an evaluation instant sees first."""
     completions = streams.filter(pl.col("granularity") == GRANULARITY_COMPLETION)
     if completions.height:
         rows, granularity = completions, GRANULARITY_COMPLETION

@@ -199,3 +199,55 @@ def test_simulate_default_writes_nine_runs(
         f"run-alice.fixed_maps.seed{seed}.wandb" for seed in (1, 2, 3)
     ]
     assert capsys.readouterr().out.count("\n") == 9
+
+
+def test_simulator_lp_trace_equals_the_replay_of_its_stream(short_variants: SimulatedRun) -> None:
+    """The simulator drew every label from LP's distribution before feeding the reward;
+    the vectorised replay of (label, reward) must give those exact distributions."""
+    from rts_dagster.analysis.lp_replay import CurriculumConfig, replay
+
+    run = short_variants
+    n = run.reward.size
+    config = CurriculumConfig(name="task_default", main=run.task.lp)
+    result = replay(run.label_index, run.reward, len(run.labels), config, eval_index=np.arange(n))
+    # replay gives the state after completion j; the simulator drew completion j + 1 from it
+    np.testing.assert_allclose(result.probability[:-1], run.probabilities[1:], rtol=0, atol=1e-13)
+    np.testing.assert_allclose(result.fast, run.fast, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(result.slow, run.slow, rtol=0, atol=1e-13)
+
+
+def test_recorded_stream_replays_to_the_simulator_trace(tmp_path: Path) -> None:
+    """Through the files a user has: the recorder's parquet chunks -> reward_streams ->
+    the replay input. Same distributions as the simulator used, to 1e-13."""
+    from rts_dagster.analysis.lp_replay import CurriculumConfig, replay
+    from rts_dagster.analysis.lp_sweep import replay_stream
+    from rts_dagster.analysis.streams import completion_streams
+
+    run = simulate("fixed_maps", 3, epochs=SHORT)
+    assert np.unique(run.agent_step).size == run.agent_step.size  # no ties: order is exact
+    wandb_file = simulate_run("fixed_maps", 3, tmp_path, epochs=SHORT)
+    recorded = read_reward_stream(wandb_file.parent)
+    streams = completion_streams(recorded, None, "fixed_maps", 3, "r")
+    stream = replay_stream(streams)
+    assert stream.granularity == "completion" and stream.reward.size == run.reward.size
+    # the replay input numbers labels in sorted order: map the simulator's indices
+    to_sorted = np.array([stream.labels.index(label) for label in run.labels])
+    np.testing.assert_array_equal(stream.label_index, to_sorted[run.label_index])
+    np.testing.assert_array_equal(stream.reward, run.reward)
+    config = CurriculumConfig(name="task_default", main=run.task.lp)
+    result = replay(
+        stream.label_index,
+        stream.reward,
+        len(run.labels),
+        config,
+        eval_index=np.arange(run.reward.size),
+    )
+    expected = run.probabilities[1:][:, _inverse(to_sorted)]
+    np.testing.assert_allclose(result.probability[:-1], expected, rtol=0, atol=1e-13)
+
+
+def _inverse(permutation: np.ndarray) -> np.ndarray:
+    """Column order turning simulator label columns into sorted-label columns."""
+    out = np.empty_like(permutation)
+    out[permutation] = np.arange(permutation.size)
+    return out

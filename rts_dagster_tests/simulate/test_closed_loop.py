@@ -1,0 +1,64 @@
+"""Closed-loop outcomes of simulated runs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from rts_dagster.analysis.lp_replay import CurriculumConfig
+from rts_dagster.simulate.closed_loop import outcomes, run_closed_loop
+from rts_dagster.simulate.model import simulate
+
+EPOCHS = 30
+
+
+@pytest.fixture(scope="module")
+def short_run():
+    return simulate("assembly_lines", 5, epochs=EPOCHS)
+
+
+def test_outcomes_by_hand(short_run) -> None:
+    # two labels: floor mean 0.1, ceiling mean 0.6 -> target 0.1 + 0.8 * 0.5 = 0.5
+    params = dataclasses.replace(
+        short_run.params, floor=np.array([0.0, 0.2]), ceiling=np.array([0.5, 0.7])
+    )
+    competence = np.linspace(0.0, 0.9, EPOCHS)[:, None] * np.ones((1, 2))
+    rewards = np.arange(EPOCHS, dtype=float)
+    run = dataclasses.replace(
+        short_run, params=params, epoch_competence=competence, reward_mean=rewards
+    )
+    out = outcomes(run)
+    first = int(np.flatnonzero(competence.mean(axis=1) >= 0.5)[0])
+    assert out["time_to_competence"] == first + 1  # epochs, 1-based
+    assert out["final_reward"] == pytest.approx(np.mean(rewards[-3:]))  # last 10% of 30
+    assert out["competence_final"] == pytest.approx(0.9)
+    never = dataclasses.replace(run, epoch_competence=np.zeros((EPOCHS, 2)))
+    assert outcomes(never)["time_to_competence"] == EPOCHS  # censored at the run length
+
+
+def test_curricula_share_the_learner_and_differ_by_what_is_practised() -> None:
+    default = simulate("assembly_lines", 5, epochs=EPOCHS)
+    zscore = simulate(
+        "assembly_lines",
+        5,
+        epochs=EPOCHS,
+        curriculum=CurriculumConfig(name="z", variant="zscore"),
+    )
+    np.testing.assert_array_equal(default.params.floor, zscore.params.floor)
+    np.testing.assert_array_equal(default.sps, zscore.sps)
+    assert not np.array_equal(default.label_index, zscore.label_index)
+
+
+def test_parallel_and_serial_runs_agree() -> None:
+    jobs = [
+        ("assembly_lines", 5, EPOCHS, CurriculumConfig(name="metta_default")),
+        ("assembly_lines", 5, EPOCHS, CurriculumConfig(name="z", variant="zscore")),
+    ]
+    seen = []
+    serial = run_closed_loop(jobs, workers=1, progress=lambda d, t: seen.append((d, t)))
+    parallel = run_closed_loop(jobs, workers=2)
+    assert serial.equals(parallel)
+    assert seen == [(1, 2), (2, 2)]
+    assert serial["config"].to_list() == ["metta_default", "z"]
