@@ -40,11 +40,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as `python bench/lp_replay.py` without installing
     sys.path.insert(0, str(ROOT))
 
+from rts_dagster import settings, storage  # noqa: E402
 from rts_dagster.analysis.lp_replay import (  # noqa: E402
     DEFAULT_EVAL_POINTS,
     CurriculumConfig,
@@ -53,9 +55,11 @@ from rts_dagster.analysis.lp_replay import (  # noqa: E402
     evaluation_points,
     replay,
 )
+from rts_dagster.discovery import partition_files  # noqa: E402
 
 RATE_TARGET = 1_000_000.0  # completions/s of the vectorised replay
 SPEEDUP_TARGET = 30.0  # vectorised vs stepwise, per completion
+SWEEP_TARGET_S = 60.0  # the full default sweep over the demo data
 
 
 def make_stream(n: int, n_labels: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -160,6 +164,58 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
+def time_demo_sweep(data_dir: Path) -> tuple[float, int, int, str]:
+    """Seconds for the full default sweep (what `lp_replay` computes) over every run of
+    the demo data: (seconds, runs, replays, where the streams came from). Uses the
+    reward_streams files under `data_dir` when `rts refresh` wrote them, else simulates
+    the nine demo runs (3 tasks x 3 seeds, not timed) and builds their streams."""
+    from rts_dagster.analysis.lp_sweep import default_sweep, replay_stream, sweep_run
+
+    frames: list[pl.DataFrame] = []
+    discovered = data_dir / "discovered_runs.parquet"
+    if discovered.exists():
+        matched = pl.read_parquet(discovered).filter(pl.col("status") == "matched")
+        for row in matched.iter_rows(named=True):
+            folder, stem = partition_files(
+                row["task"], row["seed"], row["run_id"], row["partition_key"]
+            )
+            path = storage.stream_paths(data_dir, folder, stem)[0]
+            if path.exists():
+                frames.append(pl.read_parquet(path))
+    origin = f"reward_streams under {data_dir}"
+    if not frames:
+        from rts_dagster.analysis.streams import completion_streams
+        from rts_dagster.simulate.model import TASKS, simulate
+
+        origin = "simulated demo runs (no reward_streams found)"
+        for task in TASKS:
+            for seed in (1, 2, 3):
+                run = simulate(task, seed)
+                labels = np.array(run.labels, dtype=object)[run.label_index]
+                record = pl.DataFrame(
+                    {
+                        "completion_index": np.arange(run.reward.size),
+                        "worker": np.zeros(run.reward.size, dtype=np.int32),
+                        "label": labels.tolist(),
+                        "task_id": run.task_id,
+                        "reward": run.reward,
+                        "agent_step": run.agent_step,
+                        "epoch": run.epoch,
+                        "wall_time": run.wall_time,
+                    }
+                )
+                frames.append(completion_streams(record, None, task, seed, f"{task}.{seed}"))
+    started = time.perf_counter()
+    replays = 0
+    for streams in frames:
+        first = streams.row(0, named=True)
+        stream = replay_stream(streams)
+        configs = default_sweep(len(stream.labels))
+        sweep_run(stream, configs, task=first["task"], seed=first["seed"], run_id=first["run_id"])
+        replays += len(configs)
+    return time.perf_counter() - started, len(frames), replays, origin
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--completions", type=int, default=1_000_000, help="stream length")
@@ -172,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         help="prefix fed to the stepwise baseline (scaled to --completions)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=settings.data_dir(),
+        help="demo output root for the sweep timing (default $RTS_DATA_DIR or ./data)",
+    )
     args = parser.parse_args(argv)
     if args.completions < 2 or args.labels < 1 or args.repeats < 1:
         parser.error("need --completions >= 2, --labels >= 1, --repeats >= 1")
@@ -258,6 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"speedup replay vs stepwise (main){scaled}: {speedup:.1f}x")
     print()
 
+    print("full default sweep on the demo data ...", flush=True)
+    sweep_s, n_runs, n_replays, origin = time_demo_sweep(args.data_dir)
+    print(f"  {n_replays} replays over {n_runs} runs from {origin}: {sweep_s:.1f} s")
+    print()
+
     print(
         f"BENCH lp_replay_completions_per_s {rate_main:.0f} completions/s "
         f"target >= {RATE_TARGET:.0f} {verdict(rate_main >= RATE_TARGET)}"
@@ -269,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"BENCH lp_replay_vs_stepwise_speedup {speedup:.1f} x target >= {SPEEDUP_TARGET:g} "
         f"{verdict(speedup >= SPEEDUP_TARGET)}"
+    )
+    print(
+        f"BENCH lp_sweep_demo_seconds {sweep_s:.1f} s target <= {SWEEP_TARGET_S:g} "
+        f"{verdict(sweep_s <= SWEEP_TARGET_S)}"
     )
     return 0
 

@@ -144,7 +144,7 @@ def replay(
     if config.variant == "main":
         lp = config.main
         x = (np.clip(rewards, 0.0, 1.0) - 0.5) / 0.5
-        xs = x[groups.order]
+        xs = np.take(x, groups.order)  # take: faster than fancy indexing here
         fast = groups.at(points, groups.ema(xs, lp.ema_timescale), np.nan)
         slow = groups.at(points, groups.ema(xs, lp.slow_timescale), np.nan)
         counts = groups.counts_at(points)
@@ -152,7 +152,7 @@ def replay(
         probability = sampling_probabilities(score)
     else:
         zc = config.zscore
-        rs = rewards[groups.order]
+        rs = np.take(rewards, groups.order)
         xs = _zscore_inputs(rs, groups, zc)
         started = groups.first_nonzero(xs)  # per completion: F/S have left exactly 0
         f_all = groups.ema(xs, zc.ema_timescale, started)
@@ -215,7 +215,8 @@ class _Groups:
         # int16 keys let numpy use its O(n) radix sort (labels < 32768 in practice)
         keys = labels.astype(np.int16) if n_labels < 2**15 else labels
         self.order = np.argsort(keys, kind="stable")
-        bounds = np.searchsorted(labels[self.order], np.arange(n_labels + 1))
+        bounds = np.zeros(n_labels + 1, dtype=np.int64)
+        np.cumsum(np.bincount(labels, minlength=n_labels), out=bounds[1:])
         self.lo, self.hi = bounds[:-1], bounds[1:]
         self.n_labels = n_labels
         self.present = np.flatnonzero(self.hi > self.lo)
