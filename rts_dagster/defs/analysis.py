@@ -12,7 +12,7 @@ from rts_dagster import storage
 from rts_dagster.analysis import kalman, metrics, variance
 from rts_dagster.defs.partitions import runs_partitions
 from rts_dagster.defs.resources import RtsStorage
-from rts_dagster.defs.runs import read_discovered, reward_streams, run_for_partition
+from rts_dagster.defs.runs import load_partition_streams, read_discovered, reward_streams
 from rts_dagster.discovery import partition_files
 from rts_dagster.escape import md_table
 from rts_dagster.schema import (
@@ -73,15 +73,9 @@ def _partition_stream_paths(root: Path, row: dict[str, Any]) -> tuple[Path, dict
 def series_metrics(
     context: dg.AssetExecutionContext, config: SeriesMetricsConfig, rts_storage: RtsStorage
 ) -> dg.MaterializeResult:
-    root = rts_storage.root()
-    row = run_for_partition(read_discovered(rts_storage), context.partition_key)
-    stream_path, paths = _partition_stream_paths(root, row)
-    if not stream_path.exists():
-        raise dg.Failure(
-            f"{stream_path} is missing: materialize reward_streams[{row['partition_key']}]"
-        )
-    streams = conform(pl.read_parquet(stream_path), REWARD_STREAMS, str(stream_path))
-    result = metrics.compute_metrics(streams, config.to_metrics())
+    part = load_partition_streams(rts_storage, context.partition_key)
+    paths = storage.metrics_paths(rts_storage.root(), part.folder, part.stem)
+    result = metrics.compute_metrics(part.streams, config.to_metrics())
     for name, table in (
         ("series", result.series),
         ("rolling", result.rolling),

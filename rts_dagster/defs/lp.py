@@ -16,7 +16,7 @@ from rts_dagster.analysis.lp_signal import TrendSettings
 from rts_dagster.defs.analysis import _matched_rows, _preview
 from rts_dagster.defs.partitions import runs_partitions
 from rts_dagster.defs.resources import RtsStorage
-from rts_dagster.defs.runs import read_discovered, reward_streams, run_for_partition
+from rts_dagster.defs.runs import load_partition_streams, reward_streams
 from rts_dagster.discovery import partition_files
 from rts_dagster.schema import (
     LP_CLOSED_LOOP,
@@ -25,7 +25,6 @@ from rts_dagster.schema import (
     LP_REPLAY_METRICS,
     LP_REPLAY_TRACE,
     LP_SWEEP_SUMMARY,
-    REWARD_STREAMS,
     conform,
     empty,
 )
@@ -53,19 +52,12 @@ class LPReplayConfig(dg.Config):
 def lp_replay(
     context: dg.AssetExecutionContext, config: LPReplayConfig, rts_storage: RtsStorage
 ) -> dg.MaterializeResult:
-    root = rts_storage.root()
-    row = run_for_partition(read_discovered(rts_storage), context.partition_key)
-    folder, stem = partition_files(row["task"], row["seed"], row["run_id"], row["partition_key"])
-    stream_path = storage.stream_paths(root, folder, stem)[0]
-    if not stream_path.exists():
-        raise dg.Failure(
-            f"{stream_path} is missing: materialize reward_streams[{row['partition_key']}]"
-        )
-    streams = conform(pl.read_parquet(stream_path), REWARD_STREAMS, str(stream_path))
+    part = load_partition_streams(rts_storage, context.partition_key)
+    row = part.row
     try:
-        stream = lp_sweep.replay_stream(streams)
+        stream = lp_sweep.replay_stream(part.streams)
     except ValueError as exc:
-        raise dg.Failure(f"{stream_path}: {exc}") from exc
+        raise dg.Failure(f"{part.path}: {exc}") from exc
     configs = lp_sweep.default_sweep(len(stream.labels))
     started = time.perf_counter()
     metrics, trace = lp_sweep.sweep_run(
@@ -78,7 +70,7 @@ def lp_replay(
         n_eval=config.n_eval,
     )
     elapsed = time.perf_counter() - started
-    paths = storage.lp_replay_paths(root, folder, stem)
+    paths = storage.lp_replay_paths(rts_storage.root(), part.folder, part.stem)
     storage.write_parquet(metrics, paths["metrics"])
     storage.write_parquet(trace, paths["trace"])
     if stream.n_dropped:

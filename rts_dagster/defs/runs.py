@@ -2,6 +2,7 @@
 
 import json
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,28 @@ def run_for_partition(discovered: pl.DataFrame, key: str) -> dict[str, Any]:
             "or discovered_runs is out of date (re-materialize it)"
         )
     return rows.row(0, named=True)
+
+
+@dataclass(frozen=True)
+class PartitionStreams:
+    """One materialized reward_streams partition, as the per-run assets downstream read it."""
+
+    row: dict[str, Any]  # its discovered_runs row
+    folder: str  # task folder (slug) of its files
+    stem: str  # file stem (seed, plus the run id for a duplicate claim)
+    path: Path  # <task>/<seed>.parquet
+    streams: pl.DataFrame  # REWARD_STREAMS
+
+
+def load_partition_streams(rts_storage: RtsStorage, key: str) -> PartitionStreams:
+    """The reward_streams data of partition `key`; a clear Failure if it is not there."""
+    row = run_for_partition(read_discovered(rts_storage), key)
+    folder, stem = partition_files(row["task"], row["seed"], row["run_id"], row["partition_key"])
+    path = storage.stream_paths(rts_storage.root(), folder, stem)[0]
+    if not path.exists():
+        raise dg.Failure(f"{path} is missing: materialize reward_streams[{key}]")
+    streams = conform(pl.read_parquet(path), REWARD_STREAMS, str(path))
+    return PartitionStreams(row, folder, stem, path, streams)
 
 
 def partition_is_current(root: Path, row: dict[str, Any]) -> bool:

@@ -26,6 +26,7 @@ from rts_dagster.report import document
 from rts_dagster.sources.skypilot import SkyPilotJobs
 from rts_dagster.sources.wandb_file import DEFAULT_RUNNING_GRACE_S, iter_records
 from rts_dagster_tests.conftest import write_tiny_run
+from rts_dagster_tests.defs.daemon import apply_tick
 
 AGGREGATES = ["variance_table", "timescale_recommendations", "report"]
 DUPLICATE = "bob.fixed_maps.seed1"  # claims (fixed_maps, 1) after alice's run did
@@ -70,25 +71,7 @@ class Harness:
         self.defs = dg.Definitions(assets=ASSETS, sensors=[sensor], resources=self.resources)
 
     def tick(self) -> Any:
-        context = dg.build_sensor_context(
-            instance=self.instance,
-            instance_ref=self.instance.get_ref(),
-            cursor=self.cursor,
-            definitions=self.defs,
-            resources=self.resources,  # evaluate_tick does not take them from `definitions`
-        )
-        data = self.sensor.evaluate_tick(context)
-        for request in data.dynamic_partitions_requests or []:
-            self.instance.add_dynamic_partitions(
-                request.partitions_def_name,
-                [
-                    k
-                    for k in request.partition_keys
-                    if not self.instance.has_dynamic_partition(request.partitions_def_name, k)
-                ],
-            )
-        for event in data.asset_events:
-            self.instance.report_runless_asset_event(event)
+        data = apply_tick(self.sensor, self.instance, self.cursor, self.defs, self.resources)
         self.cursor = data.cursor
         return data
 

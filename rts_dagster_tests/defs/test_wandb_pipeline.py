@@ -19,6 +19,7 @@ from rts_dagster.definitions import ASSETS
 from rts_dagster.defs.resources import RtsStorage, WandbRunsSource
 from rts_dagster.defs.sensors import build_finished_runs_sensor
 from rts_dagster.sources.skypilot import SkyPilotJobs
+from rts_dagster_tests.defs.daemon import apply_tick
 from rts_dagster_tests.fakes.wandb_data import metta_history, wandb_client_env
 from rts_dagster_tests.fakes.wandb_server import FakeRun, FakeWandbServer
 
@@ -65,20 +66,7 @@ class Daemon:
         self.run_keys: set[str] = set()
 
     def tick(self) -> list[dg.RunRequest]:
-        context = dg.build_sensor_context(
-            instance=self.instance,
-            instance_ref=self.instance.get_ref(),
-            cursor=self.cursor,
-            definitions=self.defs,
-            resources=self.resources,
-        )
-        data = self.sensor.evaluate_tick(context)
-        for request in data.dynamic_partitions_requests or []:
-            known = set(self.instance.get_dynamic_partitions(request.partitions_def_name))
-            new = [k for k in request.partition_keys if k not in known]
-            self.instance.add_dynamic_partitions(request.partitions_def_name, new)
-        for event in data.asset_events:
-            self.instance.report_runless_asset_event(event)
+        data = apply_tick(self.sensor, self.instance, self.cursor, self.defs, self.resources)
         self.cursor = data.cursor
         fresh = [r for r in data.run_requests if r.run_key not in self.run_keys]
         assert len(fresh) == len(data.run_requests), "the daemon would drop a repeated run_key"
