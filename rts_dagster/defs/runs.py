@@ -14,7 +14,7 @@ from rts_dagster import storage
 from rts_dagster.analysis.streams import HISTORY_PREFIXES, build_reward_streams
 from rts_dagster.defs.partitions import runs_partitions
 from rts_dagster.defs.resources import RtsStorage, RunSourceResource
-from rts_dagster.discovery import classify_runs, partition_files
+from rts_dagster.discovery import DiscoveryRules, classify_runs, partition_files
 from rts_dagster.escape import md_table
 from rts_dagster.schema import (
     DISCOVERED_RUNS,
@@ -26,7 +26,7 @@ from rts_dagster.schema import (
     SERIES_METRICS,
     conform,
 )
-from rts_dagster.sources.base import RunRecord
+from rts_dagster.sources.base import RunRecord, UnreadableRun
 
 # Bump when reward_streams' content changes for the same input: `rts refresh` rebuilds.
 STREAMS_VERSION = "1"
@@ -43,14 +43,11 @@ _SECRET_HINTS = ("key", "token", "secret", "password", "passwd", "credential")
 def discovered_runs(
     context: dg.AssetExecutionContext, run_source: RunSourceResource, rts_storage: RtsStorage
 ) -> dg.MaterializeResult:
-    source = run_source.source()
-    runs, unreadable = source.list_runs()
-    table = classify_runs(runs, unreadable, run_source.rules())
-    path = storage.write_parquet(table, storage.discovered_runs_path(rts_storage.root()))
-
-    keys = table.filter(pl.col("status") == RUN_STATUS_MATCHED)["partition_key"].to_list()
+    runs, unreadable = run_source.source().list_runs()
     known = set(context.instance.get_dynamic_partitions(runs_partitions.name))
-    new_keys = [k for k in keys if k not in known]
+    table, path, new_keys = write_discovered(
+        runs, unreadable, run_source.rules(), rts_storage.root(), known
+    )
     if new_keys:
         context.instance.add_dynamic_partitions(runs_partitions.name, new_keys)
     for row in table.filter(pl.col("status") != RUN_STATUS_MATCHED).iter_rows(named=True):
@@ -62,6 +59,23 @@ def discovered_runs(
             "preview": dg.MetadataValue.md(_runs_preview(table)),
         }
     )
+
+
+def write_discovered(
+    runs: list[RunRecord],
+    unreadable: list[UnreadableRun],
+    rules: DiscoveryRules,
+    root: Path,
+    known_keys: set[str],
+) -> tuple[pl.DataFrame, Path, list[str]]:
+    """Classify every listed run, write discovered_runs.parquet (atomically) and return
+    (table, path, partition keys not in `known_keys`). The asset and the sensor both
+    discover through here, so they cannot assign different keys."""
+    table = classify_runs(runs, unreadable, rules)
+    path = storage.write_parquet(table, storage.discovered_runs_path(root))
+    matched = table.filter(pl.col("status") == RUN_STATUS_MATCHED)
+    new_keys = list(dict.fromkeys(k for k in matched["partition_key"] if k not in known_keys))
+    return table, path, new_keys
 
 
 def discovery_metadata(table: pl.DataFrame, path: Path, new_keys: list[str]) -> dict[str, Any]:

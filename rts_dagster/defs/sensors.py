@@ -11,8 +11,8 @@ Each tick:
    run's partition, with `run_key = run_id:state:fingerprint`;
 4. stores the new cursor (`rts_dagster.sensor_cursor`).
 
-Why the sensor writes `discovered_runs` itself (the same functions as the asset:
-`source.list_runs()` -> `classify_runs` -> `storage.write_parquet`), and reports it as a
+Why the sensor writes `discovered_runs` itself (the same function as the asset:
+`source.list_runs()` -> `runs.write_discovered`), and reports it as a
 runless materialization of `discovered_runs`:
 - `reward_streams` finds its run in that table, so it must be current before the
   requested run executes; written during the tick, it is (every write is atomic).
@@ -45,7 +45,6 @@ import dagster as dg
 import polars as pl
 
 from rts_dagster import sensor_cursor as sc
-from rts_dagster import storage
 from rts_dagster.defs.analysis import series_metrics
 from rts_dagster.defs.lp import lp_replay
 from rts_dagster.defs.partitions import runs_partitions
@@ -55,8 +54,8 @@ from rts_dagster.defs.runs import (
     discovery_metadata,
     partition_is_current,
     reward_streams,
+    write_discovered,
 )
-from rts_dagster.discovery import classify_runs
 from rts_dagster.schema import RUN_STATUS_MATCHED
 from rts_dagster.sources.base import RunRecord
 from rts_dagster.sources.skypilot import SkyJob, SkyPilotJobs
@@ -197,12 +196,9 @@ def finished_runs_tick(
     if candidates:
         # Keys depend on every run (duplicate task/seed): classify the full list.
         runs, unreadable = (listed, unreadable) if since is None else source.list_runs()
-        table = classify_runs(runs, unreadable, run_source.rules())
         root = rts_storage.root()
-        path = storage.write_parquet(table, storage.discovered_runs_path(root))
-        matched = table.filter(pl.col("status") == RUN_STATUS_MATCHED)
         known = set(context.instance.get_dynamic_partitions(runs_partitions.name))
-        new_keys = list(dict.fromkeys(k for k in matched["partition_key"] if k not in known))
+        table, path, new_keys = write_discovered(runs, unreadable, run_source.rules(), root, known)
         events.append(_discovered_event(table, path, new_keys))
 
         # Decide on the fresh records of the candidates (a state may have moved on).
