@@ -318,6 +318,7 @@ LP_CLOSED_LOOP = pl.Schema(
         "seed": pl.Int64,
         "epochs": pl.Int64,
         "time_to_competence": pl.Float64,  # epochs until mean latent competence >= target
+        "reached_competence": pl.Boolean,  # False: never; time_to_competence = epochs
         "final_reward": pl.Float64,  # mean episode reward over the last 10% of epochs
         "competence_final": pl.Float64,  # mean latent competence at the end
     }

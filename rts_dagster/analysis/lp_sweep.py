@@ -406,7 +406,7 @@ def _sentence(row: dict, name: str) -> str:
             f"{task}: keep Metta's default LP: no other configuration raised the LP "
             f"signal-to-noise ratio without a slower or jumpier signal or starving labels "
             f"(replayed on {n} seeds, {source}); the highest replayed ratio came from "
-            f"`{row['replay_best']}`, which failed those checks."
+            f"{row['replay_best']}, which failed those checks."
         )
     verdict = (
         "a clear improvement"
@@ -414,16 +414,19 @@ def _sentence(row: dict, name: str) -> str:
         else f"not distinguishable from the default with {n} seeds"
     )
     return (
-        f"{task}: use `{name}`: LP gives improving labels x{row['snr_ratio']:.2f} the "
+        f"{task}: use {name}: LP gives improving labels x{row['snr_ratio']:.2f} the "
         f"relative probability Metta's default gives them (95% CI x{row['snr_ratio_ci_low']:.2f}"
         f" to x{row['snr_ratio_ci_high']:.2f} over {n} seeds: {verdict}); median response lag "
-        f"{_num(row['lag_recommended'])} vs {_num(row['lag_default'])} completions; plateau "
+        f"{_num(row['lag_recommended'])} vs {_num(row['lag_default'])} (completions until "
+        f"LP ranks a newly improving label in its top quarter); plateau "
         f"churn {_num(row['churn_recommended'], 3)} vs {_num(row['churn_default'], 3)} "
         f"(replayed on {source})."
     )
 
 
 def _num(value: float, digits: int = 0) -> str:
+    if value == math.inf:
+        return "never"
     if value is None or not math.isfinite(value):
         return "n/a"
     return f"{value:.{digits}f}"
@@ -461,14 +464,15 @@ def summarise_closed_loop(
             paired = chosen.join(default, on="seed", suffix="_default", how="inner")
             if paired.height == 0:
                 continue
-            epochs = paired["epochs"].to_numpy()
+            reached = paired["reached_competence"].to_numpy()
+            reached_default = paired["reached_competence_default"].to_numpy()
             for metric in CLOSED_LOOP_METRICS:
                 ours = paired[metric].to_numpy()
                 theirs = paired[f"{metric}_default"].to_numpy()
                 diff, low, high = t_interval(ours - theirs)
                 censored = 0
                 if metric == "time_to_competence":
-                    censored = int((ours >= epochs).sum() + (theirs >= epochs).sum())
+                    censored = int((~reached).sum() + (~reached_default).sum())
                 rows.append(
                     {
                         "task": task,

@@ -95,8 +95,16 @@ def write_pngs(figures: Sequence[Figure], out_dir: Path, scale: float = 1.5) -> 
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".render-") as tmp:
         tmp_paths = [Path(tmp) / f"{f.name}.png" for f in figures]
+        # kaleido 1.5 ignores a figure's own layout size unless it is passed explicitly
+        # (None: kaleido's default 700 x 500)
         pio.write_images(
-            [f.figure for f in figures], tmp_paths, format="png", scale=scale, validate=False
+            [f.figure for f in figures],
+            tmp_paths,
+            format="png",
+            scale=scale,
+            validate=False,
+            width=[f.figure.layout.width for f in figures],
+            height=[f.figure.layout.height for f in figures],
         )
         final = {}
         for f, tmp_path in zip(figures, tmp_paths, strict=True):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import html
+import math
+
+import numpy as np
 import plotly.graph_objects as go
 import polars as pl
 from plotly.colors import qualitative
@@ -297,5 +301,284 @@ def noise_vs_progress(bins: pl.DataFrame) -> go.Figure:
         yaxis_title="noise std(diff)/sqrt(2) in the bin (reward units)",
         height=400,
         **_LAYOUT,
+    )
+    return fig
+
+
+# --- LP configuration section --------------------------------------------------------------------
+LP_SNR_AXIS = "LP SNR relative to Metta default (ratio, log scale)"
+SNR_CLIP = 1e3  # ratios beyond x1000 (or below /1000) are drawn at the edge of the axis
+_ROLE_STYLES = {  # role -> legend name, marker
+    "other": ("other configuration", {"color": SEED_COLOURS[0], "size": 7, "symbol": "circle"}),
+    "default": ("Metta default", {"color": "#444444", "size": 9, "symbol": "square"}),
+    "replay_best": (
+        "highest replayed SNR (not recommended)",
+        {"color": "#ff7f0e", "size": 11, "symbol": "diamond"},
+    ),
+    "recommended": ("recommended", {"color": "#2ca02c", "size": 14, "symbol": "star"}),
+}
+
+
+def plot_text(text: object) -> str:
+    """Untrusted text as plotly draws it literally: plotly reads a subset of HTML tags and
+    entities in every string it renders (ticks, titles, hover), so `&`, `<` and `>` are
+    written as entities, which it decodes back for display."""
+    return html.escape(str(text), quote=False)
+
+
+def _fmt_ratio(value: float) -> str:
+    if not math.isfinite(value):
+        return "n/a"
+    return f"x{value:.3g}"
+
+
+def _log_ticks(lo: float, hi: float) -> list[float]:
+    """1-2-5 ticks spanning [lo, hi] (powers of ten only when that would be too many)."""
+    first, last = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    steps = (1, 2, 5) if last - first <= 3 else (1,)
+    ticks = [m * 10.0**e for e in range(first, last + 1) for m in steps]
+    return [t for t in ticks if lo <= t <= hi] or [1.0]
+
+
+def lp_snr_ratios(points: pl.DataFrame) -> go.Figure:
+    """Per task (one panel row each), the replayed LP signal-to-noise ratio of every
+    configuration relative to Metta's default, with its 95% CI over seeds, on a log axis.
+
+    `points`: task, config, ratio, ratio_low, ratio_high (ratios, not logs; NaN bounds
+    draw no whisker), role in {"other", "default", "recommended", "replay_best"}.
+    Values beyond `SNR_CLIP` are drawn at the axis edge (their text gives the value)."""
+    tasks = sorted(points["task"].unique().to_list())
+    counts = [max(points.filter(pl.col("task") == t).height, 1) for t in tasks]
+    per_row = [40 + 24 * n for n in counts]
+    gap, top, bottom = 110, 80, 140  # between rows: x title + next panel title
+    plot_area = sum(per_row) + gap * max(len(tasks) - 1, 0)
+    height = plot_area + top + bottom
+    fig = make_subplots(
+        rows=max(len(tasks), 1),
+        cols=1,
+        subplot_titles=[plot_text(t) for t in tasks],
+        row_heights=[h / sum(per_row) for h in per_row] if tasks else None,
+        vertical_spacing=gap / plot_area if len(tasks) > 1 else 0.0,
+    )
+    shown: set[str] = set()
+    lo_clip, hi_clip = 1 / SNR_CLIP, SNR_CLIP
+    for row, task in enumerate(tasks, 1):
+        part = points.filter(pl.col("task") == task)
+        ratio = part["ratio"].cast(pl.Float64).to_numpy()
+        low = part["ratio_low"].cast(pl.Float64).to_numpy()
+        high = part["ratio_high"].cast(pl.Float64).to_numpy()
+        finite = np.concatenate([v[np.isfinite(v) & (v > 0)] for v in (ratio, low, high)])
+        span_lo = max(min([1.0, *finite.tolist()]), lo_clip)
+        span_hi = min(max([1.0, *finite.tolist()]), hi_clip)
+        for role, (name, marker) in _ROLE_STYLES.items():
+            sel = (part["role"] == role).to_numpy()
+            if not sel.any():
+                continue
+            r = ratio[sel]
+            x = np.clip(r, lo_clip, hi_clip)
+            up = np.where(np.isfinite(high[sel]), np.clip(high[sel], lo_clip, hi_clip) - x, 0.0)
+            down = np.where(np.isfinite(low[sel]), x - np.clip(low[sel], lo_clip, hi_clip), 0.0)
+            clipped = np.isfinite(r) & ((r > hi_clip) | (r < lo_clip))
+            configs = [plot_text(c) for c in part["config"].filter(pl.Series(sel)).to_list()]
+            hover = [
+                f"{c}: {_fmt_ratio(v)} (95% CI {_fmt_ratio(lo)} to {_fmt_ratio(hi)})"
+                for c, v, lo, hi in zip(configs, r, low[sel], high[sel], strict=True)
+            ]
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=configs,
+                    mode="markers+text",
+                    text=[
+                        f"{_fmt_ratio(v)} (off scale)  " if c and v > 1 else ""
+                        for v, c in zip(r, clipped, strict=True)
+                    ],
+                    textposition="middle left",
+                    textfont={"size": 11, "color": marker["color"]},
+                    marker=marker,
+                    error_x={
+                        "type": "data",
+                        "symmetric": False,
+                        "array": up,
+                        "arrayminus": down,
+                        "color": marker["color"],
+                        "thickness": 1.5,
+                    },
+                    name=name,
+                    legendgroup=role,
+                    showlegend=role not in shown,
+                    hovertext=hover,
+                    hoverinfo="text",
+                ),
+                row=row,
+                col=1,
+            )
+            shown.add(role)
+        fig.add_vline(x=1.0, line_dash="dash", line_color="#888", row=row, col=1)
+        ticks = _log_ticks(span_lo, span_hi)
+        fig.update_xaxes(
+            type="log",
+            range=[math.log10(span_lo) - 0.1, math.log10(span_hi) + 0.1],
+            tickmode="array",
+            tickvals=ticks,
+            ticktext=[f"x{t:g}" for t in ticks],
+            title_text=LP_SNR_AXIS,
+            row=row,
+            col=1,
+        )
+        categories = [plot_text(c) for c in part["config"].to_list()]
+        fig.update_yaxes(
+            type="category",
+            categoryorder="array",
+            categoryarray=categories,
+            tickmode="array",  # every configuration gets its tick
+            tickvals=categories,
+            autorange="reversed",
+            title_text="configuration",
+            automargin=True,
+            row=row,
+            col=1,
+        )
+    fig.update_layout(
+        title="Replayed LP signal-to-noise ratio vs Metta's default (95% CI over seeds)",
+        height=height,
+        width=1000,
+        legend={"orientation": "h", "y": -70 / plot_area, "yanchor": "top"},
+        **{**_LAYOUT, "margin": {"l": 60, "r": 20, "t": top, "b": bottom}},
+    )
+    return fig
+
+
+_LOG2_RANGE = 3.0  # colour scale of probability / uniform: 1/8 .. 8
+
+
+def lp_sampling(panels: pl.DataFrame) -> go.Figure:
+    """Sampling probability of every label over the replayed stream, as heatmaps (label x
+    completions replayed), one row of panels per task, panels left to right in `panel`
+    order. Colour: probability relative to uniform (1/L) on a log2 scale, so tasks with
+    different label counts share one scale; black dots: instants where the label is
+    improving (trend == 1).
+
+    `panels`: task, seed, panel (int), role, config, eval_index, label, probability, trend
+    (one seed per task)."""
+    tasks = sorted(panels["task"].unique().to_list())
+    n_cols = max([panels.filter(pl.col("task") == t)["panel"].n_unique() for t in tasks] or [1])
+    n_labels = {t: max(panels.filter(pl.col("task") == t)["label"].n_unique(), 1) for t in tasks}
+    per_row = [max(110, 40 + 15 * n_labels[t]) for t in tasks]
+    gap = 120  # two-line panel titles and x-axis titles between rows
+    top, bottom = 120, 130
+    plot_area = sum(per_row) + gap * max(len(tasks) - 1, 0)
+    height = plot_area + top + bottom
+    titles: list[str] = []
+    grid: list[list[tuple[str, pl.DataFrame] | None]] = []
+    for task in tasks:
+        part = panels.filter(pl.col("task") == task)
+        order = sorted(part["panel"].unique().to_list())
+        cells: list[tuple[str, pl.DataFrame] | None] = []
+        for p in order:
+            cell = part.filter(pl.col("panel") == p)
+            first = cell.row(0, named=True)
+            title = (
+                f"{plot_text(task)}, seed {plot_text(first['seed'])}<br>"
+                f"{plot_text(first['role'])}: {plot_text(first['config'])}"
+            )
+            cells.append((title, cell))
+        cells += [None] * (n_cols - len(cells))
+        grid.append(cells)
+        titles += [c[0] if c else "" for c in cells]
+    fig = make_subplots(
+        rows=max(len(tasks), 1),
+        cols=n_cols,
+        subplot_titles=titles or None,
+        shared_yaxes=True,
+        row_heights=[h / sum(per_row) for h in per_row] if tasks else None,
+        vertical_spacing=gap / plot_area if len(tasks) > 1 else 0.0,
+        horizontal_spacing=0.03,
+    )
+    fig.update_annotations(font_size=12)  # the subplot titles
+    ticks = list(range(-int(_LOG2_RANGE), int(_LOG2_RANGE) + 1))
+    ticktext = [
+        ("≤" if t == ticks[0] else "≥" if t == ticks[-1] else "")
+        + (f"x{2**t:g}" if t >= 0 else f"x1/{2**-t:g}")
+        + (" (uniform)" if t == 0 else "")
+        for t in ticks
+    ]
+    improving_shown = False
+    for row, (task, cells) in enumerate(zip(tasks, grid, strict=True), 1):
+        n = n_labels[task]
+        for col, cell in enumerate(cells, 1):
+            if cell is None:
+                fig.update_xaxes(visible=False, row=row, col=col)
+                continue
+            _, part = cell
+            labels = sorted(part["label"].unique().to_list())
+            instants = np.sort(part["eval_index"].unique().to_numpy())
+            li = np.searchsorted(labels, part["label"].to_numpy())
+            ti = np.searchsorted(instants, part["eval_index"].to_numpy())
+            prob = np.full((len(labels), instants.size), np.nan)
+            prob[li, ti] = part["probability"].cast(pl.Float64).to_numpy()
+            with np.errstate(divide="ignore", invalid="ignore"):
+                z = np.log2(np.maximum(prob * n, 2.0 ** (-2 * _LOG2_RANGE)))
+            shown_labels = [plot_text(lab) for lab in labels]
+            fig.add_trace(
+                go.Heatmap(
+                    x=instants,
+                    y=shown_labels,
+                    z=z,
+                    customdata=prob,
+                    coloraxis="coloraxis",
+                    hovertemplate="%{y}<br>%{x} completions replayed<br>"
+                    "probability %{customdata:.3g}<extra></extra>",
+                ),
+                row=row,
+                col=col,
+            )
+            imp = part.filter(pl.col("trend") == 1)
+            if imp.height:
+                fig.add_trace(
+                    go.Scatter(
+                        x=imp["eval_index"].to_numpy(),
+                        y=[plot_text(lab) for lab in imp["label"].to_list()],
+                        mode="markers",
+                        marker={"color": "black", "size": 3, "opacity": 0.7},
+                        name="label improving (trend = 1: rising reward)",
+                        legendgroup="improving",
+                        showlegend=not improving_shown,
+                        hovertemplate="%{y} improving at %{x}<extra></extra>",
+                    ),
+                    row=row,
+                    col=col,
+                )
+                improving_shown = True
+            fig.update_xaxes(title_text="completions replayed", row=row, col=col)
+            fig.update_yaxes(
+                type="category",
+                categoryorder="array",
+                categoryarray=shown_labels,
+                autorange="reversed",
+                automargin=True,
+                row=row,
+                col=col,
+            )
+    fig.update_layout(
+        title="Sampling probability over the replayed stream (one seed per task)",
+        height=height,
+        width=1200,
+        coloraxis={
+            "colorscale": "RdBu",
+            "reversescale": True,
+            "cmin": -_LOG2_RANGE,
+            "cmax": _LOG2_RANGE,
+            "colorbar": {
+                "title": {"text": "probability / uniform (1/L), log scale", "side": "right"},
+                "tickvals": ticks,
+                "ticktext": ticktext,
+                "len": min(1.0, 500 / height),
+                "y": 1.0,
+                "yanchor": "top",
+            },
+        },
+        legend={"orientation": "h", "y": -70 / plot_area, "yanchor": "top"},
+        **{**_LAYOUT, "margin": {"l": 60, "r": 20, "t": top, "b": bottom}},
     )
     return fig

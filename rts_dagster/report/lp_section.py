@@ -1,14 +1,516 @@
-"""The report's LP replay section (built from the lp_recommendations tables)."""
+"""The report's LP replay section (built from the lp_recommendations tables).
+
+Every number comes from a table `lp_recommendations` wrote (`defs.lp.lp_tables`); this
+module only selects, formats and plots them. Task labels, configuration names and run ids
+are untrusted: they reach the report only as plain strings inside document blocks, which
+the renderers escape (and `figures.plot_text` inside figures).
+"""
 
 from __future__ import annotations
 
+import math
+
 import polars as pl
 
-from rts_dagster.report.document import Heading, Paragraph, Report
+from rts_dagster.analysis.lp_signal import TrendSettings
+from rts_dagster.analysis.lp_sweep import METTA_DEFAULT
+from rts_dagster.report import figures
+from rts_dagster.report.document import Bullets, Figure, Heading, Paragraph, Report, Table
+from rts_dagster.schema import (
+    GRANULARITY_EPOCH,
+    LP_CLOSED_LOOP,
+    LP_CLOSED_LOOP_SUMMARY,
+    LP_RECOMMENDATIONS,
+    LP_REPLAY_TRACE,
+    LP_SWEEP_SUMMARY,
+    conform,
+)
+from rts_dagster.simulate.closed_loop import COMPETENCE_FRACTION, FINAL_FRACTION
+from rts_dagster.simulate.model import TASKS
+
+_SCHEMAS = {
+    "summary": LP_SWEEP_SUMMARY,
+    "recommendations": LP_RECOMMENDATIONS,
+    "closed_loop_runs": LP_CLOSED_LOOP,
+    "closed_loop": LP_CLOSED_LOOP_SUMMARY,
+    "traces": LP_REPLAY_TRACE,
+}
+_CLOSED_LOOP_METRICS = {  # metric -> (display name with unit, order)
+    "time_to_competence": ("time to competence (epochs)", 0),
+    "final_reward": (f"final reward (mean episode reward, last {FINAL_FRACTION:.0%} of epochs)", 1),
+    "competence_final": ("final competence (mean latent competence)", 2),
+}
+_ROLES = {"recommended": "recommended", "replay_best": "highest replayed SNR"}
 
 
+# --- formatting ----------------------------------------------------------------------------------
+def _finite(value: object) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def num(value: object) -> str:
+    """3 significant digits; "n/a" for None/NaN, "inf"/"-inf" for infinities."""
+    if value is None:
+        return "n/a"
+    number = float(value)  # type: ignore[arg-type]
+    if math.isnan(number):
+        return "n/a"
+    if math.isinf(number):
+        return "inf" if number > 0 else "-inf"
+    if number == 0:
+        return "0"
+    size = abs(number)
+    if 1e-3 <= size < 1e3:
+        text = f"{number:#.3g}"
+        return text[:-1] if text.endswith(".") else text
+    if 1e3 <= size < 1e5:
+        return f"{number:.0f}"
+    return f"{number:.2e}"
+
+
+def signed(value: object) -> str:
+    text = num(value)
+    return text if text.startswith(("-", "n/a", "inf")) else f"+{text}"
+
+
+def ratio(value: object) -> str:
+    return "n/a" if _finite(value) is None else f"x{num(value)}"
+
+
+def ratio_ci(value: object, low: object, high: object) -> str:
+    """ "x1.53 (x0.327 to x7.20)"."""
+    if _finite(value) is None:
+        return "n/a"
+    if _finite(low) is None or _finite(high) is None:
+        return f"{ratio(value)} (CI n/a)"
+    return f"{ratio(value)} ({ratio(low)} to {ratio(high)})"
+
+
+def lag(value: object) -> str:
+    """Median response lag in completions; +inf means most events never reached the top k."""
+    if value is not None and float(value) == math.inf:  # type: ignore[arg-type]
+        return "never"
+    return num(value)
+
+
+def diff_ci(value: object, low: object, high: object) -> str:
+    """ "+0.667 (-0.768 to +2.10)"."""
+    if _finite(value) is None:
+        return "n/a"
+    if _finite(low) is None or _finite(high) is None:
+        return f"{signed(value)} (CI n/a)"
+    return f"{signed(value)} ({signed(low)} to {signed(high)})"
+
+
+def _versus(ours: str, theirs: str) -> str:
+    return f"{ours} vs {theirs}"
+
+
+# --- inputs --------------------------------------------------------------------------------------
+def _tables(lp: dict[str, pl.DataFrame] | None) -> tuple[dict[str, pl.DataFrame], list[str]]:
+    """Every table conformed to its schema (empty when missing or unreadable), and the
+    names of those that were missing or malformed."""
+    lp = lp or {}
+    out, problems = {}, []
+    for name, schema in _SCHEMAS.items():
+        frame = lp.get(name)
+        if frame is None:
+            problems.append(f"{name} (missing)")
+            out[name] = pl.DataFrame(schema=schema)
+            continue
+        try:
+            out[name] = conform(frame, schema, name)
+        except (ValueError, pl.exceptions.PolarsError) as exc:
+            problems.append(f"{name} (unreadable: {exc})")
+            out[name] = pl.DataFrame(schema=schema)
+    return out, problems
+
+
+def _snr_points(summary: pl.DataFrame, recs: pl.DataFrame) -> pl.DataFrame:
+    """Per task and configuration: exp of the paired mean log SNR ratio and its CI, and the
+    configuration's role in the recommendation."""
+    snr = summary.filter(pl.col("metric") == "lp_snr")
+    recommended = dict(zip(recs["task"].to_list(), recs["config"].to_list(), strict=True))
+    best = dict(zip(recs["task"].to_list(), recs["replay_best"].to_list(), strict=True))
+    roles = []
+    for task, config in snr.select("task", "config").iter_rows():
+        if config == recommended.get(task):
+            roles.append("recommended")
+        elif config == METTA_DEFAULT:
+            roles.append("default")
+        elif config == best.get(task):
+            roles.append("replay_best")
+        else:
+            roles.append("other")
+    return snr.select(
+        "task",
+        "config",
+        pl.col("diff_vs_default").exp().alias("ratio"),
+        pl.col("diff_ci_low").exp().alias("ratio_low"),
+        pl.col("diff_ci_high").exp().alias("ratio_high"),
+    ).with_columns(pl.Series("role", roles, dtype=pl.String))
+
+
+def _trace_panels(traces: pl.DataFrame, recs: pl.DataFrame) -> pl.DataFrame:
+    """The traces of the lowest seed of every task, one panel per configuration: Metta's
+    default, the recommendation (if different) and the highest replayed SNR (if different
+    from both), in that order."""
+    frames = []
+    for rec in recs.sort("task").iter_rows(named=True):
+        task = rec["task"]
+        per_task = traces.filter(pl.col("task") == task)
+        if per_task.height == 0:
+            continue
+        seed = per_task["seed"].min()
+        per_seed = per_task.filter(pl.col("seed") == seed)
+        wanted: list[tuple[str, str]] = []
+        for config, role in (
+            (METTA_DEFAULT, "Metta default"),
+            (rec["config"], "recommended"),
+            (rec["replay_best"], "highest replayed SNR"),
+        ):
+            if not config:
+                continue
+            known = [c for c, _ in wanted]
+            if config in known:
+                i = known.index(config)
+                wanted[i] = (config, f"{wanted[i][1]} = {role}")
+            else:
+                wanted.append((config, role))
+        for i, (config, role) in enumerate(wanted):
+            part = per_seed.filter(pl.col("config") == config)
+            if part.height == 0:
+                continue
+            frames.append(
+                part.select(
+                    "task", "seed", "config", "eval_index", "label", "probability", "trend"
+                ).with_columns(pl.lit(i).alias("panel"), pl.lit(role).alias("role"))
+            )
+    if not frames:
+        return pl.DataFrame()
+    return pl.concat(frames)
+
+
+# --- section -------------------------------------------------------------------------------------
 def add_lp_section(report: Report, lp: dict[str, pl.DataFrame]) -> None:
     """Append the LP configuration section to `report`."""
     report.add(Heading("LP configuration: replay and closed-loop check"))
-    recs = lp["recommendations"]
-    report.add(Paragraph([s for s in recs["sentence"].to_list()]))
+    tables, problems = _tables(lp)
+    summary, recs = tables["summary"], tables["recommendations"].sort("task")
+    closed, runs, traces = tables["closed_loop"], tables["closed_loop_runs"], tables["traces"]
+    if problems:
+        report.add(
+            Paragraph(
+                [
+                    "Some LP tables could not be used, so parts of this section are missing: "
+                    + "; ".join(problems)
+                    + ". Materialize lp_replay and lp_recommendations to fill them."
+                ]
+            )
+        )
+    _intro(report, summary, recs)
+    if recs.height:
+        report.add(Bullets([str(s) for s in recs["sentence"].drop_nulls().to_list()]))
+        _recommendation_table(report, recs, summary)
+    else:
+        report.add(
+            Paragraph(
+                [
+                    "No LP recommendation: the recommendations table is empty (no task has "
+                    "replays of Metta's default to compare against)."
+                ]
+            )
+        )
+    _snr_figure(report, summary, recs)
+    _sampling_figure(report, traces, recs)
+    _closed_loop(report, closed, runs, recs)
+    _limits(report, recs)
+
+
+def _intro(report: Report, summary: pl.DataFrame, recs: pl.DataFrame) -> None:
+    if recs.height == 0 and summary.height == 0:
+        report.add(Paragraph(["No LP configuration has been replayed yet."]))
+        return
+    configs = summary.group_by("task").agg(pl.col("config").n_unique().alias("n"))["n"].to_list()
+    seeds = sorted(set(recs["n_seeds"].drop_nulls().to_list()))
+    epoch_tasks = recs.filter(pl.col("granularity") == GRANULARITY_EPOCH)["task"].to_list()
+    if not recs.height:
+        stream = "the recorded reward streams"
+    elif not epoch_tasks:
+        stream = "the recorded per-completion reward stream (the rewards LP consumes, in order)"
+    elif len(epoch_tasks) == recs.height:
+        stream = (
+            "epoch means, not completions: no per-completion stream was recorded, so each "
+            "label's fresh (non-stale) epoch mean is fed to LP as one pseudo-completion, "
+            "which LP never sees in training"
+        )
+    else:
+        stream = (
+            "the per-completion reward stream, except for "
+            + ", ".join(epoch_tasks)
+            + ", where only epoch means were recorded: there each label's fresh epoch mean "
+            "is fed to LP as one pseudo-completion"
+        )
+    n_configs = (
+        f"{_span(configs)} LP configurations per task" if configs else "the LP configurations"
+    )
+    n_seeds = f"{_span(seeds)} seeds per task" if seeds else "the available seeds"
+    report.add(
+        Paragraph(
+            [
+                f"Each task's training runs were replayed through {n_configs} (Metta's "
+                "default and variations of its EMA timescales, the z-score variant, an "
+                f"active-pool cap and SPS-aware weighting) on {n_seeds}, using {stream}. "
+                "The objective is the LP signal-to-noise ratio (SNR): the sampling "
+                "probability LP gives a label whose reward is rising over the probability it "
+                "gives a plateaued one. A configuration is recommended when it has the highest "
+                "SNR relative to Metta's default, compared on the log scale and paired by "
+                "seed, among those whose median response lag and plateau churn are at most "
+                "1.5 times the default's and whose starved fraction is at most 0.05 above it "
+                "(the asset's default guards); 'confident' means the 95% t interval of that "
+                "paired ratio excludes 1. Replay is open-loop: every configuration sees the "
+                "same recorded sequence of completions, chosen by the curriculum that ran, so "
+                "it shows how a configuration reacts to the rewards, not what it would make "
+                "the agent practise; the closed-loop check below runs the simulator instead."
+            ]
+        )
+    )
+
+
+def _span(values: list[int]) -> str:
+    if not values:
+        return "n/a"
+    lo, hi = min(values), max(values)
+    return f"{lo}" if lo == hi else f"{lo} to {hi}"
+
+
+def _recommendation_table(report: Report, recs: pl.DataFrame, summary: pl.DataFrame) -> None:
+    snr = summary.filter(pl.col("metric") == "lp_snr")
+    best_ratio = {
+        (t, c): d for t, c, d in snr.select("task", "config", "diff_vs_default").iter_rows()
+    }
+    rows = []
+    for r in recs.iter_rows(named=True):
+        is_default = r["config"] == METTA_DEFAULT
+        best = r["replay_best"] or "n/a"
+        log_ratio = best_ratio.get((r["task"], r["replay_best"]))
+        if best == METTA_DEFAULT:
+            best_text = "none above the default"
+        elif best == "n/a":
+            best_text = best
+        else:
+            best_text = (
+                f"{best} ({ratio(math.exp(log_ratio) if _finite(log_ratio) is not None else None)})"
+            )
+        rows.append(
+            [
+                r["task"],
+                r["config"],
+                f"{r['granularity']}, {r['n_seeds']} seeds",
+                _versus(num(r["snr_recommended"]), num(r["snr_default"])),
+                "x1 (is the default)"
+                if is_default
+                else ratio_ci(r["snr_ratio"], r["snr_ratio_ci_low"], r["snr_ratio_ci_high"]),
+                "n/a" if is_default else ("yes" if r["confident"] else "no"),
+                _versus(lag(r["lag_recommended"]), lag(r["lag_default"])),
+                _versus(num(r["churn_recommended"]), num(r["churn_default"])),
+                _versus(num(r["starved_recommended"]), num(r["starved_default"])),
+                best_text,
+            ]
+        )
+    report.add(
+        Table(
+            [
+                "task",
+                "configuration",
+                "replayed on",
+                "LP SNR, recommended vs default (probability ratio)",
+                "SNR ratio vs default (95% CI)",
+                "confident",
+                "median lag, recommended vs default (completions)",
+                "plateau churn, recommended vs default (rank fraction per 1000 completions)",
+                "starved fraction, recommended vs default",
+                "highest replayed SNR (ratio vs default)",
+            ],
+            rows,
+            caption="Recommended configuration per task. SNR: geometric mean over seeds; "
+            "lag: median over seeds of the per-run median lag ('never': most labels that "
+            "turned improving never reached LP's top quarter before the run ended); churn and "
+            "starved fraction: mean over seeds. When the highest replayed SNR is not the "
+            "recommendation, it failed a guard (lag, churn or starvation).",
+        )
+    )
+
+
+def _snr_figure(report: Report, summary: pl.DataFrame, recs: pl.DataFrame) -> None:
+    points = _snr_points(summary, recs)
+    if points.height == 0:
+        report.add(Paragraph(["No sweep summary of LP SNR to plot."]))
+        return
+    report.add(
+        Figure(
+            "lp_snr_ratios",
+            figures.lp_snr_ratios(points),
+            "Replayed LP signal-to-noise ratio of every configuration relative to Metta's "
+            "default, per task: geometric mean over seeds of the paired ratio, whiskers = 95% "
+            "t interval (none when fewer than 2 seeds have a finite SNR). Right of the dashed "
+            "line: improving labels get relatively more probability than under the default. "
+            f"Values beyond x{figures.SNR_CLIP:g} or below x1/{figures.SNR_CLIP:g} are drawn "
+            "at the axis edge with their value written next to them.",
+        )
+    )
+
+
+def _sampling_figure(report: Report, traces: pl.DataFrame, recs: pl.DataFrame) -> None:
+    panels = _trace_panels(traces, recs)
+    if panels.height == 0:
+        report.add(Paragraph(["No replay traces to plot the sampling distribution."]))
+        return
+    trend = TrendSettings()
+    report.add(
+        Figure(
+            "lp_sampling",
+            figures.lp_sampling(panels),
+            "Sampling probability of every label as LP replays the lowest seed's run of each "
+            "task, under Metta's default, the recommended configuration and the one with the "
+            "highest replayed SNR (when different). Colour: probability relative to uniform "
+            "(1/L, L labels), log scale (red: drawn more, blue: drawn less; the scale stops "
+            "at 1/8 and 8 times uniform); black dots: the label's reward is rising (slope over "
+            f"its last {trend.window} samples above {trend.t_improving:g} noise standard errors, "
+            "with the default trend settings). A good configuration turns red where the dots "
+            "are.",
+        )
+    )
+
+
+def _closed_loop(
+    report: Report, closed: pl.DataFrame, runs: pl.DataFrame, recs: pl.DataFrame
+) -> None:
+    report.add(Heading("Closed loop in the simulator (fresh seeds)", level=3))
+    reasons = _missing_closed_loop(closed, runs, recs)
+    if closed.height == 0:
+        text = "No closed-loop comparison was run"
+        if not reasons:
+            text += " (no LP recommendation to check)."
+        report.add(Paragraph([text + (":" if reasons else "")]))
+        if reasons:
+            report.add(Bullets(reasons))
+        return
+    epochs = sorted(set(runs["epochs"].drop_nulls().to_list()))
+    seeds = sorted(set(closed["n_seeds"].drop_nulls().to_list()))
+    report.add(
+        Paragraph(
+            [
+                "The simulator's learner reacts to the curriculum, so here a configuration "
+                "changes what is practised. Each candidate (the recommendation and, when "
+                "different, the configuration with the highest replayed SNR) and Metta's "
+                f"default ran on {_span(seeds)} fresh seeds"
+                + (f" of {_span(epochs)} epochs" if epochs else "")
+                + ", with the same learner and random draws per seed; differences are "
+                "candidate minus default, paired by seed, with 95% t intervals. Time to "
+                "competence: epochs until the mean latent competence over the task's labels "
+                f"is {COMPETENCE_FRACTION:.0%} of the way from its floor to its ceiling; a run "
+                "that never gets there is censored and counted as its run length, so its true "
+                "time is longer than shown."
+            ]
+        )
+    )
+    order = {m: o for m, (_, o) in _CLOSED_LOOP_METRICS.items()}
+    ordered = closed.with_columns(
+        pl.col("metric").replace_strict(order, default=len(order)).alias("_m"),
+        (pl.col("role") != "recommended").alias("_r"),
+    ).sort("task", "_r", "config", "_m")
+    rows = []
+    for r in ordered.iter_rows(named=True):
+        is_time = r["metric"] == "time_to_competence"
+        rows.append(
+            [
+                r["task"],
+                r["config"],
+                _ROLES.get(r["role"], r["role"]),
+                _CLOSED_LOOP_METRICS.get(r["metric"], (r["metric"], 0))[0],
+                r["n_seeds"],
+                num(r["default_mean"]),
+                num(r["recommended_mean"]),
+                diff_ci(r["diff"], r["diff_ci_low"], r["diff_ci_high"]),
+                f"{r['n_censored']} of {2 * r['n_seeds']}" if is_time else "",
+            ]
+        )
+    report.add(
+        Table(
+            [
+                "task",
+                "configuration",
+                "role",
+                "metric",
+                "seeds",
+                "Metta default (mean)",
+                "candidate (mean)",
+                "candidate - default (95% CI)",
+                "censored runs (default + candidate)",
+            ],
+            rows,
+            caption="Closed loop in the simulator (fresh seeds): candidate vs Metta's default, "
+            "paired by seed. Lower time to competence and higher reward or competence are "
+            "better.",
+        )
+    )
+    if reasons:
+        report.add(Paragraph(["Tasks without a closed-loop comparison:"]), Bullets(reasons))
+
+
+def _missing_closed_loop(closed: pl.DataFrame, runs: pl.DataFrame, recs: pl.DataFrame) -> list[str]:
+    """Why each recommended task has no closed-loop rows, one sentence per task."""
+    done = set(closed["task"].to_list())
+    out = []
+    for r in recs.iter_rows(named=True):
+        task = r["task"]
+        if task in done:
+            continue
+        best = r["replay_best"]
+        if r["config"] == METTA_DEFAULT and best in (None, METTA_DEFAULT):
+            why = (
+                "the recommendation is Metta's default and no other configuration had a "
+                "higher replayed SNR, so there is nothing to compare"
+            )
+        elif task not in TASKS:
+            why = "the simulator does not model this task"
+        elif runs.height == 0:
+            why = (
+                "the closed-loop check was not run (disabled in the lp_recommendations "
+                "configuration)"
+            )
+        else:
+            why = "no paired simulator runs of the candidate and Metta's default"
+        out.append(f"{task}: {why}.")
+    return out
+
+
+def _limits(report: Report, recs: pl.DataFrame) -> None:
+    seeds = sorted(set(recs["n_seeds"].drop_nulls().to_list()))
+    n_seeds = f"{_span(seeds)} seeds" if seeds else "a few seeds"
+    report.add(Heading("Limits", level=3))
+    report.add(
+        Paragraph(
+            [
+                "Replay is open-loop: the recorded label order came from the curriculum that "
+                "ran, so a configuration that would stop sampling a label still sees that "
+                "label's rewards in replay, and a configuration that would focus on a label "
+                "never sees the extra practice it would have caused (the starved-fraction "
+                "guard only limits this). The closed-loop results come from the simulator's "
+                "learner model, not from MettaGrid training. With "
+                f"{n_seeds} the confidence intervals are wide: a ratio whose interval "
+                "includes 1 (or a difference whose interval includes 0) does not separate "
+                "the configuration from the default. Picking the best of many configurations "
+                "on the same seeds flatters the winner (winner's curse): expect its replayed "
+                "advantage to shrink on new runs, which is why the closed-loop check uses "
+                "fresh seeds."
+            ]
+        )
+    )

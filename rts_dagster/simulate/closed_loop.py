@@ -45,6 +45,7 @@ def outcomes(run: SimulatedRun, competence_fraction: float = COMPETENCE_FRACTION
     return {
         "epochs": epochs,
         "time_to_competence": float(reached[0] + 1) if reached.size else float(epochs),
+        "reached_competence": bool(reached.size),
         "final_reward": float(np.nanmean(final)) if np.isfinite(final).any() else math.nan,
         "competence_final": float(mean_competence[-1]),
     }

@@ -36,6 +36,12 @@ def test_outcomes_by_hand(short_run) -> None:
     assert out["competence_final"] == pytest.approx(0.9)
     never = dataclasses.replace(run, epoch_competence=np.zeros((EPOCHS, 2)))
     assert outcomes(never)["time_to_competence"] == EPOCHS  # censored at the run length
+    assert outcomes(never)["reached_competence"] is False and out["reached_competence"] is True
+    # reaching competence exactly at the last epoch is not censored
+    late = np.zeros((EPOCHS, 2))
+    late[-1] = 0.9
+    at_end = outcomes(dataclasses.replace(run, epoch_competence=late))
+    assert at_end["time_to_competence"] == EPOCHS and at_end["reached_competence"] is True
 
 
 def test_curricula_share_the_learner_and_differ_by_what_is_practised() -> None:
