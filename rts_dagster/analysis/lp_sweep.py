@@ -57,6 +57,7 @@ SUMMARY_METRICS = (
     "entropy_mean",
     "improving_mass",
     "starved_fraction",
+    "pole_fraction",
 )
 CLOSED_LOOP_METRICS = ("time_to_competence", "final_reward", "competence_final")
 

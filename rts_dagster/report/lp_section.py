@@ -229,8 +229,34 @@ def add_lp_section(report: Report, lp: dict[str, pl.DataFrame]) -> None:
         )
     _snr_figure(report, summary, recs)
     _sampling_figure(report, traces, recs)
+    _pole(report, summary)
     _closed_loop(report, closed, runs, recs)
     _limits(report, recs)
+
+
+def _pole(report: Report, summary: pl.DataFrame) -> None:
+    """How often Metta's progress-smoothing transform ran into its pole in the replay."""
+    if "metric" not in summary.columns:
+        return
+    rows = summary.filter(
+        (pl.col("metric") == "pole_fraction") & (pl.col("config") == "metta_default")
+    ).sort("task")
+    if rows.height == 0:
+        return
+    parts = [
+        f"{task}: {num(100 * value)}%" for task, value in rows.select("task", "mean").iter_rows()
+    ]
+    report.add(
+        Paragraph(
+            [
+                "Progress smoothing applies R(p) = p(1-t)/(p + t(1-2p)), meant for p in [0, 1], "
+                "to x in [-1, 1]; with t = 0.05 its denominator crosses zero at x = -0.056, "
+                "where R falls towards minus infinity and inflates |R(F) - R(S)|. Share of "
+                "label-instants of Metta's default replay with |R(F)| or |R(S)| above 1 "
+                "(mean over seeds): " + "; ".join(parts) + "."
+            ]
+        )
+    )
 
 
 def _intro(report: Report, summary: pl.DataFrame, recs: pl.DataFrame) -> None:

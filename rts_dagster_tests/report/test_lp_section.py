@@ -415,3 +415,21 @@ def test_section_renders_html_figures_without_a_browser(tmp_path):
     _, page, out = _render(_lp(), tmp_path)
     assert out["pngs"] == {}
     assert "fig-lp_snr_ratios" in page and "fig-lp_sampling" in page
+
+
+def test_pole_share_of_metta_default_is_reported(tmp_path):
+    lp = _lp()
+    pole = [
+        {**row, "metric": "pole_fraction", "mean": share}
+        for row, share in zip(
+            _summary(MODELLED, {"metta_default": (0.0, 0.0, 0.0)})
+            + _summary(EVIL_TASK, {"metta_default": (0.0, 0.0, 0.0)}),
+            (0.0123, 0.5),
+            strict=True,
+        )
+    ]
+    lp["summary"] = pl.concat([lp["summary"], _frame(pole, LP_SWEEP_SUMMARY)])
+    markdown, _, _ = _render(lp, tmp_path)
+    text = _md_text(markdown)
+    assert "x = -0.056" in text
+    assert f"{MODELLED}: 1.23%" in text and f"{EVIL_TASK}: 50.0%" in text
