@@ -221,7 +221,9 @@ def sweep_run(
                 strict=False,
             )
         )
-    metrics = conform(pl.DataFrame(metric_rows), LP_REPLAY_METRICS, "lp_replay metrics")
+    metrics = conform(
+        pl.DataFrame(metric_rows, infer_schema_length=None), LP_REPLAY_METRICS, "lp_replay metrics"
+    )
     trace = pl.concat(traces).with_columns(
         pl.lit(task).alias("task"), pl.lit(seed).alias("seed"), pl.lit(run_id).alias("run_id")
     )
@@ -293,7 +295,9 @@ def summarise_sweep(metrics: pl.DataFrame) -> pl.DataFrame:
                         "diff_ci_high": diff_high,
                     }
                 )
-    return conform(pl.DataFrame(rows), LP_SWEEP_SUMMARY, "lp sweep summary")
+    return conform(
+        pl.DataFrame(rows, infer_schema_length=None), LP_SWEEP_SUMMARY, "lp sweep summary"
+    )
 
 
 def recommend(
@@ -349,7 +353,9 @@ def recommend(
         rows.append(row)
     if not rows:
         return empty(LP_RECOMMENDATIONS)
-    return conform(pl.DataFrame(rows), LP_RECOMMENDATIONS, "lp recommendations")
+    return conform(
+        pl.DataFrame(rows, infer_schema_length=None), LP_RECOMMENDATIONS, "lp recommendations"
+    )
 
 
 def _exp(value: float) -> float:
@@ -491,4 +497,6 @@ def summarise_closed_loop(
                 )
     if not rows:
         return empty(LP_CLOSED_LOOP_SUMMARY)
-    return conform(pl.DataFrame(rows), LP_CLOSED_LOOP_SUMMARY, "closed loop summary")
+    return conform(
+        pl.DataFrame(rows, infer_schema_length=None), LP_CLOSED_LOOP_SUMMARY, "closed loop summary"
+    )

@@ -81,4 +81,4 @@ def run_closed_loop(
                 rows.append(row)
                 if progress:
                     progress(i, len(jobs))
-    return conform(pl.DataFrame(rows), LP_CLOSED_LOOP, "closed loop")
+    return conform(pl.DataFrame(rows, infer_schema_length=None), LP_CLOSED_LOOP, "closed loop")

@@ -260,3 +260,23 @@ def test_closed_loop_summary_by_hand() -> None:
     assert ttc["role"] == "recommended" and ttc["n_seeds"] == 3
     final = summary.filter(pl.col("metric") == "final_reward")["diff"].item()
     assert final == pytest.approx(0.05)
+
+
+def test_summary_of_many_configurations_keeps_late_settings() -> None:
+    """A column null in the first 100+ rows (pool_cap of a task without a cap) and set
+    later must not break building the table (polars infers types from early rows)."""
+    rows = []
+    for task, n_labels in (("a_two_labels", 2), ("b_ten_labels", 10)):
+        for config in default_sweep(n_labels):
+            for seed in (1, 2):
+                rows.append((task, config.name, seed))
+    frame = _metrics([(name, seed, 1.0 + seed, 10.0, 0.1, 0.0) for _, name, seed in rows])
+    frame = frame.with_columns(pl.Series("task", [task for task, _, _ in rows]))
+    capped = [c for c in default_sweep(10) if c.pool_cap]
+    settings = pl.DataFrame([c.settings() | {"config": c.name} for c in capped])
+    frame = frame.update(settings.select("config", "pool_cap"), on="config")
+    summary = summarise_sweep(frame)
+    assert summary.height > 100
+    caps = summary.filter(pl.col("pool_cap").is_not_null())["pool_cap"].unique().to_list()
+    assert caps == [capped[0].pool_cap]
+    assert recommend(frame).height == 2
