@@ -134,6 +134,10 @@ def refresh(force: bool = False, quiet: bool = False) -> int:
     if report.exists():
         print(f"report: {report}")
         print(f"        {report.with_suffix('.html')}")
+    lp_recs = storage.lp_aggregate_paths(data_dir)["recommendations"]
+    if lp_recs.exists():
+        n_tasks = pl.read_parquet(lp_recs, columns=["task"]).height
+        print(f"LP recommendations ({n_tasks} tasks, with evidence in the report): {lp_recs}")
     if failures:
         print(f"{len(failures)} FAILED: " + ", ".join(k for k, _ in failures))
         return 1

@@ -48,6 +48,9 @@ def test_refresh_then_incremental_then_cli_materialize(tiny_offline_dir, tmp_pat
         assert str(path) in first.stdout
     assert "4 new or changed" in first.stdout
     assert "unmatched-run-name" in first.stdout  # the ignored run is reported by name
+    assert f"report: {data / 'report' / 'report.md'}" in first.stdout
+    lp_recs = data / "lp" / "recommendations.parquet"
+    assert f"LP recommendations (2 tasks, with evidence in the report): {lp_recs}" in first.stdout
     assert (tmp_path / "home" / "dagster.yaml").exists()
 
     second = _run([str(BIN / "rts"), "refresh"], env)
