@@ -3,7 +3,7 @@ seeds, recommend a configuration per task, and compare closed-loop outcomes.
 
 Pure functions on polars/numpy (no Dagster, no I/O). The default sweep covers the study
 plan's knobs: `ema_timescale` on a log grid around Metta's 0.001 and the navigation
-recipe's 0.006, `slow_timescale_factor` (dual timescales: how far apart F and S are), the
+recipe's 0.006 (and, per run, the gain the analysis core's local-level fit recommends), `slow_timescale_factor` (dual timescales: how far apart F and S are), the
 z-score variant with Z in {10, 20, 30} and Z annealed 30 -> 10, an active-pool cap, and
 SPS-aware down-weighting.
 
@@ -32,6 +32,7 @@ import numpy as np
 import polars as pl
 from scipy import stats
 
+from rts_dagster.analysis import kalman
 from rts_dagster.analysis.lp import LPConfig, ZScoreLPConfig
 from rts_dagster.analysis.lp_replay import DEFAULT_EVAL_POINTS, CurriculumConfig, replay
 from rts_dagster.analysis.lp_signal import TrendSettings, label_trends, signal_quality
@@ -62,11 +63,25 @@ SUMMARY_METRICS = (
 CLOSED_LOOP_METRICS = ("time_to_competence", "final_reward", "competence_final")
 
 
-def default_sweep(n_labels: int) -> list[CurriculumConfig]:
-    """The default experiments matrix for a task with `n_labels` labels."""
+KALMAN_MATCHED = "kalman_matched"
+
+
+def default_sweep(n_labels: int, matched_gain: float | None = None) -> list[CurriculumConfig]:
+    """The default experiments matrix for a task with `n_labels` labels. With
+    `matched_gain` (see `matched_gain`), also Metta main LP with ema_timescale set to
+    the steady-state Kalman gain of the run's own rewards (`kalman_matched`)."""
     configs = [
         CurriculumConfig(name=METTA_DEFAULT, description="Metta main defaults"),
     ]
+    if matched_gain is not None and math.isfinite(matched_gain) and 0 < matched_gain <= 1:
+        configs.append(
+            CurriculumConfig(
+                name=KALMAN_MATCHED,
+                main=LPConfig(ema_timescale=matched_gain),
+                description=f"ema_timescale {matched_gain:.3g}: the local-level (Kalman) "
+                "gain of this run's rewards",
+            )
+        )
     for ema in EMA_GRID:
         if ema != LPConfig().ema_timescale:
             configs.append(
@@ -118,6 +133,23 @@ def default_sweep(n_labels: int) -> list[CurriculumConfig]:
         )
     )
     return configs
+
+
+def matched_gain(streams: pl.DataFrame, granularity: str) -> float | None:
+    """The steady-state Kalman gain of a local-level model fitted to the run's series of
+    `granularity` (q and r averaged over its labels, as `kalman.recommend_timescales`
+    pools them): the EMA weight that tracks these rewards best. None if undefined."""
+    rows = streams.filter(pl.col("granularity") == granularity)
+    if rows.height == 0:
+        return None
+    per_series = kalman.estimate_local_level(rows)
+    q = per_series["q"].to_numpy()
+    r = per_series["r"].to_numpy()
+    ok = np.isfinite(q) & np.isfinite(r)
+    if not ok.any():
+        return None
+    gain = float(kalman.steady_state_gain(q[ok].mean(), r[ok].mean()))
+    return gain if math.isfinite(gain) and gain > 0 else None
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ replayed on the recorded reward streams, a recommendation per task, and a closed
 check in the simulator. Thin: the science is in rts_dagster.analysis.lp_*."""
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,8 @@ def lp_replay(
         stream = lp_sweep.replay_stream(part.streams)
     except ValueError as exc:
         raise dg.Failure(f"{part.path}: {exc}") from exc
-    configs = lp_sweep.default_sweep(len(stream.labels))
+    gain = lp_sweep.matched_gain(part.streams, stream.granularity)
+    configs = lp_sweep.default_sweep(len(stream.labels), matched_gain=gain)
     started = time.perf_counter()
     metrics, trace = lp_sweep.sweep_run(
         stream,
@@ -139,7 +141,12 @@ def lp_recommendations(
             if task not in TASKS:
                 context.log.info(f"closed loop: no simulator model of task {task!r}: skipped")
                 continue
-            sweep = {c.name: c for c in lp_sweep.default_sweep(len(TASKS[task].labels))}
+            sweep = {
+                c.name: c
+                for c in lp_sweep.default_sweep(
+                    len(TASKS[task].labels), matched_gain=_mean_matched_gain(metrics, task)
+                )
+            }
             names = [lp_sweep.METTA_DEFAULT, *(name for name, _ in pairs if name in sweep)]
             for seed in config.closed_loop_seeds:
                 jobs.extend((task, seed, config.closed_loop_epochs, sweep[n]) for n in names)
@@ -171,6 +178,14 @@ def lp_recommendations(
             "config": json.dumps(config.model_dump()),
         }
     )
+
+
+def _mean_matched_gain(metrics: pl.DataFrame, task: str) -> float | None:
+    """Geometric mean over the task's runs of the kalman_matched ema_timescale."""
+    gains = metrics.filter(
+        (pl.col("task") == task) & (pl.col("config") == lp_sweep.KALMAN_MATCHED)
+    )["ema_timescale"]
+    return math.exp(float(gains.log().mean())) if gains.len() else None
 
 
 def _load_lp_metrics(rts_storage: RtsStorage, context: dg.AssetExecutionContext) -> pl.DataFrame:

@@ -280,3 +280,42 @@ def test_summary_of_many_configurations_keeps_late_settings() -> None:
     caps = summary.filter(pl.col("pool_cap").is_not_null())["pool_cap"].unique().to_list()
     assert caps == [capped[0].pool_cap]
     assert recommend(frame).height == 2
+
+
+def test_matched_gain_recovers_a_known_local_level() -> None:
+    """Random walk (step sd 0.02) + noise (sd 0.2) on 3 labels: the matched EMA weight is
+    the steady-state Kalman gain of (q, r), and the sweep replays LP at that weight."""
+    from rts_dagster.analysis.kalman import steady_state_gain
+
+    rng = np.random.default_rng(11)
+    q, r, n = 0.02**2, 0.2**2, 6000
+    frames = []
+    for label in ("a", "b", "c"):
+        level = 0.5 + np.cumsum(rng.normal(0, math.sqrt(q), n))
+        frames.append(
+            pl.DataFrame(
+                {
+                    "task": "t",
+                    "seed": 1,
+                    "run_id": "r",
+                    "label": label,
+                    "granularity": "completion",
+                    "sample_index": np.arange(n),
+                    "agent_step": np.arange(n),
+                    "epoch": 0,
+                    "reward": level + rng.normal(0, math.sqrt(r), n),
+                    "sps": 1.0,
+                    "is_stale": False,
+                }
+            )
+        )
+    streams = conform(pl.concat(frames), REWARD_STREAMS)
+    from rts_dagster.analysis.lp_sweep import KALMAN_MATCHED, matched_gain
+
+    gain = matched_gain(streams, "completion")
+    truth = float(steady_state_gain(q, r))
+    assert gain == pytest.approx(truth, rel=0.2)
+    assert matched_gain(streams, "epoch") is None  # no epoch rows
+    configs = {c.name: c for c in default_sweep(3, matched_gain=gain)}
+    assert configs[KALMAN_MATCHED].main.ema_timescale == gain
+    assert KALMAN_MATCHED not in {c.name for c in default_sweep(3)}
