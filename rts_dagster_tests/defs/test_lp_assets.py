@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 
 from rts_dagster import storage
-from rts_dagster.analysis.lp_sweep import METTA_DEFAULT, default_sweep
+from rts_dagster.analysis.lp_sweep import KALMAN_MATCHED, METTA_DEFAULT, default_sweep
 from rts_dagster.definitions import ASSETS
 from rts_dagster.defs.resources import OfflineRunsSource, RtsStorage
 from rts_dagster.schema import LP_RECOMMENDATIONS, LP_REPLAY_METRICS
@@ -58,7 +58,11 @@ def test_lp_replay_files_per_partition(lp_pipeline) -> None:
             paths = storage.lp_replay_paths(data, task, str(seed))
             metrics = pl.read_parquet(paths["metrics"])
             assert metrics.schema == LP_REPLAY_METRICS
-            assert metrics["config"].to_list() == [c.name for c in default_sweep(len(labels))]
+            # the default matrix, plus LP at the run's own local-level gain
+            names = [c.name for c in default_sweep(len(labels), matched_gain=0.5)]
+            assert metrics["config"].to_list() == names
+            matched = metrics.filter(pl.col("config") == KALMAN_MATCHED)["ema_timescale"]
+            assert 0 < matched.item() <= 1
             # the tiny runs have no per-completion stream: epoch means, stale rows dropped
             assert set(metrics["granularity"]) == {"epoch"}
             assert metrics["n_completions"].unique().to_list() == [20 * len(labels)]
