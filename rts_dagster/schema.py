@@ -328,7 +328,7 @@ LP_CLOSED_LOOP_SUMMARY = pl.Schema(
     {
         "task": pl.String,
         "config": pl.String,  # the configuration compared with Metta's default
-        "role": pl.String,  # "recommended" | "replay_best" (highest replayed SNR)
+        "role": pl.String,  # "recommended" | "replay_best" | "local_level_gain" (kalman_matched)
         "metric": pl.String,  # time_to_competence | final_reward | competence_final
         "n_seeds": pl.Int64,
         "default_mean": pl.Float64,

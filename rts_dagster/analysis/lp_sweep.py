@@ -472,18 +472,25 @@ def _num(value: float, digits: int = 0) -> str:
 
 
 # --- closed loop ---------------------------------------------------------------------------------
-def closed_loop_candidates(recommendations: pl.DataFrame) -> dict[str, list[tuple[str, str]]]:
+def closed_loop_candidates(
+    recommendations: pl.DataFrame, metrics: pl.DataFrame | None = None
+) -> dict[str, list[tuple[str, str]]]:
     """Task -> [(configuration, role)] to compare with Metta's default in the closed loop:
-    the recommendation and, when different, the highest replayed SNR (the configuration
-    an open-loop reading alone would pick)."""
+    the recommendation, the highest replayed SNR (the configuration an open-loop reading
+    alone would pick) and, when it was replayed (`metrics`), `kalman_matched` (LP at the
+    local-level gain the noise analysis recommends); each once, default excluded."""
+    matched_tasks = set()
+    if metrics is not None and metrics.height:
+        matched_tasks = set(metrics.filter(pl.col("config") == KALMAN_MATCHED)["task"].to_list())
     out: dict[str, list[tuple[str, str]]] = {}
     for row in recommendations.iter_rows(named=True):
-        pairs = []
-        if row["config"] != METTA_DEFAULT:
-            pairs.append((row["config"], "recommended"))
-        best = row["replay_best"]
-        if best and best not in (METTA_DEFAULT, row["config"]):
-            pairs.append((best, "replay_best"))
+        pairs: list[tuple[str, str]] = []
+        wanted = [(row["config"], "recommended"), (row["replay_best"], "replay_best")]
+        if row["task"] in matched_tasks:
+            wanted.append((KALMAN_MATCHED, "local_level_gain"))
+        for name, role in wanted:
+            if name and name != METTA_DEFAULT and name not in (n for n, _ in pairs):
+                pairs.append((name, role))
         if pairs:
             out[row["task"]] = pairs
     return out

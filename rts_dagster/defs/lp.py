@@ -135,7 +135,7 @@ def lp_recommendations(
     outcomes = empty(LP_CLOSED_LOOP)
     closed = empty(LP_CLOSED_LOOP_SUMMARY)
     if config.closed_loop:
-        candidates = lp_sweep.closed_loop_candidates(recs)
+        candidates = lp_sweep.closed_loop_candidates(recs, metrics)
         jobs = []
         for task, pairs in candidates.items():
             if task not in TASKS:

@@ -40,7 +40,11 @@ _CLOSED_LOOP_METRICS = {  # metric -> (display name with unit, order)
     "final_reward": (f"final reward (mean episode reward, last {FINAL_FRACTION:.0%} of epochs)", 1),
     "competence_final": ("final competence (mean latent competence)", 2),
 }
-_ROLES = {"recommended": "recommended", "replay_best": "highest replayed SNR"}
+_ROLES = {
+    "recommended": "recommended",
+    "replay_best": "highest replayed SNR",
+    "local_level_gain": "LP at the local-level gain",
+}
 
 
 # --- formatting ----------------------------------------------------------------------------------
@@ -434,8 +438,10 @@ def _closed_loop(
         Paragraph(
             [
                 "The simulator's learner reacts to the curriculum, so here a configuration "
-                "changes what is practised. Each candidate (the recommendation and, when "
-                "different, the configuration with the highest replayed SNR) and Metta's "
+                "changes what is practised. Each candidate (the recommendation, the "
+                "configuration with the highest replayed SNR, and Metta's LP with "
+                "ema_timescale at the local-level gain of the task's rewards, the timescale "
+                "the noise analysis above recommends) and Metta's "
                 f"default ran on {_span(seeds)} fresh seeds"
                 + (f" of {_span(epochs)} epochs" if epochs else "")
                 + ", with the same learner and random draws per seed; differences are "

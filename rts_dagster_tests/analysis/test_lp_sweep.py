@@ -243,6 +243,10 @@ def test_closed_loop_summary_by_hand() -> None:
         "t": [("main_ema_0.006", "recommended"), ("zscore_z10", "replay_best")],
         "u": [("x", "replay_best")],
     }
+    replayed = pl.DataFrame({"task": ["u", "t"], "config": ["kalman_matched", "other"]})
+    with_matched = closed_loop_candidates(recs, replayed)
+    assert with_matched["u"] == [("x", "replay_best"), ("kalman_matched", "local_level_gain")]
+    assert with_matched["t"] == candidates["t"]
     rows = []
     for seed, (d, c) in enumerate([(100, 90), (120, 100), (300, 300)], 1):
         rows.append(("t", METTA_DEFAULT, seed, 300, float(d), d < 300, 0.5, 0.6))
