@@ -449,7 +449,10 @@ def _closed_loop(
                 "competence: epochs until the mean latent competence over the task's labels "
                 f"is {COMPETENCE_FRACTION:.0%} of the way from its floor to its ceiling; a run "
                 "that never gets there is censored and counted as its run length, so its true "
-                "time is longer than shown."
+                "time is longer than shown. Final reward is the mean over the episodes the "
+                "curriculum chose, so a curriculum that practises harder labels lowers it even "
+                "while competence rises; final competence (mean latent competence over all "
+                "labels) does not depend on what was sampled."
             ]
         )
     )
