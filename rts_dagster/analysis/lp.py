@@ -92,12 +92,11 @@ def sampling_probabilities(raw: np.ndarray) -> np.ndarray:
     labels the scores are z-scored with the population std (plain `raw - mean` when the
     std is 0), passed through a sigmoid and normalised.
 
-    With 1 or 2 remaining labels the scores themselves are normalised (p = raw / sum).
-    Why: DOMAIN.md specifies the z-score only for "more than 2 tasks", and a z-score of
-    two values is always -1 and +1 (population std), which would fix the split at
-    sigmoid(1) : sigmoid(-1) ~ 0.73 : 0.27 whatever the scores are; proportional weights
-    keep the ordering and the size of the difference. If no label has a positive score
-    (only possible with exploration_bonus <= 0), the distribution is uniform.
+    With 1 or 2 remaining labels there is no z-score (DOMAIN.md: only for "more than 2
+    tasks"): the sigmoid applies to the raw scores themselves, p = sigmoid(raw) / sum.
+    Raw scores are small (>= exploration_bonus, typically < 1), so this split stays close
+    to even: [0.1, 0.3] gives [0.4775, 0.5225]. If no label has a positive score (only
+    possible with exploration_bonus <= 0), the distribution is uniform.
     """
     raw = np.asarray(raw, dtype=np.float64)
     rows = np.atleast_2d(raw)
@@ -109,7 +108,7 @@ def sampling_probabilities(raw: np.ndarray) -> np.ndarray:
     centred = np.where(keep, rows - mean, 0.0)
     std = np.sqrt((centred**2).sum(axis=-1, keepdims=True) / safe_n)
     z = np.divide(centred, std, out=centred.copy(), where=std > 0.0)
-    weights = np.where(n_keep > 2, sigmoid(z), kept)
+    weights = sigmoid(np.where(n_keep > 2, z, kept))
     weights = np.where(keep, weights, 0.0)
     total = weights.sum(axis=-1, keepdims=True)
     uniform = np.full(rows.shape, 1.0 / rows.shape[-1])

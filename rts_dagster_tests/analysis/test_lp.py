@@ -105,8 +105,12 @@ def test_sampling_probabilities_std_zero_is_uniform() -> None:
     np.testing.assert_allclose(sampling_probabilities(np.full(4, 0.1)), [0.25] * 4)
 
 
-def test_sampling_probabilities_two_labels_use_raw_weights() -> None:
-    np.testing.assert_allclose(sampling_probabilities(np.array([0.1, 0.3])), [0.25, 0.75])
+def test_sampling_probabilities_two_labels_take_the_sigmoid_of_raw_scores() -> None:
+    # No z-score with <= 2 labels: sigmoid(0.1) = 0.5249791875, sigmoid(0.3) = 0.5744425168;
+    # sum 1.0994217043 -> [0.4775048, 0.5224952]
+    np.testing.assert_allclose(
+        sampling_probabilities(np.array([0.1, 0.3])), [0.4775048, 0.5224952], rtol=1e-6
+    )
     np.testing.assert_allclose(sampling_probabilities(np.array([0.2])), [1.0])
 
 
@@ -114,8 +118,10 @@ def test_sampling_probabilities_drop_non_positive_scores() -> None:
     p = sampling_probabilities(np.array([0.0, 0.1, -1.0, 0.4, 0.1]))
     assert p[0] == 0.0 and p[2] == 0.0
     np.testing.assert_allclose(p[[1, 4, 3]], [0.2254331125, 0.2254331125, 0.5491337751])
-    # Two positive scores left: proportional weights.
-    np.testing.assert_allclose(sampling_probabilities(np.array([0.0, 0.1, 0.3])), [0, 0.25, 0.75])
+    # Two positive scores left: sigmoid of the raw scores, the dropped one stays at 0.
+    np.testing.assert_allclose(
+        sampling_probabilities(np.array([0.0, 0.1, 0.3])), [0, 0.4775048, 0.5224952], rtol=1e-6
+    )
     np.testing.assert_allclose(sampling_probabilities(np.zeros(4)), [0.25] * 4)
 
 
