@@ -292,7 +292,9 @@ LP_RECOMMENDATIONS = pl.Schema(
         "task": pl.String,
         "granularity": pl.String,
         **_LP_SETTINGS,
-        "n_seeds": pl.Int64,
+        "n_seeds": pl.Int64,  # distinct seeds replayed
+        "n_runs": pl.Int64,  # runs replayed (a seed run twice counts twice)
+        "n_pairs": pl.Int64,  # runs with a finite SNR under both configurations
         "snr_default": pl.Float64,  # geometric mean lp_snr of Metta's default
         "snr_recommended": pl.Float64,
         "snr_ratio": pl.Float64,  # recommended / default, geometric mean over seeds
@@ -304,7 +306,7 @@ LP_RECOMMENDATIONS = pl.Schema(
         "churn_recommended": pl.Float64,
         "starved_default": pl.Float64,
         "starved_recommended": pl.Float64,
-        "replay_best": pl.String,  # the highest replayed SNR, eligible or not
+        "replay_best": pl.String,  # the highest replayed SNR, eligible or not (null: none)
         "confident": pl.Boolean,  # the ratio's CI excludes 1
         "sentence": pl.String,  # plain words; untrusted text not escaped here
     }

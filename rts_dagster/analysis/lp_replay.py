@@ -190,14 +190,14 @@ def sps_gate(probability: np.ndarray, label_sps: np.ndarray, gamma: float) -> np
 
 
 def cap_pool(probability: np.ndarray, k: int) -> np.ndarray:
-    """Keep the k largest weights (ties: lower label index first), renormalised."""
+    """Keep the labels whose weight is among the k largest, renormalised. Labels tied
+    with the k-th largest weight all stay (so all of them while scores are still equal,
+    e.g. before any completion): a tie never decides by label order."""
     n_labels = probability.shape[-1]
     if k >= n_labels:
         return probability
-    rank_order = np.argsort(-probability, axis=-1, kind="stable")
-    keep = np.zeros(probability.shape, dtype=bool)
-    np.put_along_axis(keep, rank_order[..., :k], True, axis=-1)
-    return _normalise(np.where(keep, probability, 0.0))
+    kth = -np.partition(-probability, k - 1, axis=-1)[..., k - 1 : k]
+    return _normalise(np.where(probability >= kth, probability, 0.0))
 
 
 def _normalise(weights: np.ndarray) -> np.ndarray:

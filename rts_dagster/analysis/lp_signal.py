@@ -12,8 +12,8 @@ Metrics of one replay (all over its evaluation instants):
 - `gini_mean`, `entropy_mean`: selectivity of the sampling distribution (Gini 0 = uniform;
   entropy normalised by log L, 1 = uniform);
 - `lp_snr`: probability per improving label / probability per plateaued label, geometric
-  mean over instants having both (> 1: LP favours labels that are learning; per-label
-  probabilities are floored at 1e-4 / L, so the ratio is at most 1e4 per instant);
+  mean over instants having both (> 1: LP favours labels that are learning; both
+  per-label means are floored at 1e-4 / L, so one instant's ratio is at most 1e4 L);
   `improving_mass`: mean total probability on improving labels;
 - `lag_median`: completions from a label turning improving until LP puts it in its top k
   (k = ceil(L / 4)), median over such events, an event never followed by a top-k rank
@@ -137,7 +137,7 @@ def signal_quality(
     both = (n_imp > 0) & (n_flat > 0)
     per_imp = np.where(improving, p, 0.0).sum(axis=1) / np.maximum(n_imp, 1)
     per_flat = np.where(flat, p, 0.0).sum(axis=1) / np.maximum(n_flat, 1)
-    # Floored so that a label LP never draws counts as 1e-4 / L, not 0: a saturated
+    # Floored so that a group LP never draws counts as 1e-4 / L, not 0: a saturated
     # distribution gives a large but finite ratio instead of dominating the mean.
     floor = SNR_FLOOR / n_labels
     ratio = np.maximum(per_imp, floor) / np.maximum(per_flat, floor)

@@ -166,14 +166,14 @@ class ReplayStream:
 
 def replay_stream(streams: pl.DataFrame) -> ReplayStream:
     """The stream to replay from a `reward_streams` table of one run: the per-completion
-    rows when recorded (in agent_step order), else the fresh (non-stale) epoch means, one
-    pseudo-completion per label and epoch, in agent_step order.
+    rows when recorded with a finite reward (in agent_step order), else the fresh
+    (non-stale) epoch means, one pseudo-completion per label and epoch, in agent_step order.
 
     Completions sharing an agent_step are taken in label order (reward_streams does not
     keep the recorder's order within a step). Each label's LP state is its own recursion,
     so that only shifts which of the tied completions an evaluation instant sees first."""
     completions = streams.filter(pl.col("granularity") == GRANULARITY_COMPLETION)
-    if completions.height:
+    if completions.filter(pl.col("reward").is_finite()).height:
         rows, granularity = completions, GRANULARITY_COMPLETION
     else:
         rows = streams.filter(
@@ -290,7 +290,7 @@ def summarise_sweep(metrics: pl.DataFrame) -> pl.DataFrame:
         default = per_task.filter(pl.col("config") == METTA_DEFAULT)
         for _, per_config in per_task.group_by(["config"], maintain_order=True):
             settings = per_config.select(_SETTING_COLUMNS).row(0, named=True)
-            paired = per_config.join(default, on="seed", suffix="_default", how="left")
+            paired = per_config.join(default, on=["seed", "run_id"], suffix="_default", how="left")
             for metric in SUMMARY_METRICS:
                 values = per_config[metric].to_numpy()
                 if metric == "lp_snr":
@@ -343,12 +343,16 @@ def recommend(
             continue
         base = _config_stats(default, default)
         best_name, best = METTA_DEFAULT, base
-        top_name, top_ratio = METTA_DEFAULT, 0.0
+        top_name: str | None = None
+        top_ratio = 0.0
+        # A run without a finite SNR (no instant with both improving and plateaued
+        # labels: a short run, one label) drops out of the pairs; at least 2 runs must stay.
+        needed = min(2, default.height)
         for (config,), per_config in per_task.group_by(["config"], maintain_order=True):
             if config == METTA_DEFAULT:
                 continue
             cand = _config_stats(per_config, default)
-            if not math.isfinite(cand["log_ratio"]) or cand["n"] < default.height:
+            if not math.isfinite(cand["log_ratio"]) or cand["n"] < needed:
                 continue
             if cand["log_ratio"] > top_ratio:
                 top_name, top_ratio = config, cand["log_ratio"]
@@ -361,12 +365,16 @@ def recommend(
                 best_name, best = config, cand
         chosen = per_task.filter(pl.col("config") == best_name)
         settings = chosen.select(_SETTING_COLUMNS).row(0, named=True)
+        # kalman_matched has its own ema_timescale per run: report their geometric mean
+        settings["ema_timescale"] = float(np.exp(np.log(chosen["ema_timescale"]).mean()))
         is_default = best_name == METTA_DEFAULT
         row = {
             **settings,
             "task": task,
             "granularity": chosen["granularity"][0],
-            "n_seeds": int(chosen.height),
+            "n_seeds": int(chosen["seed"].n_unique()),
+            "n_runs": int(chosen.height),
+            "n_pairs": int(best["n"]),
             "snr_default": base["snr"],
             "snr_recommended": best["snr"],
             "snr_ratio": 1.0 if is_default else math.exp(best["log_ratio"]),
@@ -395,7 +403,8 @@ def _exp(value: float) -> float:
 
 
 def _config_stats(per_config: pl.DataFrame, default: pl.DataFrame) -> dict[str, float]:
-    paired = per_config.join(default, on="seed", suffix="_default", how="inner")
+    # Pairs are runs (two runs of one seed are two pairs, not four)
+    paired = per_config.join(default, on=["seed", "run_id"], suffix="_default", how="inner")
     with np.errstate(divide="ignore", invalid="ignore"):
         logs = np.log(paired["lp_snr"].to_numpy()) - np.log(paired["lp_snr_default"].to_numpy())
         snr_logs = np.log(per_config["lp_snr"].to_numpy())
@@ -403,7 +412,7 @@ def _config_stats(per_config: pl.DataFrame, default: pl.DataFrame) -> dict[str, 
     finite = np.isfinite(logs)
     return {
         "n": int(finite.sum()),
-        "log_ratio": mean if finite.all() and finite.size else math.nan,
+        "log_ratio": mean if finite.any() else math.nan,
         "low": low,
         "high": high,
         "snr": float(np.exp(snr_logs[np.isfinite(snr_logs)].mean()))
@@ -444,8 +453,13 @@ def _sentence(row: dict, name: str) -> str:
         return (
             f"{task}: keep Metta's default LP: no other configuration raised the LP "
             f"signal-to-noise ratio without a slower or jumpier signal or starving labels "
-            f"(replayed on {n} seeds, {source}); the highest replayed ratio came from "
-            f"{row['replay_best']}, which failed those checks."
+            f"(replayed on {n} seeds, {source})"
+            + (
+                f"; the highest replayed ratio came from {row['replay_best']}, which failed "
+                "those checks."
+                if row["replay_best"]
+                else "; no other configuration replayed a higher ratio."
+            )
         )
     verdict = (
         "a clear improvement"
@@ -481,7 +495,11 @@ def closed_loop_candidates(
     local-level gain the noise analysis recommends); each once, default excluded."""
     matched_tasks = set()
     if metrics is not None and metrics.height:
-        matched_tasks = set(metrics.filter(pl.col("config") == KALMAN_MATCHED)["task"].to_list())
+        # only a gain measured per completion means the same thing in the simulator
+        matched = metrics.filter(
+            (pl.col("config") == KALMAN_MATCHED) & (pl.col("granularity") == GRANULARITY_COMPLETION)
+        )
+        matched_tasks = set(matched["task"].to_list())
     out: dict[str, list[tuple[str, str]]] = {}
     for row in recommendations.iter_rows(named=True):
         pairs: list[tuple[str, str]] = []

@@ -147,9 +147,20 @@ def lp_recommendations(
                     len(TASKS[task].labels), matched_gain=_mean_matched_gain(metrics, task)
                 )
             }
-            names = [lp_sweep.METTA_DEFAULT, *(name for name, _ in pairs if name in sweep)]
-            for seed in config.closed_loop_seeds:
-                jobs.extend((task, seed, config.closed_loop_epochs, sweep[n]) for n in names)
+            missing = [name for name, _ in pairs if name not in sweep]
+            if missing:
+                context.log.info(
+                    f"closed loop, task {task!r}: {missing} not in the simulator's sweep "
+                    "(the runs logged another number of labels): skipped"
+                )
+            names = [name for name, _ in pairs if name in sweep]
+            if not names:
+                continue
+            for seed in dict.fromkeys(config.closed_loop_seeds):  # a repeated seed once
+                jobs.extend(
+                    (task, seed, config.closed_loop_epochs, sweep[n])
+                    for n in (lp_sweep.METTA_DEFAULT, *names)
+                )
         if jobs:
             context.log.info(f"closed loop: {len(jobs)} simulator runs on {config.workers} workers")
             started = time.perf_counter()

@@ -92,6 +92,10 @@ def test_replay_stream_prefers_completions_and_drops_stale_epochs() -> None:
     assert completion.granularity == "completion" and completion.reward.size == 4
     with pytest.raises(ValueError, match="no finite epoch rewards"):
         replay_stream(_streams("epoch").with_columns(pl.lit(float("nan")).alias("reward")))
+    # completion rows without one finite reward: the epoch means are replayed instead
+    broken = _streams("completion").with_columns(pl.lit(float("nan")).alias("reward"))
+    fallback = replay_stream(pl.concat([_streams("epoch"), broken]))
+    assert fallback.granularity == "epoch" and fallback.reward.size == 3
 
 
 def test_sweep_run_tables() -> None:
@@ -243,9 +247,16 @@ def test_closed_loop_summary_by_hand() -> None:
         "t": [("main_ema_0.006", "recommended"), ("zscore_z10", "replay_best")],
         "u": [("x", "replay_best")],
     }
-    replayed = pl.DataFrame({"task": ["u", "t"], "config": ["kalman_matched", "other"]})
+    replayed = pl.DataFrame(
+        {
+            "task": ["u", "t", "t"],
+            "config": ["kalman_matched", "other", "kalman_matched"],
+            "granularity": ["completion", "completion", "epoch"],
+        }
+    )
     with_matched = closed_loop_candidates(recs, replayed)
     assert with_matched["u"] == [("x", "replay_best"), ("kalman_matched", "local_level_gain")]
+    # a gain measured on epoch means is not a per-completion EMA weight: not simulated
     assert with_matched["t"] == candidates["t"]
     rows = []
     for seed, (d, c) in enumerate([(100, 90), (120, 100), (300, 300)], 1):
@@ -323,3 +334,38 @@ def test_matched_gain_recovers_a_known_local_level() -> None:
     configs = {c.name: c for c in default_sweep(3, matched_gain=gain)}
     assert configs[KALMAN_MATCHED].main.ema_timescale == gain
     assert KALMAN_MATCHED not in {c.name for c in default_sweep(3)}
+
+
+def test_a_run_without_snr_drops_out_of_the_pairs() -> None:
+    rows = []
+    for seed, snr in ((1, 1.0), (2, 1.2), (3, float("nan"))):
+        rows.append((METTA_DEFAULT, seed, snr, 100.0, 0.1, 0.0))
+        rows.append(("main_ema_0.006", seed, 2 * snr, 100.0, 0.1, 0.0))
+    row = recommend(_metrics(rows)).row(0, named=True)
+    assert row["config"] == "main_ema_0.006" and row["snr_ratio"] == pytest.approx(2.0)
+    assert (row["n_seeds"], row["n_runs"], row["n_pairs"]) == (3, 3, 2)
+
+
+def test_default_alone_says_so() -> None:
+    row = recommend(_metrics([(METTA_DEFAULT, s, 1.0, 10.0, 0.1, 0.0) for s in (1, 2)])).row(
+        0, named=True
+    )
+    assert row["config"] == METTA_DEFAULT and row["replay_best"] is None
+    assert "no other configuration replayed a higher ratio" in row["sentence"]
+
+
+def test_two_runs_of_one_seed_are_two_pairs() -> None:
+    ratios = {"r1": 2.0, "r1b": 1.5, "r2": 2.5}
+    rows = []
+    for run_id, ratio in ratios.items():
+        rows.append((METTA_DEFAULT, 1 if run_id.startswith("r1") else 2, 1.0, 10.0, 0.1, 0.0))
+        rows.append(("main_ema_0.006", 1 if run_id.startswith("r1") else 2, ratio, 10.0, 0.1, 0.0))
+    frame = _metrics(rows).with_columns(pl.Series("run_id", [r for r in ratios for _ in (0, 1)]))
+    row = recommend(frame).row(0, named=True)
+    logs = np.log(list(ratios.values()))
+    assert row["snr_ratio"] == pytest.approx(math.exp(logs.mean()))
+    low, high = stats.t.interval(0.95, 2, loc=logs.mean(), scale=stats.sem(logs))
+    assert (row["snr_ratio_ci_low"], row["snr_ratio_ci_high"]) == pytest.approx(
+        (math.exp(low), math.exp(high))
+    )
+    assert (row["n_seeds"], row["n_runs"], row["n_pairs"]) == (2, 3, 3)

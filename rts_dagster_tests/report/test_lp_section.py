@@ -47,6 +47,8 @@ def _rec(task: str, config: str, replay_best: str, **over) -> dict:
         "ema_timescale": 0.001,
         "slow_timescale_factor": 0.2,
         "n_seeds": 3,
+        "n_runs": 3,
+        "n_pairs": 3,
         "snr_default": 0.9,
         "snr_recommended": 1.8,
         "snr_ratio": 2.0,
