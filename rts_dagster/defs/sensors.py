@@ -78,7 +78,7 @@ class SensorSettings:
     max_requests_per_tick: int = 100
 
 
-def _view(run: RunRecord) -> sc.RunView:
+def _view(run: RunRecord, late: bool = False) -> sc.RunView:
     heartbeat = run.heartbeat_at or run.created_at
     return sc.RunView(
         run_id=run.run_id,
@@ -86,7 +86,7 @@ def _view(run: RunRecord) -> sc.RunView:
         state=run.state,
         marker=sc.marker_for(run.fingerprint, heartbeat),
         heartbeat=heartbeat,
-        late_data=bool(run.extra.get("late_data")),
+        late_data=late or bool(run.extra.get("late_data")),
     )
 
 
@@ -97,6 +97,18 @@ def _ended_job(job: SkyJob, now: datetime) -> sc.EndedJob | None:
     if job.status == "CANCELLED" and job.start_at is None:
         return None  # cancelled while still queued
     return sc.EndedJob(job.job_id, job.run_name, job.status, job.end_at or now)
+
+
+def _in_flight_partitions(instance: dg.DagsterInstance) -> frozenset[str]:
+    """`runs` partitions with a run queued, starting or executing."""
+    active = [
+        dg.DagsterRunStatus.QUEUED,
+        dg.DagsterRunStatus.NOT_STARTED,
+        dg.DagsterRunStatus.STARTING,
+        dg.DagsterRunStatus.STARTED,
+    ]
+    runs = instance.get_runs(filters=dg.RunsFilter(statuses=active), limit=1000)
+    return frozenset(key for run in runs if (key := run.tags.get("dagster/partition")) is not None)
 
 
 def _discovered_event(
@@ -116,6 +128,7 @@ def _plan_requests(
     table: pl.DataFrame,
     root: Path,
     max_requests: int,
+    in_flight: frozenset[str] = frozenset(),
 ) -> tuple[list[dg.RunRequest], list[sc.RunView], list[sc.RunView]]:
     """(requests, handled, deferred) for the newly terminal runs `fresh`, given the
     discovered_runs `table` classified in the same tick."""
@@ -138,6 +151,13 @@ def _plan_requests(
         if partition_is_current(root, row):
             log.info(f"run {view.run_name!r} ({view.state}): partition {key} is up to date")
             handled.append(view)
+            continue
+        if key in in_flight:
+            # A run of this partition is queued or running: it may be the one that makes
+            # the partition current (a first read turns an `unread` WandB marker into
+            # `export` or `live`). Decide once it has finished.
+            log.info(f"run {view.run_name!r}: partition {key} has a run in progress: later")
+            deferred.append(view)
             continue
         if len(requests) >= max_requests:
             deferred.append(view)
@@ -203,7 +223,9 @@ def finished_runs_tick(
 
         # Decide on the fresh records of the candidates (a state may have moved on).
         ids = {c.run_id for c in candidates}
-        seen = [_view(r) for r in runs]
+        # The full listing does not flag late data; keep what the incremental one said.
+        late_ids = {r.run_id for r in listed if r.extra.get("late_data")}
+        seen = [_view(r, late=r.run_id in late_ids) for r in runs]
         fresh = sc.select_runs(cursor, [v for v in seen if v.run_id in ids], settings.overlap)
         requests, handled, deferred = _plan_requests(
             log,
@@ -212,6 +234,7 @@ def finished_runs_tick(
             table,
             root,
             settings.max_requests_per_tick,
+            _in_flight_partitions(context.instance),
         )
 
     step = sc.advance(

@@ -293,3 +293,19 @@ def test_new_run_end_to_end_refreshes_the_report(harness: Harness, monkeypatch: 
     h.cursor = None
     again = h.tick()
     assert again.run_requests == [] and again.skip_message
+
+
+def test_a_partition_with_a_run_in_progress_is_decided_later(harness: Harness):
+    """A request already queued or running for a partition is not doubled: the run may
+    be the one that makes the partition current. Once it has ended, the tick decides."""
+    h = harness
+    h.tick()
+    h.copy_in("alice.fixed_maps.seed1")
+    job = h.defs.resolve_implicit_global_asset_job_def()
+    queued = h.instance.create_run_for_job(
+        job_def=job, tags={"dagster/partition": "fixed_maps.seed1"}
+    )
+    assert queued.status == dg.DagsterRunStatus.NOT_STARTED
+    assert _keys(h.tick()) == []
+    h.instance.report_run_failed(queued)
+    assert [_run_state(k) for k in _keys(h.tick())] == ["alice.fixed_maps.seed1:finished"]
