@@ -19,6 +19,16 @@ import polars as pl
 # Names under the data dir that are ours; a task slug never takes one of them.
 RESERVED_NAMES = frozenset(
     {"wandb", "report", "dagster_home", "bench", "cache", "discovered_runs", "metrics", "lp"}
+    # aggregate files sharing a folder with task folders (metrics/, lp/)
+    | {
+        "discovered_runs.parquet",
+        "variance_table.parquet",
+        "timescale_recommendations.parquet",
+        "sweep_summary.parquet",
+        "recommendations.parquet",
+        "closed_loop.parquet",
+        "closed_loop_runs.parquet",
+    }
 )
 
 

@@ -173,3 +173,22 @@ def test_rule_config_equals_uses_dotted_keys():
     other = run("a.nav.seed1", config={"trainer": {"recipe": "cvc"}})
     assert match_run(ok, rules).task == "nav"
     assert match_run(other, rules).task is None
+
+
+def test_no_task_slug_can_collide_with_an_output_file_or_folder(tmp_path):
+    """Task folders share metrics/ and lp/ with the aggregate files: a task named like one
+    of them gets a hashed slug, so a run can never overwrite or block another output."""
+    from rts_dagster import storage
+    from rts_dagster.discovery import slug
+
+    paths = [
+        storage.discovered_runs_path(tmp_path),
+        storage.variance_table_path(tmp_path),
+        storage.timescales_path(tmp_path),
+        *storage.lp_aggregate_paths(tmp_path).values(),
+        storage.report_dir(tmp_path),
+        storage.metrics_dir(tmp_path),
+        storage.lp_dir(tmp_path),
+    ]
+    for path in paths:
+        assert slug(path.name) != path.name, path.name

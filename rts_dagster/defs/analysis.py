@@ -14,7 +14,7 @@ from rts_dagster.defs.partitions import runs_partitions
 from rts_dagster.defs.resources import RtsStorage
 from rts_dagster.defs.runs import load_partition_streams, read_discovered, reward_streams
 from rts_dagster.discovery import partition_files
-from rts_dagster.escape import md_table
+from rts_dagster.escape import md, md_table
 from rts_dagster.schema import (
     NOISE_BY_PROGRESS,
     REWARD_STREAMS,
@@ -208,7 +208,7 @@ def timescale_recommendations(
             "dagster/row_count": table.height,
             "path": dg.MetadataValue.path(str(path)),
             "findings": dg.MetadataValue.md(
-                "\n".join(f"- {s}" for s in kalman.describe_recommendations(table))
+                "\n".join(f"- {md(s)}" for s in kalman.describe_recommendations(table))
             ),
         }
     )

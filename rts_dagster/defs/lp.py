@@ -19,6 +19,7 @@ from rts_dagster.defs.partitions import runs_partitions
 from rts_dagster.defs.resources import RtsStorage
 from rts_dagster.defs.runs import load_partition_streams, reward_streams
 from rts_dagster.discovery import partition_files
+from rts_dagster.escape import md
 from rts_dagster.schema import (
     LP_CLOSED_LOOP,
     LP_CLOSED_LOOP_SUMMARY,
@@ -183,7 +184,7 @@ def lp_recommendations(
             "dagster/row_count": recs.height,
             "path": dg.MetadataValue.path(str(paths["recommendations"])),
             "recommendations": dg.MetadataValue.md(
-                "\n".join(f"- {s}" for s in recs["sentence"].to_list()) or "none"
+                "\n".join(f"- {md(s)}" for s in recs["sentence"].to_list()) or "none"
             ),
             "closed_loop_runs": outcomes.height,
             "config": json.dumps(config.model_dump()),

@@ -76,9 +76,16 @@ def run_closed_loop(
                 progress(i, len(jobs))
     else:
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(n_workers, mp_context=context) as pool:
+        pool = ProcessPoolExecutor(n_workers, mp_context=context)
+        try:
             for i, row in enumerate(pool.map(_one, jobs), 1):
                 rows.append(row)
                 if progress:
                     progress(i, len(jobs))
+        except BaseException:
+            # A cancelled Dagster run (or a failed simulation) must not wait for every
+            # queued simulation: drop the queue, let the running ones end on their own.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
     return conform(pl.DataFrame(rows, infer_schema_length=None), LP_CLOSED_LOOP, "closed loop")
