@@ -317,6 +317,7 @@ LP_CLOSED_LOOP = pl.Schema(
     {
         "task": pl.String,
         "config": pl.String,
+        "config_key": pl.String,  # hash of the configuration's settings
         "seed": pl.Int64,
         "epochs": pl.Int64,
         "time_to_competence": pl.Float64,  # epochs until mean latent competence >= target

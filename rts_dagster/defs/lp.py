@@ -163,7 +163,10 @@ def lp_recommendations(
                     for n in (lp_sweep.METTA_DEFAULT, *names)
                 )
         if jobs:
-            context.log.info(f"closed loop: {len(jobs)} simulator runs on {config.workers} workers")
+            context.log.info(
+                f"closed loop: {len(jobs)} simulator runs (earlier identical ones reused) "
+                f"on {config.workers} workers"
+            )
             started = time.perf_counter()
 
             def progress(done: int, total: int) -> None:
@@ -172,7 +175,14 @@ def lp_recommendations(
                         f"closed loop: {done}/{total} runs ({time.perf_counter() - started:.0f}s)"
                     )
 
-            outcomes = run_closed_loop(jobs, workers=config.workers, progress=progress)
+            previous = (
+                pl.read_parquet(paths["closed_loop_runs"])
+                if paths["closed_loop_runs"].exists()
+                else None
+            )
+            outcomes = run_closed_loop(
+                jobs, workers=config.workers, progress=progress, reuse=previous
+            )
             closed = lp_sweep.summarise_closed_loop(outcomes, candidates)
 
     storage.write_parquet(conform(summary, LP_SWEEP_SUMMARY), paths["summary"])
@@ -243,7 +253,7 @@ def lp_tables(root: Path, matched: list[dict[str, Any]]) -> dict[str, pl.DataFra
         )
         path = storage.lp_replay_paths(root, folder, stem)["trace"]
         if path.exists():
-            trace = pl.read_parquet(path)
-            traces.append(trace.join(wanted, on=["task", "config"], how="semi"))
+            trace = pl.scan_parquet(path).join(wanted.lazy(), on=["task", "config"], how="semi")
+            traces.append(trace.collect())
     tables["traces"] = pl.concat(traces) if traces else empty(LP_REPLAY_TRACE)
     return tables

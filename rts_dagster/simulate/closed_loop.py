@@ -15,6 +15,7 @@ Outcomes per run:
 
 from __future__ import annotations
 
+import hashlib
 import math
 import multiprocessing
 import os
@@ -51,10 +52,21 @@ def outcomes(run: SimulatedRun, competence_fraction: float = COMPETENCE_FRACTION
     }
 
 
+def config_key(config: CurriculumConfig) -> str:
+    """Identity of a configuration's behaviour (its settings, not just its name)."""
+    return hashlib.sha256(config.model_dump_json(exclude={"description"}).encode()).hexdigest()[:16]
+
+
 def _one(job: tuple[str, int, int, CurriculumConfig]) -> dict:
     task, seed, epochs, config = job
     run = simulate(task, seed, epochs, curriculum=config)
-    return {"task": task, "config": config.name, "seed": seed, **outcomes(run)}
+    return {
+        "task": task,
+        "config": config.name,
+        "config_key": config_key(config),
+        "seed": seed,
+        **outcomes(run),
+    }
 
 
 def run_closed_loop(
@@ -62,9 +74,40 @@ def run_closed_loop(
     *,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    reuse: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """LP_CLOSED_LOOP rows for (task, seed, epochs, config) jobs, in parallel processes
-    (spawned: the caller may hold threads, e.g. a Dagster run)."""
+    (spawned: the caller may hold threads, e.g. a Dagster run). A simulation is a
+    deterministic function of (task, seed, epochs, config), so rows of `reuse` (an earlier
+    result) with the same (task, config_key, seed, epochs) are taken instead of re-run."""
+    if not jobs:
+        return empty(LP_CLOSED_LOOP)
+    done: dict[tuple, dict] = {}
+    if reuse is not None and reuse.height and set(LP_CLOSED_LOOP.names()) <= set(reuse.columns):
+        for row in conform(reuse, LP_CLOSED_LOOP).iter_rows(named=True):
+            done[(row["task"], row["config_key"], row["seed"], row["epochs"])] = row
+    reused = []
+    todo = []
+    for job in jobs:
+        task, seed, epochs, config = job
+        row = done.get((task, config_key(config), seed, epochs))
+        if row is not None:
+            reused.append({**row, "config": config.name})
+        else:
+            todo.append(job)
+    fresh = _simulate_all(todo, workers, progress)
+    if not reused:
+        return fresh
+    return pl.concat(
+        [conform(pl.DataFrame(reused, infer_schema_length=None), LP_CLOSED_LOOP), fresh]
+    )
+
+
+def _simulate_all(
+    jobs: Sequence[tuple[str, int, int, CurriculumConfig]],
+    workers: int | None,
+    progress: Callable[[int, int], None] | None,
+) -> pl.DataFrame:
     if not jobs:
         return empty(LP_CLOSED_LOOP)
     n_workers = max(1, min(workers or (os.cpu_count() or 1), len(jobs)))

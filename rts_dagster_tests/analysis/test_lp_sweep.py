@@ -260,8 +260,8 @@ def test_closed_loop_summary_by_hand() -> None:
     assert with_matched["t"] == candidates["t"]
     rows = []
     for seed, (d, c) in enumerate([(100, 90), (120, 100), (300, 300)], 1):
-        rows.append(("t", METTA_DEFAULT, seed, 300, float(d), d < 300, 0.5, 0.6))
-        rows.append(("t", "main_ema_0.006", seed, 300, float(c), c < 300, 0.55, 0.62))
+        rows.append(("t", METTA_DEFAULT, "k0", seed, 300, float(d), d < 300, 0.5, 0.6))
+        rows.append(("t", "main_ema_0.006", "k1", seed, 300, float(c), c < 300, 0.55, 0.62))
     outcomes = conform(
         pl.DataFrame(rows, schema=list(LP_CLOSED_LOOP.names()), orient="row"), LP_CLOSED_LOOP
     )

@@ -198,7 +198,7 @@ def _lp(closed_loop: bool = True) -> dict[str, pl.DataFrame]:
         EVIL_TASK, ["metta_default", PIPE_CONFIG, "zscore_z30"], ["<b>bold</b>", "plain"]
     ) + _traces(MODELLED, ["metta_default", "metta_default_cap_4"], ["l1", "l2", "l3"])
     runs = [
-        {"task": MODELLED, "config": c, "seed": s, "epochs": 300}
+        {"task": MODELLED, "config": c, "config_key": c, "seed": s, "epochs": 300}
         for c in ("metta_default", "metta_default_cap_4")
         for s in (101, 102, 103)
     ]

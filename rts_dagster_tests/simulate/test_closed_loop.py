@@ -68,3 +68,21 @@ def test_parallel_and_serial_runs_agree() -> None:
     assert serial.equals(parallel)
     assert seen == [(1, 2), (2, 2)]
     assert serial["config"].to_list() == ["metta_default", "z"]
+
+
+def test_identical_simulations_are_reused() -> None:
+    default = CurriculumConfig(name="metta_default")
+    jobs = [("assembly_lines", 5, EPOCHS, default), ("assembly_lines", 6, EPOCHS, default)]
+    first = run_closed_loop(jobs, workers=1)
+    calls = []
+    again = run_closed_loop(jobs, workers=1, progress=lambda d, t: calls.append(d), reuse=first)
+    assert calls == [] and again.sort("seed").equals(first.sort("seed"))
+    # same name, other settings: simulated again
+    changed = CurriculumConfig(name="metta_default", sps_weight=1.0)
+    other = run_closed_loop(
+        [("assembly_lines", 5, EPOCHS, changed)],
+        workers=1,
+        progress=lambda d, t: calls.append(d),
+        reuse=first,
+    )
+    assert calls == [1] and other["config_key"].item() != first["config_key"][0]
