@@ -164,12 +164,14 @@ def lp_recommendations(
                 )
         if jobs:
             context.log.info(
-                f"closed loop: {len(jobs)} simulator runs (earlier identical ones reused) "
-                f"on {config.workers} workers"
+                f"closed loop: {len(jobs)} simulator runs on {config.workers} workers "
+                "(identical earlier runs are reused)"
             )
             started = time.perf_counter()
+            simulated = [0]
 
             def progress(done: int, total: int) -> None:
+                simulated[0] = done
                 if done == total or done % max(1, total // 4) == 0:
                     context.log.info(
                         f"closed loop: {done}/{total} runs ({time.perf_counter() - started:.0f}s)"
@@ -184,6 +186,10 @@ def lp_recommendations(
                 jobs, workers=config.workers, progress=progress, reuse=previous
             )
             closed = lp_sweep.summarise_closed_loop(outcomes, candidates)
+            context.log.info(
+                f"closed loop: {simulated[0]} simulated, {len(jobs) - simulated[0]} reused, "
+                f"in {time.perf_counter() - started:.0f}s"
+            )
 
     storage.write_parquet(conform(summary, LP_SWEEP_SUMMARY), paths["summary"])
     storage.write_parquet(conform(recs, LP_RECOMMENDATIONS), paths["recommendations"])
