@@ -461,13 +461,16 @@ def _sentence(row: dict, name: str) -> str:
                 else "; no other configuration replayed a higher ratio."
             )
         )
-    verdict = (
-        "a clear improvement"
-        if row["confident"]
-        else f"not distinguishable from the default with {n} seeds"
-    )
+    if row["confident"]:
+        verdict, lead = "a clear improvement", f"{task}: use {name}"
+    else:
+        verdict = f"not distinguishable from the default with {n} seeds"
+        lead = (
+            f"{task}: {name} replays best but is not yet a safe change (keep Metta's default "
+            "until more seeds confirm it)"
+        )
     return (
-        f"{task}: use {name}: LP gives improving labels x{row['snr_ratio']:.2f} the "
+        f"{lead}: LP gives improving labels x{row['snr_ratio']:.2f} the "
         f"relative probability Metta's default gives them (95% CI x{row['snr_ratio_ci_low']:.2f}"
         f" to x{row['snr_ratio_ci_high']:.2f} over {n} seeds: {verdict}); median response lag "
         f"{_num(row['lag_recommended'])} vs {_num(row['lag_default'])} (completions until "

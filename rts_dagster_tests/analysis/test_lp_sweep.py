@@ -369,3 +369,14 @@ def test_two_runs_of_one_seed_are_two_pairs() -> None:
         (math.exp(low), math.exp(high))
     )
     assert (row["n_seeds"], row["n_runs"], row["n_pairs"]) == (2, 3, 3)
+
+
+def test_an_uncertain_winner_is_not_advised_as_a_change() -> None:
+    rows = []
+    for seed, ratio in ((1, 3.0), (2, 0.5), (3, 2.0)):  # log CI spans 0
+        rows.append((METTA_DEFAULT, seed, 1.0, 100.0, 0.1, 0.0))
+        rows.append(("main_ema_0.006", seed, ratio, 100.0, 0.1, 0.0))
+    row = recommend(_metrics(rows)).row(0, named=True)
+    assert row["config"] == "main_ema_0.006" and row["confident"] is False
+    assert row["snr_ratio_ci_low"] < 1 < row["snr_ratio_ci_high"]
+    assert "not yet a safe change" in row["sentence"] and "use " not in row["sentence"]
