@@ -296,7 +296,9 @@ def _intro(report: Report, summary: pl.DataFrame, recs: pl.DataFrame) -> None:
             [
                 f"Each task's training runs were replayed through {n_configs} (Metta's "
                 "default and variations of its EMA timescales, the z-score variant, an "
-                f"active-pool cap and SPS-aware weighting) on {n_seeds}, using {stream}. "
+                "active-pool cap, SPS-aware weighting, and kalman_matched: Metta's LP with "
+                "ema_timescale set to the local-level gain of the run's own rewards) on "
+                f"{n_seeds}, using {stream}. "
                 "The objective is the LP signal-to-noise ratio (SNR): the sampling "
                 "probability LP gives a label whose reward is rising over the probability it "
                 "gives a plateaued one. A configuration is recommended when it has the highest "
