@@ -191,7 +191,7 @@ class ZScoreLPConfig(BaseModel):
 
     ema_timescale: float = Field(0.1, gt=0.0, le=1.0)
     slow_timescale_factor: float = Field(0.2, gt=0.0)
-    exploration_bonus: float = 0.1
+    exploration_bonus: float = Field(0.1, ge=0.0)  # a weight: negative is meaningless
     progress_smoothing: float = 0.0
     performance_bonus_weight: float = 0.0
     lp_score_temperature: float = Field(0.0, ge=0.0)  # 0 means z-score mode

@@ -40,7 +40,7 @@ class RunSourceResource(dg.ConfigurableResource):
         return load_rules(path)
 
 
-# One OfflineRunSource per (directory, grace): its scan cache then survives across
+# One OfflineRunSource per directory: its scan cache then survives across
 # materializations and sensor ticks in one process (a rescan of a 463 MB file costs ~0.5 s).
 _OFFLINE_SOURCES: dict[Path, RunSource] = {}
 _OFFLINE_LOCK = threading.Lock()
