@@ -32,3 +32,20 @@ def apply_tick(
     for event in data.asset_events:
         instance.report_runless_asset_event(event)
     return data
+
+
+def execute_request(
+    request: dg.RunRequest, instance: dg.DagsterInstance, resources: dict[str, Any]
+) -> None:
+    """Run a sensor's request in-process, as a run worker would; it must succeed."""
+    from rts_dagster.definitions import ASSETS
+
+    result = dg.materialize(
+        ASSETS,
+        selection=list(request.asset_selection or []),
+        partition_key=request.partition_key,
+        instance=instance,
+        resources=resources,
+        tags=request.tags,
+    )
+    assert result.success, request.partition_key

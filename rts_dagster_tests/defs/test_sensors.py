@@ -26,7 +26,7 @@ from rts_dagster.report import document
 from rts_dagster.sources.skypilot import SkyPilotJobs
 from rts_dagster.sources.wandb_file import DEFAULT_RUNNING_GRACE_S, iter_records
 from rts_dagster_tests.conftest import write_tiny_run
-from rts_dagster_tests.defs.daemon import apply_tick
+from rts_dagster_tests.defs.daemon import apply_tick, execute_request
 
 AGGREGATES = ["variance_table", "timescale_recommendations", "report"]
 DUPLICATE = "bob.fixed_maps.seed1"  # claims (fixed_maps, 1) after alice's run did
@@ -99,15 +99,7 @@ class Harness:
         return pl.read_parquet(self.data / "discovered_runs.parquet")
 
     def execute(self, request: dg.RunRequest) -> None:
-        result = dg.materialize(
-            ASSETS,
-            selection=list(request.asset_selection or []),
-            partition_key=request.partition_key,
-            instance=self.instance,
-            resources=self.resources,
-            tags=request.tags,
-        )
-        assert result.success, request.partition_key
+        execute_request(request, self.instance, self.resources)
 
     def aggregates(self) -> str:
         assert dg.materialize(

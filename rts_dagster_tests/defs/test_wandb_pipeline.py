@@ -19,7 +19,7 @@ from rts_dagster.definitions import ASSETS
 from rts_dagster.defs.resources import RtsStorage, WandbRunsSource
 from rts_dagster.defs.sensors import build_finished_runs_sensor
 from rts_dagster.sources.skypilot import SkyPilotJobs
-from rts_dagster_tests.defs.daemon import apply_tick
+from rts_dagster_tests.defs.daemon import apply_tick, execute_request
 from rts_dagster_tests.fakes.wandb_data import metta_history, wandb_client_env
 from rts_dagster_tests.fakes.wandb_server import FakeRun, FakeWandbServer
 
@@ -74,15 +74,7 @@ class Daemon:
         assert len(fresh) == len(data.run_requests), "the daemon would drop a repeated run_key"
         self.run_keys.update(r.run_key for r in fresh)
         for request in fresh:
-            result = dg.materialize(
-                ASSETS,
-                selection=list(request.asset_selection or []),
-                partition_key=request.partition_key,
-                instance=self.instance,
-                resources=self.resources,
-                tags=request.tags,
-            )
-            assert result.success, request.partition_key
+            execute_request(request, self.instance, self.resources)
         return fresh
 
 
