@@ -435,3 +435,31 @@ class StepwiseCurriculum:
         if config.pool_cap is not None:
             p = cap_pool(p, config.pool_cap)
         return p
+
+
+def stepwise_deviation(
+    label_index: np.ndarray,
+    reward: np.ndarray,
+    n_labels: int,
+    config: CurriculumConfig,
+    *,
+    sps: np.ndarray | None = None,
+    limit: int = 2000,
+) -> float:
+    """Largest |probability difference| between `replay` and `StepwiseCurriculum` over the
+    first `limit` completions, every instant (a self-check run on real data: the two must
+    agree to rounding, ~1e-12)."""
+    n = min(int(limit), int(np.asarray(label_index).size))
+    labels = np.asarray(label_index)[:n]
+    rewards = np.asarray(reward, dtype=np.float64)[:n]
+    speeds = None if sps is None else np.asarray(sps, dtype=np.float64)[:n]
+    fast = replay(labels, rewards, n_labels, config, eval_index=np.arange(n), sps=speeds)
+    reference = StepwiseCurriculum(config, n_labels)
+    worst = 0.0
+    for j in range(n):  # the reference is per completion by design
+        reference.update(
+            int(labels[j]), float(rewards[j]), None if speeds is None else float(speeds[j])
+        )
+        p = reference.probabilities(j / max(n - 1, 1))
+        worst = max(worst, float(np.max(np.abs(p - fast.probability[j]))))
+    return worst

@@ -13,6 +13,7 @@ import polars as pl
 
 from rts_dagster import storage
 from rts_dagster.analysis import lp_sweep
+from rts_dagster.analysis.lp_replay import stepwise_deviation
 from rts_dagster.analysis.lp_signal import TrendSettings
 from rts_dagster.defs.analysis import _matched_rows, _preview
 from rts_dagster.defs.partitions import runs_partitions
@@ -41,10 +42,17 @@ class LPReplayConfig(dg.Config):
     t_flat: float = 1.0  # |slope / se| below this: plateaued
 
 
+MAX_REFERENCE_DEVIATION = 1e-9  # replay vs the stepwise reference, probability units
+
+
 @dg.asset(
     group_name="lp",
     partitions_def=runs_partitions,
     deps=[reward_streams],
+    check_specs=[
+        dg.AssetCheckSpec("distributions_valid", asset="lp_replay"),
+        dg.AssetCheckSpec("matches_stepwise_reference", asset="lp_replay"),
+    ],
     automation_condition=dg.AutomationCondition.eager(),
     description="One run's reward stream replayed through the default LP experiments matrix "
     "(ema_timescale grid, dual timescales, z-score Z 10/20/30 and annealed, pool cap, "
@@ -82,7 +90,32 @@ def lp_replay(
         f"{len(configs)} configurations x {stream.reward.size} {stream.granularity} samples "
         f"replayed in {elapsed:.2f}s"
     )
+    sums = trace.group_by("config", "eval_index").agg(pl.col("probability").sum())
+    sum_error = float((sums["probability"] - 1.0).abs().max())
+    lowest = float(trace["probability"].min())
+    deviation = max(
+        stepwise_deviation(stream.label_index, stream.reward, len(stream.labels), c, sps=stream.sps)
+        for c in configs
+        if c.name in (lp_sweep.METTA_DEFAULT, "zscore_z30_to_10")
+    )
+    checks = [
+        dg.AssetCheckResult(
+            check_name="distributions_valid",
+            passed=sum_error <= 1e-9 and lowest >= 0.0,
+            metadata={"max_sum_error": sum_error, "min_probability": lowest},
+        ),
+        dg.AssetCheckResult(
+            check_name="matches_stepwise_reference",
+            passed=deviation <= MAX_REFERENCE_DEVIATION,
+            metadata={
+                "max_probability_deviation": deviation,
+                "configs": "metta_default, zscore_z30_to_10",
+                "completions_checked": min(2000, int(stream.reward.size)),
+            },
+        ),
+    ]
     return dg.MaterializeResult(
+        check_results=checks,
         metadata={
             "dagster/row_count": metrics.height,
             "granularity": stream.granularity,
@@ -98,7 +131,7 @@ def lp_replay(
                     limit=30,
                 )
             ),
-        }
+        },
     )
 
 

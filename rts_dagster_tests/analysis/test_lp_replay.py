@@ -510,3 +510,11 @@ def test_replay_and_stepwise_agree_on_an_infinite_sps_sample() -> None:
     ref = _stepwise(config, labels, rewards, 3, sps)
     result = _replay_all(config, labels, rewards, 3, sps)
     np.testing.assert_allclose(result.probability, ref["p"], **TIGHT)
+
+
+def test_stepwise_deviation_is_rounding_only() -> None:
+    from rts_dagster.analysis.lp_replay import stepwise_deviation
+
+    labels, rewards, sps = _stream(21, 600, 6, n_seen=5)
+    for name in ("main", "zscore_knobs"):
+        assert stepwise_deviation(labels, rewards, 6, CONFIGS[name], sps=sps, limit=400) <= 1e-12

@@ -105,3 +105,19 @@ def test_lp_replay_names_a_missing_stream_file(lp_pipeline) -> None:
     failure = next(e for e in result.all_events if e.is_step_failure)
     message = failure.step_failure_data.error.message
     assert str(stream) in message and "materialize reward_streams[assembly_lines.seed1]" in message
+
+
+def test_lp_replay_checks_itself_against_the_stepwise_reference(lp_pipeline) -> None:
+    _, instance, resources = lp_pipeline
+    result = dg.materialize(
+        ASSETS,
+        selection=["lp_replay"],
+        partition_key="fixed_maps.seed2",
+        instance=instance,
+        resources=resources,
+    )
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert set(checks) == {"distributions_valid", "matches_stepwise_reference"}
+    assert all(c.passed for c in checks.values())
+    deviation = checks["matches_stepwise_reference"].metadata["max_probability_deviation"]
+    assert deviation.value <= 1e-12
