@@ -116,6 +116,13 @@ def sampling_probabilities(raw: np.ndarray) -> np.ndarray:
     return out.reshape(raw.shape)
 
 
+def normalise(weights: np.ndarray) -> np.ndarray:
+    """Weights divided by their sum along the last axis; uniform where the sum is <= 0."""
+    total = weights.sum(axis=-1, keepdims=True)
+    uniform = np.full(weights.shape, 1.0 / weights.shape[-1])
+    return np.where(total > 0.0, weights / np.where(total > 0.0, total, 1.0), uniform)
+
+
 def sigmoid(z: np.ndarray) -> np.ndarray:
     """1 / (1 + exp(-z)) in its tanh form: no overflow warning for large |z|."""
     return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(z, dtype=np.float64)))
@@ -254,13 +261,9 @@ def zscore_probabilities(
         u = np.where(std > 1e-10, scaled, u)
     else:
         u = u / config.lp_score_temperature
-    sig = sigmoid(u)
-    total = sig.sum(axis=-1, keepdims=True)
-    p = np.where(total > 0.0, sig / np.where(total > 0.0, total, 1.0), 1.0 / u.shape[-1])
+    p = normalise(sigmoid(u))
     counts = np.broadcast_to(np.asarray(counts), p.shape)
-    weights = np.where(counts < config.min_samples_for_lp, config.exploration_bonus, p)
-    total = weights.sum(axis=-1, keepdims=True)
-    out = np.where(total > 0.0, weights / np.where(total > 0.0, total, 1.0), 1.0 / u.shape[-1])
+    out = normalise(np.where(counts < config.min_samples_for_lp, config.exploration_bonus, p))
     return out[0] if np.ndim(fast) == 1 else out
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
@@ -40,6 +41,7 @@ from rts_dagster.analysis.lp import (
     LPConfig,
     ZScoreLearningProgress,
     ZScoreLPConfig,
+    normalise,
     raw_scores,
     sampling_probabilities,
     zscore_lp,
@@ -69,6 +71,14 @@ class CurriculumConfig(BaseModel):
         if self.z_anneal is not None and self.variant != "zscore":
             raise ValueError(f"{self.name}: z_anneal applies to the zscore variant only")
         return self
+
+    def amplification(self, progress: float | np.ndarray) -> float | np.ndarray | None:
+        """Z at `progress` (fraction of the stream done) when annealed, else None (the
+        variant's own `z_score_amplification`)."""
+        if self.z_anneal is None:
+            return None
+        z_start, z_end = self.z_anneal
+        return z_start + (z_end - z_start) * np.asarray(progress, dtype=np.float64)
 
     @property
     def ema_timescale(self) -> float:
@@ -130,16 +140,21 @@ def replay(
     eval_index: np.ndarray | None = None,
     n_eval: int = DEFAULT_EVAL_POINTS,
     sps: np.ndarray | None = None,
+    groups: LabelGroups | None = None,
 ) -> Replay:
     """Feed the completions (label, reward[, SPS at that time]) in order through `config`;
-    return the state at `eval_index` (default: `n_eval` evenly spaced instants)."""
+    return the state at `eval_index` (default: `n_eval` evenly spaced instants).
+    `groups`: `LabelGroups(label_index, n_labels)` when replaying one stream many times."""
     labels, rewards = _check_stream(label_index, reward, n_labels)
     n = labels.size
     if sps is not None and np.shape(sps) != (n,):
         raise ValueError(f"sps has shape {np.shape(sps)}; expected ({n},), one per completion")
     points = evaluation_points(n, n_eval) if eval_index is None else _check_points(eval_index, n)
     progress = points / max(n - 1, 1)
-    groups = _Groups(labels, n_labels)
+    if groups is None:
+        groups = LabelGroups(labels, n_labels)
+    elif groups.n != n or groups.n_labels != n_labels:
+        raise ValueError("groups were built for another stream")
 
     if config.variant == "main":
         lp = config.main
@@ -163,22 +178,30 @@ def replay(
         slow = groups.at(points, s_all, 0.0)
         perf = groups.at(points, t_all, 0.0)
         counts = groups.counts_at(points)
-        amplification = None
-        if config.z_anneal is not None:
-            z_start, z_end = config.z_anneal
-            amplification = z_start + (z_end - z_start) * progress
         score = zscore_lp(fast, slow, zc)
-        probability = zscore_probabilities(fast, slow, perf, counts, zc, amplification)
+        probability = zscore_probabilities(
+            fast, slow, perf, counts, zc, config.amplification(progress)
+        )
 
+    label_sps = None
     if config.sps_weight != 0.0 and sps is not None:
-        level = _label_sps(groups, np.asarray(sps, dtype=np.float64), config.sps_ema, points)
-        probability = sps_gate(probability, level, config.sps_weight)
-    if config.pool_cap is not None:
-        probability = cap_pool(probability, config.pool_cap)
+        label_sps = _label_sps(groups, np.asarray(sps, dtype=np.float64), config.sps_ema, points)
+    probability = apply_knobs(probability, config, label_sps)
     return Replay(config, points, progress, counts, fast, slow, score, probability)
 
 
 # --- the experiment knobs, on the last axis (shared with StepwiseCurriculum) -----------------
+def apply_knobs(
+    probability: np.ndarray, config: CurriculumConfig, label_sps: np.ndarray | None
+) -> np.ndarray:
+    """The SPS gate (when `label_sps` is given) and then the pool cap of `config`."""
+    if config.sps_weight != 0.0 and label_sps is not None:
+        probability = sps_gate(probability, label_sps, config.sps_weight)
+    if config.pool_cap is not None:
+        probability = cap_pool(probability, config.pool_cap)
+    return probability
+
+
 def sps_gate(probability: np.ndarray, label_sps: np.ndarray, gamma: float) -> np.ndarray:
     """Weights times (label SPS / mean label SPS)^gamma, renormalised; labels without an SPS
     (NaN) keep factor 1."""
@@ -186,7 +209,7 @@ def sps_gate(probability: np.ndarray, label_sps: np.ndarray, gamma: float) -> np
     n_have = have.sum(axis=-1, keepdims=True)
     mean = np.where(have, label_sps, 0.0).sum(axis=-1, keepdims=True) / np.maximum(n_have, 1)
     ratio = np.divide(label_sps, mean, out=np.ones_like(probability), where=have & (mean > 0))
-    return _normalise(probability * ratio**gamma)
+    return normalise(probability * ratio**gamma)
 
 
 def cap_pool(probability: np.ndarray, k: int) -> np.ndarray:
@@ -197,19 +220,14 @@ def cap_pool(probability: np.ndarray, k: int) -> np.ndarray:
     if k >= n_labels:
         return probability
     kth = -np.partition(-probability, k - 1, axis=-1)[..., k - 1 : k]
-    return _normalise(np.where(probability >= kth, probability, 0.0))
-
-
-def _normalise(weights: np.ndarray) -> np.ndarray:
-    total = weights.sum(axis=-1, keepdims=True)
-    uniform = np.full(weights.shape, 1.0 / weights.shape[-1])
-    return np.where(total > 0, weights / np.where(total > 0, total, 1.0), uniform)
+    return normalise(np.where(probability >= kth, probability, 0.0))
 
 
 # --- vectorised per-label recursions ----------------------------------------------------------
-class _Groups:
+class LabelGroups:
     """Completions grouped by label: `order` sorts time order into label order (stable, so
-    each label's completions stay in time order); label l is `order[lo[lab]:hi[lab]]`."""
+    each label's completions stay in time order); label l is `order[lo[l]:hi[l]]`. Build
+    it once per stream and pass it to `replay` (and `lp_signal.label_trends`) to sort once."""
 
     def __init__(self, labels: np.ndarray, n_labels: int) -> None:
         # int16 keys let numpy use its O(n) radix sort (labels < 32768 in practice)
@@ -220,6 +238,17 @@ class _Groups:
         self.lo, self.hi = bounds[:-1], bounds[1:]
         self.n_labels = n_labels
         self.present = np.flatnonzero(self.hi > self.lo)
+        self.n = int(labels.size)
+
+    @cached_property
+    def label_of(self) -> np.ndarray:
+        """Label of each position in label order."""
+        return np.repeat(np.arange(self.n_labels), self.hi - self.lo)
+
+    @cached_property
+    def offset(self) -> np.ndarray:
+        """Position of each completion among its label's completions (0, 1, ...)."""
+        return np.arange(self.n) - np.repeat(self.lo, self.hi - self.lo)
 
     def ema(
         self, values: np.ndarray, weight: float, started: np.ndarray | None = None
@@ -231,11 +260,7 @@ class _Groups:
         for lab in self.present:  # one C call per label, none per completion
             lo, hi = int(self.lo[lab]), int(self.hi[lab])
             m = lo + (0 if started is None else int(started[lab]))
-            if m + 1 < hi:
-                zi = [(1.0 - weight) * values[m]]
-                out[m + 1 : hi] = lfilter([weight], [1.0, weight - 1.0], values[m + 1 : hi], zi=zi)[
-                    0
-                ]
+            out[m:hi] = seeded_ema(values[m:hi], weight)
         return out
 
     def first_nonzero(self, values: np.ndarray) -> np.ndarray:
@@ -248,8 +273,9 @@ class _Groups:
         return out
 
     def at(self, points: np.ndarray, per_completion: np.ndarray, before: float) -> np.ndarray:
-        """(G, L): each label's value after its last completion at or before each point."""
-        out = np.full((points.size, self.n_labels), before)
+        """(G, L): each label's value after its last completion at or before each point
+        (`before` until its first; the dtype of `per_completion`)."""
+        out = np.full((points.size, self.n_labels), before, dtype=per_completion.dtype)
         for lab in self.present:
             lo, hi = int(self.lo[lab]), int(self.hi[lab])
             k = np.searchsorted(self.order[lo:hi], points, side="right") - 1
@@ -265,23 +291,32 @@ class _Groups:
         return out
 
 
-def _zscore_inputs(rs: np.ndarray, groups: _Groups, config: ZScoreLPConfig) -> np.ndarray:
+def seeded_ema(values: np.ndarray, weight: float) -> np.ndarray:
+    """y_0 = v_0, y_k = w v_k + (1 - w) y_{k-1}: one `lfilter` call (LP's EMA, which starts
+    at the first value instead of 0)."""
+    out = values.astype(np.float64, copy=True)
+    if out.size > 1:
+        zi = [(1.0 - weight) * out[0]]
+        out[1:] = lfilter([weight], [1.0, weight - 1.0], out[1:], zi=zi)[0]
+    return out
+
+
+def _zscore_inputs(rs: np.ndarray, groups: LabelGroups, config: ZScoreLPConfig) -> np.ndarray:
     """x per completion (label order) of the z-score variant: baseline-normalised score.
     The baseline is 0 until a label's first non-zero score r*, then min(r*, 0.75)."""
     if not config.use_baseline_normalization:
         return rs.copy()
     first = groups.first_nonzero(rs)
-    position = np.arange(rs.size) - np.repeat(groups.lo, groups.hi - groups.lo)
-    label_of = np.repeat(np.arange(groups.n_labels), groups.hi - groups.lo)
+    label_of = groups.label_of
     has = first < (groups.hi - groups.lo)
     base_value = np.zeros(groups.n_labels)
     base_value[has] = np.minimum(rs[groups.lo[has] + first[has]], BASELINE_CAP)
-    baseline = np.where(position >= first[label_of], base_value[label_of], 0.0)
+    baseline = np.where(groups.offset >= first[label_of], base_value[label_of], 0.0)
     return np.maximum(rs - baseline, 0.0) / np.maximum(1.0 - baseline, 1e-10)
 
 
 def _restart_at_exact_zero(
-    groups: _Groups,
+    groups: LabelGroups,
     started: np.ndarray,
     xs: np.ndarray,
     rs: np.ndarray,
@@ -294,9 +329,8 @@ def _restart_at_exact_zero(
     only before a label's first non-zero x. The EMAs return to exactly 0 only in corner
     cases (no baseline normalisation, rewards cancelling out exactly); the labels where it
     happens are recomputed step by step, in place."""
-    offset = np.arange(xs.size) - np.repeat(groups.lo, groups.hi - groups.lo)
-    label_of = np.repeat(np.arange(groups.n_labels), groups.hi - groups.lo)
-    back = (fast == 0.0) & (slow == 0.0) & (offset > started[label_of])
+    label_of = groups.label_of
+    back = (fast == 0.0) & (slow == 0.0) & (groups.offset > started[label_of])
     a, b = config.ema_timescale, config.slow_timescale
     for lab in np.unique(label_of[back]):
         f = s_ = t = 0.0
@@ -310,7 +344,9 @@ def _restart_at_exact_zero(
             fast[k], slow[k], perf[k] = f, s_, t
 
 
-def _label_sps(groups: _Groups, sps: np.ndarray, weight: float, points: np.ndarray) -> np.ndarray:
+def _label_sps(
+    groups: LabelGroups, sps: np.ndarray, weight: float, points: np.ndarray
+) -> np.ndarray:
     """(G, L) EMA of the SPS at each label's completions (NaN SPS samples are skipped)."""
     out = np.full((points.size, groups.n_labels), np.nan)
     ordered = sps[groups.order]
@@ -319,12 +355,8 @@ def _label_sps(groups: _Groups, sps: np.ndarray, weight: float, points: np.ndarr
         finite = np.isfinite(ordered[lo:hi])
         if not finite.any():
             continue
-        values = ordered[lo:hi][finite]
+        level = seeded_ema(ordered[lo:hi][finite], weight)
         times = groups.order[lo:hi][finite]
-        level = values.copy()
-        if values.size > 1:
-            zi = [(1.0 - weight) * values[0]]
-            level[1:] = lfilter([weight], [1.0, weight - 1.0], values[1:], zi=zi)[0]
         k = np.searchsorted(times, points, side="right") - 1
         out[k >= 0, lab] = level[k[k >= 0]]
     return out
@@ -421,20 +453,12 @@ class StepwiseCurriculum:
 
     def probabilities(self, progress: float = 0.0) -> np.ndarray:
         """The sampling distribution now; `progress` (0..1) drives an annealed Z."""
-        config = self.config
         if isinstance(self.lp, ZScoreLearningProgress):
-            amplification = None
-            if config.z_anneal is not None:
-                z_start, z_end = config.z_anneal
-                amplification = z_start + (z_end - z_start) * progress
-            p = self.lp.probabilities(amplification)
+            amplification = self.config.amplification(progress)
+            p = self.lp.probabilities(None if amplification is None else float(amplification))
         else:
             p = self.lp.probabilities()
-        if config.sps_weight != 0.0:
-            p = sps_gate(p, self.label_sps, config.sps_weight)
-        if config.pool_cap is not None:
-            p = cap_pool(p, config.pool_cap)
-        return p
+        return apply_knobs(p, self.config, self.label_sps)
 
 
 def stepwise_deviation(

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rts_dagster.analysis.lp import progress_transform
-from rts_dagster.analysis.lp_replay import Replay
+from rts_dagster.analysis.lp_replay import LabelGroups, Replay
 from rts_dagster.analysis.metrics import diff_noise, rolling_ols_slope
 
 IMPROVING, PLATEAUED, DECLINING, UNDECIDED = 1, 0, -1, -2
@@ -59,17 +59,16 @@ def label_trends(
     n_labels: int,
     eval_index: np.ndarray,
     settings: TrendSettings | None = None,
+    groups: LabelGroups | None = None,
 ) -> np.ndarray:
-    """(G, L) int8 trend state of every label at every evaluation instant."""
+    """(G, L) int8 trend state of every label at every evaluation instant. `groups`: the
+    stream's `LabelGroups`, when the caller has them already."""
     settings = settings or TrendSettings()
     w = settings.window
-    labels = np.asarray(label_index, dtype=np.int64)
-    rewards = np.asarray(reward, dtype=np.float64)
-    order = np.argsort(labels, kind="stable")
-    bounds = np.searchsorted(labels[order], np.arange(n_labels + 1))
-    lo, hi = bounds[:-1], bounds[1:]
-    present = np.flatnonzero(hi > lo)
-    ys = rewards[order]
+    if groups is None:
+        groups = LabelGroups(np.asarray(label_index, dtype=np.int64), n_labels)
+    lo, hi, present = groups.lo, groups.hi, groups.present
+    ys = np.take(np.asarray(reward, dtype=np.float64), groups.order)
     slope = rolling_ols_slope(ys, w, lo[present]) if ys.size else ys
     se_unit = 1.0 / math.sqrt(w * (w * w - 1) / 12.0)
     t = np.full(ys.size, np.nan)
@@ -85,14 +84,7 @@ def label_trends(
     state[np.abs(t) < settings.t_flat] = PLATEAUED
     state[t > settings.t_improving] = IMPROVING
     state[t < -settings.t_improving] = DECLINING
-
-    points = np.asarray(eval_index, dtype=np.int64)
-    out = np.full((points.size, n_labels), UNDECIDED, dtype=np.int8)
-    for lab in present:
-        a, b = int(lo[lab]), int(hi[lab])
-        k = np.searchsorted(order[a:b], points, side="right") - 1
-        out[k >= 0, lab] = state[a + k[k >= 0]]
-    return out
+    return groups.at(np.asarray(eval_index, dtype=np.int64), state, UNDECIDED)
 
 
 def gini(p: np.ndarray) -> np.ndarray:
@@ -135,7 +127,8 @@ def signal_quality(
     n_imp = improving.sum(axis=1)
     n_flat = flat.sum(axis=1)
     both = (n_imp > 0) & (n_flat > 0)
-    per_imp = np.where(improving, p, 0.0).sum(axis=1) / np.maximum(n_imp, 1)
+    improving_mass = np.where(improving, p, 0.0).sum(axis=1)
+    per_imp = improving_mass / np.maximum(n_imp, 1)
     per_flat = np.where(flat, p, 0.0).sum(axis=1) / np.maximum(n_flat, 1)
     # Floored so that a group LP never draws counts as 1e-4 / L, not 0: a saturated
     # distribution gives a large but finite ratio instead of dominating the mean.
@@ -176,7 +169,7 @@ def signal_quality(
         "gini_mean": float(gini(p).mean()),
         "entropy_mean": float(normalised_entropy(p).mean()),
         "lp_snr": snr,
-        "improving_mass": float(np.where(improving, p, 0.0).sum(axis=1).mean()),
+        "improving_mass": float(improving_mass.mean()),
         "improving_fraction": float(improving.mean()),
         "plateaued_fraction": float(flat.mean()),
         "lag_median": float(np.median(lags)) if lags.size else math.nan,

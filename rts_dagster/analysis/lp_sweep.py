@@ -34,7 +34,13 @@ from scipy import stats
 
 from rts_dagster.analysis import kalman
 from rts_dagster.analysis.lp import LPConfig, ZScoreLPConfig
-from rts_dagster.analysis.lp_replay import DEFAULT_EVAL_POINTS, CurriculumConfig, replay
+from rts_dagster.analysis.lp_replay import (
+    DEFAULT_EVAL_POINTS,
+    CurriculumConfig,
+    LabelGroups,
+    evaluation_points,
+    replay,
+)
 from rts_dagster.analysis.lp_signal import TrendSettings, label_trends, signal_quality
 from rts_dagster.schema import (
     GRANULARITY_COMPLETION,
@@ -208,10 +214,15 @@ def sweep_run(
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(LP_REPLAY_METRICS, LP_REPLAY_TRACE) of one run under every configuration."""
     n_labels = len(stream.labels)
-    first = replay(stream.label_index, stream.reward, n_labels, configs[0], n_eval=n_eval)
-    points = first.eval_index
+    points = evaluation_points(stream.reward.size, n_eval)
+    groups = LabelGroups(stream.label_index, n_labels)  # one sort for every replay
     trends = label_trends(
-        stream.label_index, stream.reward, n_labels, points, trend_settings or TrendSettings()
+        stream.label_index,
+        stream.reward,
+        n_labels,
+        points,
+        trend_settings or TrendSettings(),
+        groups=groups,
     )
     metric_rows, traces = [], []
     keys = {"task": task, "seed": seed, "run_id": run_id}
@@ -223,6 +234,7 @@ def sweep_run(
             config,
             eval_index=points,
             sps=stream.sps,
+            groups=groups,
         )
         metric_rows.append(
             {
@@ -293,20 +305,10 @@ def summarise_sweep(metrics: pl.DataFrame) -> pl.DataFrame:
             paired = per_config.join(default, on=["seed", "run_id"], suffix="_default", how="left")
             for metric in SUMMARY_METRICS:
                 values = per_config[metric].to_numpy()
-                if metric == "lp_snr":
-                    with np.errstate(divide="ignore", invalid="ignore"):
-                        diffs = np.log(paired[metric].to_numpy()) - np.log(
-                            paired[f"{metric}_default"].to_numpy()
-                        )
-                        mean = (
-                            float(np.exp(np.nanmean(np.log(values))))
-                            if np.isfinite(np.log(values)).any()
-                            else math.nan
-                        )
-                    _, low, high = t_interval(np.log(values))
-                    low, high = (
-                        math.exp(low) if low == low else low,
-                        math.exp(high) if high == high else high,
+                if metric == "lp_snr":  # a ratio: geometric mean, differences of logs
+                    mean, low, high = (_exp(v) for v in t_interval(_log(values)))
+                    diffs = _log(paired[metric].to_numpy()) - _log(
+                        paired[f"{metric}_default"].to_numpy()
                     )
                 else:
                     mean, low, high = t_interval(values)
@@ -402,22 +404,24 @@ def _exp(value: float) -> float:
     return math.exp(value) if math.isfinite(value) else math.nan
 
 
+def _log(values: np.ndarray) -> np.ndarray:
+    """Natural log with NaN (not a warning) for non-positive or missing values."""
+    values = np.asarray(values, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(values > 0, np.log(values), np.nan)
+
+
 def _config_stats(per_config: pl.DataFrame, default: pl.DataFrame) -> dict[str, float]:
     # Pairs are runs (two runs of one seed are two pairs, not four)
     paired = per_config.join(default, on=["seed", "run_id"], suffix="_default", how="inner")
-    with np.errstate(divide="ignore", invalid="ignore"):
-        logs = np.log(paired["lp_snr"].to_numpy()) - np.log(paired["lp_snr_default"].to_numpy())
-        snr_logs = np.log(per_config["lp_snr"].to_numpy())
-    mean, low, high = t_interval(logs)
-    finite = np.isfinite(logs)
+    logs = _log(paired["lp_snr"].to_numpy()) - _log(paired["lp_snr_default"].to_numpy())
+    mean, low, high = t_interval(logs)  # NaN mean when no pair is finite
     return {
-        "n": int(finite.sum()),
-        "log_ratio": mean if finite.any() else math.nan,
+        "n": int(np.isfinite(logs).sum()),
+        "log_ratio": mean,
         "low": low,
         "high": high,
-        "snr": float(np.exp(snr_logs[np.isfinite(snr_logs)].mean()))
-        if np.isfinite(snr_logs).any()
-        else math.nan,
+        "snr": _exp(t_interval(_log(per_config["lp_snr"].to_numpy()))[0]),
         "lag": _median_with_inf(per_config["lag_median"].to_numpy()),
         "churn": _nanmean(per_config["churn_plateau"].to_numpy()),
         "starved": _nanmean(per_config["starved_fraction"].to_numpy()),
