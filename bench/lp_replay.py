@@ -55,7 +55,7 @@ from rts_dagster.analysis.lp_replay import (  # noqa: E402
     evaluation_points,
     replay,
 )
-from rts_dagster.discovery import partition_files  # noqa: E402
+from rts_dagster.discovery import row_files  # noqa: E402
 
 RATE_TARGET = 1_000_000.0  # completions/s of the vectorised replay
 SPEEDUP_TARGET = 30.0  # vectorised vs stepwise, per completion
@@ -176,9 +176,7 @@ def time_demo_sweep(data_dir: Path) -> tuple[float, int, int, str]:
     if discovered.exists():
         matched = pl.read_parquet(discovered).filter(pl.col("status") == "matched")
         for row in matched.iter_rows(named=True):
-            folder, stem = partition_files(
-                row["task"], row["seed"], row["run_id"], row["partition_key"]
-            )
+            folder, stem = row_files(row)
             path = storage.stream_paths(data_dir, folder, stem)[0]
             if path.exists():
                 frames.append(pl.read_parquet(path))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -229,6 +229,11 @@ def partition_files(task: str, seed: int, run_id: str, key: str) -> tuple[str, s
     run holding the plain key, `<task slug>/<seed>.<run slug>` for a duplicate."""
     duplicate = key != partition_key(task, seed)
     return slug(task), stream_file_stem(seed, run_id if duplicate else None)
+
+
+def row_files(row: Mapping[str, Any]) -> tuple[str, str]:
+    """`partition_files` of a matched discovered_runs row."""
+    return partition_files(row["task"], row["seed"], row["run_id"], row["partition_key"])
 
 
 def classify_runs(

@@ -19,7 +19,7 @@ from rts_dagster.definitions import ASSETS, RESOURCES, defs
 from rts_dagster.defs.partitions import runs_partitions
 from rts_dagster.defs.resources import RtsStorage
 from rts_dagster.defs.runs import partition_is_current
-from rts_dagster.discovery import partition_files
+from rts_dagster.discovery import row_files
 from rts_dagster.schema import RUN_STATUS_MATCHED
 
 _QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
@@ -67,7 +67,7 @@ def _materialize(
 
 
 def _partition_paths(data_dir: Path, row: dict[str, Any]) -> tuple[Path, Path]:
-    folder, stem = partition_files(row["task"], row["seed"], row["run_id"], row["partition_key"])
+    folder, stem = row_files(row)
     return storage.stream_paths(data_dir, folder, stem)
 
 

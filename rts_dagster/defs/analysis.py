@@ -13,7 +13,7 @@ from rts_dagster.analysis import kalman, metrics, variance
 from rts_dagster.defs.partitions import runs_partitions
 from rts_dagster.defs.resources import RtsStorage
 from rts_dagster.defs.runs import load_partition_streams, read_discovered, reward_streams
-from rts_dagster.discovery import partition_files
+from rts_dagster.discovery import row_files
 from rts_dagster.escape import md, md_table
 from rts_dagster.schema import (
     NOISE_BY_PROGRESS,
@@ -57,7 +57,7 @@ def _preview(df: pl.DataFrame, cols: list[str], limit: int = 20) -> str:
 
 
 def _partition_stream_paths(root: Path, row: dict[str, Any]) -> tuple[Path, dict[str, Path]]:
-    folder, stem = partition_files(row["task"], row["seed"], row["run_id"], row["partition_key"])
+    folder, stem = row_files(row)
     return storage.stream_paths(root, folder, stem)[0], storage.metrics_paths(root, folder, stem)
 
 

@@ -3,7 +3,6 @@ replayed on the recorded reward streams, a recommendation per task, and a closed
 check in the simulator. Thin: the science is in rts_dagster.analysis.lp_*."""
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from rts_dagster.defs.analysis import _matched_rows, _preview
 from rts_dagster.defs.partitions import runs_partitions
 from rts_dagster.defs.resources import RtsStorage
 from rts_dagster.defs.runs import load_partition_streams, reward_streams
-from rts_dagster.discovery import partition_files
+from rts_dagster.discovery import row_files
 from rts_dagster.escape import md
 from rts_dagster.schema import (
     LP_CLOSED_LOOP,
@@ -157,8 +156,7 @@ class LPRecommendationsConfig(dg.Config):
 def lp_recommendations(
     context: dg.AssetExecutionContext, config: LPRecommendationsConfig, rts_storage: RtsStorage
 ) -> dg.MaterializeResult:
-    from rts_dagster.simulate.closed_loop import run_closed_loop
-    from rts_dagster.simulate.model import TASKS
+    from rts_dagster.simulate.closed_loop import plan_closed_loop, run_closed_loop
 
     root = rts_storage.root()
     metrics = _load_lp_metrics(rts_storage, context)
@@ -170,31 +168,11 @@ def lp_recommendations(
     closed = empty(LP_CLOSED_LOOP_SUMMARY)
     if config.closed_loop:
         candidates = lp_sweep.closed_loop_candidates(recs, metrics)
-        jobs = []
-        for task, pairs in candidates.items():
-            if task not in TASKS:
-                context.log.info(f"closed loop: no simulator model of task {task!r}: skipped")
-                continue
-            sweep = {
-                c.name: c
-                for c in lp_sweep.default_sweep(
-                    len(TASKS[task].labels), matched_gain=_mean_matched_gain(metrics, task)
-                )
-            }
-            missing = [name for name, _ in pairs if name not in sweep]
-            if missing:
-                context.log.info(
-                    f"closed loop, task {task!r}: {missing} not in the simulator's sweep "
-                    "(the runs logged another number of labels): skipped"
-                )
-            names = [name for name, _ in pairs if name in sweep]
-            if not names:
-                continue
-            for seed in dict.fromkeys(config.closed_loop_seeds):  # a repeated seed once
-                jobs.extend(
-                    (task, seed, config.closed_loop_epochs, sweep[n])
-                    for n in (lp_sweep.METTA_DEFAULT, *names)
-                )
+        jobs, notes = plan_closed_loop(
+            candidates, metrics, config.closed_loop_seeds, config.closed_loop_epochs
+        )
+        for note in notes:
+            context.log.info(f"closed loop: {note}")
         if jobs:
             context.log.info(
                 f"closed loop: {len(jobs)} simulator runs on {config.workers} workers "
@@ -241,21 +219,11 @@ def lp_recommendations(
     )
 
 
-def _mean_matched_gain(metrics: pl.DataFrame, task: str) -> float | None:
-    """Geometric mean over the task's runs of the kalman_matched ema_timescale."""
-    gains = metrics.filter(
-        (pl.col("task") == task) & (pl.col("config") == lp_sweep.KALMAN_MATCHED)
-    )["ema_timescale"]
-    return math.exp(float(gains.log().mean())) if gains.len() else None
-
-
 def _load_lp_metrics(rts_storage: RtsStorage, context: dg.AssetExecutionContext) -> pl.DataFrame:
     root = rts_storage.root()
     frames, missing = [], []
     for row in _matched_rows(rts_storage):
-        folder, stem = partition_files(
-            row["task"], row["seed"], row["run_id"], row["partition_key"]
-        )
+        folder, stem = row_files(row)
         path = storage.lp_replay_paths(root, folder, stem)["metrics"]
         if path.exists():
             frames.append(conform(pl.read_parquet(path), LP_REPLAY_METRICS, str(path)))
@@ -287,9 +255,7 @@ def lp_tables(root: Path, matched: list[dict[str, Any]]) -> dict[str, pl.DataFra
     )
     traces = []
     for row in matched:
-        folder, stem = partition_files(
-            row["task"], row["seed"], row["run_id"], row["partition_key"]
-        )
+        folder, stem = row_files(row)
         path = storage.lp_replay_paths(root, folder, stem)["trace"]
         if path.exists():
             trace = pl.scan_parquet(path).join(wanted.lazy(), on=["task", "config"], how="semi")

@@ -14,7 +14,7 @@ from rts_dagster import storage
 from rts_dagster.analysis.streams import HISTORY_PREFIXES, build_reward_streams
 from rts_dagster.defs.partitions import runs_partitions
 from rts_dagster.defs.resources import RtsStorage, RunSourceResource
-from rts_dagster.discovery import DiscoveryRules, classify_runs, partition_files
+from rts_dagster.discovery import DiscoveryRules, classify_runs, row_files
 from rts_dagster.escape import md_table
 from rts_dagster.schema import (
     DISCOVERED_RUNS,
@@ -134,7 +134,7 @@ class PartitionStreams:
 def load_partition_streams(rts_storage: RtsStorage, key: str) -> PartitionStreams:
     """The reward_streams data of partition `key`; a clear Failure if it is not there."""
     row = run_for_partition(read_discovered(rts_storage), key)
-    folder, stem = partition_files(row["task"], row["seed"], row["run_id"], row["partition_key"])
+    folder, stem = row_files(row)
     path = storage.stream_paths(rts_storage.root(), folder, stem)[0]
     if not path.exists():
         raise dg.Failure(f"{path} is missing: materialize reward_streams[{key}]")
@@ -146,7 +146,7 @@ def partition_is_current(root: Path, row: dict[str, Any]) -> bool:
     """True if the partition of `row` (a matched discovered_runs row) already holds this
     run's data: metadata.json of the same run, fingerprint and STREAMS_VERSION, and the
     series_metrics and lp_replay files, in the current table schemas."""
-    folder, stem = partition_files(row["task"], row["seed"], row["run_id"], row["partition_key"])
+    folder, stem = row_files(row)
     _, meta_path = storage.stream_paths(root, folder, stem)
     derived = (
         (storage.metrics_paths(root, folder, stem)["series"], SERIES_METRICS),
@@ -223,7 +223,7 @@ def reward_streams(
             f"run {row['run_id']!r} ({row['location']}) has no `env_per_label_rewards/*` "
             "history and no per-completion stream: nothing to analyse"
         )
-    folder, stem = partition_files(row["task"], row["seed"], row["run_id"], key)
+    folder, stem = row_files(row)
     parquet_path, meta_path = storage.stream_paths(rts_storage.root(), folder, stem)
 
     counts = {

@@ -19,15 +19,16 @@ import hashlib
 import math
 import multiprocessing
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import polars as pl
 
 from rts_dagster.analysis.lp_replay import CurriculumConfig
+from rts_dagster.analysis.lp_sweep import KALMAN_MATCHED, METTA_DEFAULT, default_sweep
 from rts_dagster.schema import LP_CLOSED_LOOP, conform, empty
-from rts_dagster.simulate.model import SimulatedRun, simulate
+from rts_dagster.simulate.model import TASKS, SimulatedRun, simulate
 
 COMPETENCE_FRACTION = 0.8
 FINAL_FRACTION = 0.1
@@ -52,12 +53,45 @@ def outcomes(run: SimulatedRun, competence_fraction: float = COMPETENCE_FRACTION
     }
 
 
+Job = tuple[str, int, int, CurriculumConfig]  # (task, seed, epochs, configuration)
+
+
+def plan_closed_loop(
+    candidates: Mapping[str, Sequence[tuple[str, str]]],
+    metrics: pl.DataFrame,
+    seeds: Sequence[int],
+    epochs: int,
+) -> tuple[list[Job], list[str]]:
+    """Simulator jobs comparing each task's candidate configurations (names from
+    `lp_sweep.closed_loop_candidates`) with Metta's default on `seeds` (each once), and one
+    line per candidate or task left out (no simulator model of the task, or a name the
+    simulator's sweep does not have: the runs logged another number of labels).
+    `kalman_matched` takes the geometric mean of its runs' ema_timescale (`metrics`)."""
+    jobs: list[Job] = []
+    notes: list[str] = []
+    for task, pairs in candidates.items():
+        if task not in TASKS:
+            notes.append(f"no simulator model of task {task!r}: skipped")
+            continue
+        gains = metrics.filter((pl.col("task") == task) & (pl.col("config") == KALMAN_MATCHED))
+        gain = math.exp(float(gains["ema_timescale"].log().mean())) if gains.height else None
+        sweep = {c.name: c for c in default_sweep(len(TASKS[task].labels), matched_gain=gain)}
+        missing = [name for name, _ in pairs if name not in sweep]
+        if missing:
+            notes.append(f"task {task!r}: {missing} not in the simulator's sweep: skipped")
+        names = [name for name, _ in pairs if name in sweep]
+        if names:
+            for seed in dict.fromkeys(seeds):
+                jobs.extend((task, seed, epochs, sweep[n]) for n in (METTA_DEFAULT, *names))
+    return jobs, notes
+
+
 def config_key(config: CurriculumConfig) -> str:
     """Identity of a configuration's behaviour (its settings, not just its name)."""
     return hashlib.sha256(config.model_dump_json(exclude={"description"}).encode()).hexdigest()[:16]
 
 
-def _one(job: tuple[str, int, int, CurriculumConfig]) -> dict:
+def _one(job: Job) -> dict:
     task, seed, epochs, config = job
     run = simulate(task, seed, epochs, curriculum=config)
     return {
@@ -70,7 +104,7 @@ def _one(job: tuple[str, int, int, CurriculumConfig]) -> dict:
 
 
 def run_closed_loop(
-    jobs: Sequence[tuple[str, int, int, CurriculumConfig]],
+    jobs: Sequence[Job],
     *,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -104,7 +138,7 @@ def run_closed_loop(
 
 
 def _simulate_all(
-    jobs: Sequence[tuple[str, int, int, CurriculumConfig]],
+    jobs: Sequence[Job],
     workers: int | None,
     progress: Callable[[int, int], None] | None,
 ) -> pl.DataFrame:

@@ -86,3 +86,41 @@ def test_identical_simulations_are_reused() -> None:
         reuse=first,
     )
     assert calls == [1] and other["config_key"].item() != first["config_key"][0]
+
+
+def test_plan_closed_loop() -> None:
+    import math
+
+    import polars as pl
+
+    from rts_dagster.simulate.closed_loop import plan_closed_loop
+
+    metrics = pl.DataFrame(
+        {
+            "task": ["fixed_maps", "fixed_maps", "assembly_lines"],
+            "config": ["kalman_matched", "kalman_matched", "metta_default"],
+            "ema_timescale": [0.01, 0.04, 0.001],
+        }
+    )
+    candidates = {
+        "fixed_maps": [("kalman_matched", "local_level_gain"), ("metta_default_cap_9", "x")],
+        "assembly_lines": [("zscore_z10", "replay_best")],
+        "not_simulated": [("zscore_z10", "replay_best")],
+    }
+    jobs, notes = plan_closed_loop(candidates, metrics, seeds=[7, 8, 7], epochs=12)
+    assert [(t, s, e, c.name) for t, s, e, c in jobs] == [
+        ("fixed_maps", 7, 12, "metta_default"),
+        ("fixed_maps", 7, 12, "kalman_matched"),
+        ("fixed_maps", 8, 12, "metta_default"),
+        ("fixed_maps", 8, 12, "kalman_matched"),
+        ("assembly_lines", 7, 12, "metta_default"),
+        ("assembly_lines", 7, 12, "zscore_z10"),
+        ("assembly_lines", 8, 12, "metta_default"),
+        ("assembly_lines", 8, 12, "zscore_z10"),
+    ]
+    matched = next(c for _, _, _, c in jobs if c.name == "kalman_matched")
+    assert matched.main.ema_timescale == pytest.approx(math.sqrt(0.01 * 0.04))  # geometric mean
+    assert notes == [
+        "task 'fixed_maps': ['metta_default_cap_9'] not in the simulator's sweep: skipped",
+        "no simulator model of task 'not_simulated': skipped",
+    ]
