@@ -30,6 +30,13 @@ def html_text(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
+def plot_text(text: object) -> str:
+    """Untrusted text as plotly draws it literally: plotly reads a subset of HTML tags and
+    entities in every string it renders (ticks, titles, legend, hover), so `&`, `<` and `>`
+    are written as entities, which it decodes back for display."""
+    return html.escape(str(text), quote=False)
+
+
 def md_table(header: list[str], rows: list[list[object]]) -> str:
     """A Markdown table whose cells are escaped with `md`."""
     lines = [

@@ -54,3 +54,25 @@ def test_numbers_are_not_escaped():
 
 def test_html_text_escapes_attributes():
     assert html_text("\"'<>&") == "&quot;&#x27;&lt;&gt;&amp;"
+
+
+def test_untrusted_text_reaches_plotly_escaped() -> None:
+    """plotly renders a subset of HTML in titles, legends, ticks and hover text."""
+    import polars as pl
+
+    from rts_dagster.escape import plot_text
+    from rts_dagster.report import figures
+
+    evil = "<b>t</b>&x"
+    assert plot_text(evil) == "&lt;b&gt;t&lt;/b&gt;&amp;x"
+    series = pl.DataFrame(
+        {"task": [evil, evil], "label": ["<i>l</i>", "m"], "seed": [1, 2], "noise": [0.1, 0.2]}
+    )
+    box = figures.noise_distribution(series, "noise", "noise (reward units)")
+    assert box.data[0].name == plot_text(evil)
+    assert box.data[0].text[0] == "&lt;i&gt;l&lt;/i&gt; (seed 1)"
+    curves = pl.DataFrame(
+        {"task": [evil], "seed": [1], "sample_index": [0], "reward": [0.5]},
+    )
+    fig = figures.reward_curves(curves, "completion")
+    assert fig.layout.annotations[0].text == plot_text(evil)

@@ -61,6 +61,8 @@ from rts_dagster.sources.base import RunRecord
 from rts_dagster.sources.skypilot import SkyJob, SkyPilotJobs
 
 SENSOR_NAME = "finished_runs_sensor"
+# What one finished run refreshes (the aggregates follow by eager automation).
+PER_RUN_ASSETS = [reward_streams, series_metrics, lp_replay]
 TRIGGER_TAG = "rts/trigger"
 # SkyPilot statuses whose job never reached the training command: no run to wait for.
 NEVER_RAN_STATUSES = frozenset({"FAILED_PRECHECKS", "FAILED_NO_RESOURCE", "FAILED_SETUP"})
@@ -166,7 +168,7 @@ def _plan_requests(
             dg.RunRequest(
                 run_key=sc.run_key(view),
                 partition_key=key,
-                asset_selection=[reward_streams.key, series_metrics.key, lp_replay.key],
+                asset_selection=[a.key for a in PER_RUN_ASSETS],
                 tags={TRIGGER_TAG: SENSOR_NAME, "rts/run_state": view.state},
             )
         )
@@ -287,7 +289,7 @@ def build_finished_runs_sensor(
 
     @dg.sensor(
         name=name,
-        target=[reward_streams, series_metrics, lp_replay],
+        target=PER_RUN_ASSETS,
         minimum_interval_seconds=minimum_interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="Registers and requests the partition of every run that reached a "

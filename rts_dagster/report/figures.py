@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import math
 
 import numpy as np
@@ -10,6 +9,8 @@ import plotly.graph_objects as go
 import polars as pl
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
+
+from rts_dagster.escape import plot_text
 
 SEED_COLOURS = qualitative.Plotly
 _LAYOUT = {"template": "plotly_white", "margin": {"l": 60, "r": 20, "t": 60, "b": 50}}
@@ -34,7 +35,12 @@ def reward_curves(curves: pl.DataFrame, granularity: str) -> go.Figure:
 
     `curves`: task, seed, sample_index, reward (already averaged over labels/smoothed)."""
     tasks = sorted(curves["task"].unique().to_list())
-    fig = make_subplots(rows=1, cols=max(len(tasks), 1), subplot_titles=tasks, shared_yaxes=True)
+    fig = make_subplots(
+        rows=1,
+        cols=max(len(tasks), 1),
+        subplot_titles=[plot_text(t) for t in tasks],
+        shared_yaxes=True,
+    )
     seeds = sorted(curves["seed"].unique().to_list())
     for col, task in enumerate(tasks, 1):
         for i, seed in enumerate(seeds):
@@ -68,7 +74,12 @@ def band_overlay(bands: pl.DataFrame, value_title: str, title: str, granularity:
     colour per seed. `bands`: task, seed, sample_index, p10, p50, p90."""
     tasks = sorted(bands["task"].unique().to_list())
     seeds = sorted(bands["seed"].unique().to_list())
-    fig = make_subplots(rows=1, cols=max(len(tasks), 1), subplot_titles=tasks, shared_yaxes=True)
+    fig = make_subplots(
+        rows=1,
+        cols=max(len(tasks), 1),
+        subplot_titles=[plot_text(t) for t in tasks],
+        shared_yaxes=True,
+    )
     for col, task in enumerate(tasks, 1):
         for i, seed in enumerate(seeds):
             part = bands.filter((pl.col("task") == task) & (pl.col("seed") == seed)).sort(
@@ -134,13 +145,14 @@ def noise_distribution(series: pl.DataFrame, noise_col: str, noise_title: str) -
         fig.add_trace(
             go.Box(
                 y=part[noise_col].to_numpy(),
-                name=task,
+                name=plot_text(task),
                 boxpoints="all",
                 jitter=0.4,
                 pointpos=0,
                 marker={"color": _colour(i), "size": 5},
                 text=[
-                    f"{lab} (seed {s})" for lab, s in zip(part["label"], part["seed"], strict=True)
+                    f"{plot_text(lab)} (seed {s})"
+                    for lab, s in zip(part["label"], part["seed"], strict=True)
                 ],
                 hovertemplate="%{text}: %{y:.4f}<extra></extra>",
             )
@@ -162,7 +174,7 @@ def variance_ratios(table: pl.DataFrame) -> go.Figure:
     table = table.filter(pl.col("ratio").is_finite())
     fig = go.Figure(
         go.Bar(
-            y=table["name"].to_list(),
+            y=[plot_text(n) for n in table["name"].to_list()],
             x=table["ratio"].to_numpy(),
             orientation="h",
             error_x={
@@ -196,7 +208,7 @@ def sps_vs_noise(points: pl.DataFrame) -> go.Figure:
                 x=part["sps_bin_center"].to_numpy(),
                 y=part["noise_mean"].to_numpy(),
                 mode="lines+markers",
-                name=task,
+                name=plot_text(task),
                 marker={"color": _colour(i), "size": 6},
                 line={"color": _colour(i)},
                 customdata=part["n"].to_numpy(),
@@ -219,7 +231,7 @@ def timescales(recs: pl.DataFrame) -> go.Figure:
     fig = go.Figure(
         go.Scatter(
             x=recs["timescale"].to_numpy(),
-            y=recs["name"].to_list(),
+            y=[plot_text(n) for n in recs["name"].to_list()],
             mode="markers",
             marker={"size": 8, "color": _colour(2)},
             error_x={
@@ -234,7 +246,7 @@ def timescales(recs: pl.DataFrame) -> go.Figure:
     fig.add_trace(
         go.Scatter(
             x=recs["lp_timescale"].to_numpy(),
-            y=recs["name"].to_list(),
+            y=[plot_text(n) for n in recs["name"].to_list()],
             mode="markers",
             marker={"size": 9, "symbol": "x", "color": "#c00"},
             name="LP config 1/ema_timescale",
@@ -290,7 +302,7 @@ def noise_vs_progress(bins: pl.DataFrame) -> go.Figure:
                 x=x,
                 y=part["p50"].to_numpy(),
                 mode="lines+markers",
-                name=task,
+                name=plot_text(task),
                 legendgroup=task,
                 line={"color": colour},
             )
@@ -317,13 +329,6 @@ _ROLE_STYLES = {  # role -> legend name, marker
     ),
     "recommended": ("recommended", {"color": "#2ca02c", "size": 14, "symbol": "star"}),
 }
-
-
-def plot_text(text: object) -> str:
-    """Untrusted text as plotly draws it literally: plotly reads a subset of HTML tags and
-    entities in every string it renders (ticks, titles, hover), so `&`, `<` and `>` are
-    written as entities, which it decodes back for display."""
-    return html.escape(str(text), quote=False)
 
 
 def _fmt_ratio(value: float) -> str:

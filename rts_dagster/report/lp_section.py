@@ -3,7 +3,7 @@
 Every number comes from a table `lp_recommendations` wrote (`defs.lp.lp_tables`); this
 module only selects, formats and plots them. Task labels, configuration names and run ids
 are untrusted: they reach the report only as plain strings inside document blocks, which
-the renderers escape (and `figures.plot_text` inside figures).
+the renderers escape (and `escape.plot_text` inside figures).
 """
 
 from __future__ import annotations
