@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import hashlib
 import math
-import multiprocessing
 import os
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import polars as pl
 
 from rts_dagster.analysis.lp_replay import CurriculumConfig
 from rts_dagster.analysis.lp_sweep import KALMAN_MATCHED, METTA_DEFAULT, default_sweep
+from rts_dagster.parallel import run_spawned
 from rts_dagster.schema import LP_CLOSED_LOOP, conform, empty
 from rts_dagster.simulate.model import TASKS, SimulatedRun, simulate
 
@@ -144,25 +143,10 @@ def _simulate_all(
 ) -> pl.DataFrame:
     if not jobs:
         return empty(LP_CLOSED_LOOP)
-    n_workers = max(1, min(workers or (os.cpu_count() or 1), len(jobs)))
-    rows = []
-    if n_workers == 1:
-        for i, job in enumerate(jobs, 1):
-            rows.append(_one(job))
-            if progress:
-                progress(i, len(jobs))
-    else:
-        context = multiprocessing.get_context("spawn")
-        pool = ProcessPoolExecutor(n_workers, mp_context=context)
-        try:
-            for i, row in enumerate(pool.map(_one, jobs), 1):
-                rows.append(row)
-                if progress:
-                    progress(i, len(jobs))
-        except BaseException:
-            # A cancelled Dagster run (or a failed simulation) must not wait for every
-            # queued simulation: drop the queue, let the running ones end on their own.
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        pool.shutdown()
+    n_workers = workers or os.cpu_count() or 1
+    rows: list[dict | None] = [None] * len(jobs)
+    for done, (index, row) in enumerate(run_spawned(_one, [(job,) for job in jobs], n_workers), 1):
+        rows[index] = row
+        if progress:
+            progress(done, len(jobs))
     return conform(pl.DataFrame(rows, infer_schema_length=None), LP_CLOSED_LOOP, "closed loop")

@@ -8,19 +8,18 @@ keys mirror what Metta logs once per epoch (see DOMAIN.md); docs/simulator.md li
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import re
 import shutil
 import time
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from rts_dagster.parallel import run_spawned
 from rts_dagster.recorder import RewardStreamRecorder
 from rts_dagster.simulate.model import DEFAULT_EPOCHS, TASKS, SimulatedRun, simulate
 from rts_dagster.sources.wandb_file import wait_for_exit_record
@@ -222,19 +221,8 @@ def simulate_default(
                 flush=True,
             )
 
-    if n_jobs <= 1:
-        for index, (task, seed) in enumerate(jobs):
-            paths[index], seconds = _job(task, seed, out_dir, epochs, user)
-            report(index + 1, index, paths[index], seconds)
-    else:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(n_jobs, len(jobs)), mp_context=context) as pool:
-            futures = {
-                pool.submit(_job, task, seed, out_dir, epochs, user): index
-                for index, (task, seed) in enumerate(jobs)
-            }
-            for done, future in enumerate(as_completed(futures), start=1):
-                index = futures[future]
-                paths[index], seconds = future.result()
-                report(done, index, paths[index], seconds)
+    args = [(task, seed, out_dir, epochs, user) for task, seed in jobs]
+    for done, (index, (path, seconds)) in enumerate(run_spawned(_job, args, n_jobs), start=1):
+        paths[index] = path
+        report(done, index, path, seconds)
     return [path for path in paths if path is not None]
