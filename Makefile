@@ -45,7 +45,7 @@ ui: install
 	$(BIN)/dagster dev -w workspace.yaml
 
 bench: install
-	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@for b in bench/[!_]*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean-data:
 	rm -rf $(RTS_DATA_DIR)/wandb $(RTS_DATA_DIR)/report $(RTS_DATA_DIR)/dagster_home

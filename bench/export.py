@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,12 +28,9 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+from _bench import bench_line
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as `python bench/export.py` without installing
-    sys.path.insert(0, str(ROOT))
-
-from rts_dagster_tests.fakes.wandb_server import (  # noqa: E402
+from rts_dagster_tests.fakes.wandb_server import (
     DEFAULT_API_KEY,
     FakeRun,
     FakeWandbServer,
@@ -74,10 +70,6 @@ def time_scan(run: Any, keys: list[str]) -> tuple[float, int]:
     started = time.perf_counter()
     rows = list(run.scan_history(keys=keys, page_size=PAGE_SIZE))
     return time.perf_counter() - started, len(rows)
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,13 +131,17 @@ def main(argv: list[str] | None = None) -> int:
     if live_s is not None:
         print(f"scan_history, nothing exported (SampledHistoryPage queries): {live_s:.3f} s")
     print(f"speedup export vs scan_history: {speedup:.1f} x")
+    ok = rows_per_s >= ROWS_PER_S_TARGET
     print(
-        f"BENCH export_rows_per_s {rows_per_s:.0f} rows/s target >= {ROWS_PER_S_TARGET:.0f} "
-        f"{verdict(rows_per_s >= ROWS_PER_S_TARGET)}"
+        bench_line(
+            "export_rows_per_s", f"{rows_per_s:.0f}", "rows/s", ">=", f"{ROWS_PER_S_TARGET:.0f}", ok
+        )
     )
+    ok = speedup >= SPEEDUP_TARGET
     print(
-        f"BENCH export_vs_scan_history_speedup {speedup:.1f} x target >= {SPEEDUP_TARGET:g} "
-        f"{verdict(speedup >= SPEEDUP_TARGET)}"
+        bench_line(
+            "export_vs_scan_history_speedup", f"{speedup:.1f}", "x", ">=", f"{SPEEDUP_TARGET:g}", ok
+        )
     )
     return 0
 

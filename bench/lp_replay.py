@@ -34,20 +34,15 @@ from __future__ import annotations
 
 import argparse
 import gc
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+from _bench import bench_line, best_of
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as `python bench/lp_replay.py` without installing
-    sys.path.insert(0, str(ROOT))
-
-from rts_dagster import settings, storage  # noqa: E402
-from rts_dagster.analysis.lp_replay import (  # noqa: E402
+from rts_dagster import settings, storage
+from rts_dagster.analysis.lp_replay import (
     DEFAULT_EVAL_POINTS,
     CurriculumConfig,
     Replay,
@@ -55,7 +50,7 @@ from rts_dagster.analysis.lp_replay import (  # noqa: E402
     evaluation_points,
     replay,
 )
-from rts_dagster.discovery import row_files  # noqa: E402
+from rts_dagster.discovery import row_files
 
 RATE_TARGET = 1_000_000.0  # completions/s of the vectorised replay
 SPEEDUP_TARGET = 30.0  # vectorised vs stepwise, per completion
@@ -83,17 +78,6 @@ def make_stream(n: int, n_labels: int, seed: int = 0) -> tuple[np.ndarray, np.nd
     n_blocks = int(block[-1]) + 1
     sps = rng.normal(5000.0, 150.0, n_blocks) * np.where(rng.random(n_blocks) < 0.05, 0.6, 1.0)
     return labels, reward, sps[block]
-
-
-def best_of(fn: Callable[[], object], repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        gc.collect()
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-        del out
-    return best
 
 
 def stepwise(
@@ -158,10 +142,6 @@ def check_agreement(
             f"(shapes {got.shape} vs {expected.shape}, max |diff| {np.nanmax(diff):.3g})"
         )
     return float(np.max(np.abs(got - expected)))
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
 
 
 def time_demo_sweep(data_dir: Path) -> tuple[float, int, int, str]:
@@ -323,21 +303,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {n_replays} replays over {n_runs} runs from {origin}: {sweep_s:.1f} s")
     print()
 
+    rate_target = f"{RATE_TARGET:.0f}"
+    for name, rate in (
+        ("lp_replay_completions_per_s", rate_main),
+        ("lp_replay_zscore_completions_per_s", rate_zscore),
+    ):
+        ok = rate >= RATE_TARGET
+        print(bench_line(name, f"{rate:.0f}", "completions/s", ">=", rate_target, ok))
+    ok = speedup >= SPEEDUP_TARGET
     print(
-        f"BENCH lp_replay_completions_per_s {rate_main:.0f} completions/s "
-        f"target >= {RATE_TARGET:.0f} {verdict(rate_main >= RATE_TARGET)}"
+        bench_line(
+            "lp_replay_vs_stepwise_speedup", f"{speedup:.1f}", "x", ">=", f"{SPEEDUP_TARGET:g}", ok
+        )
     )
+    ok = sweep_s <= SWEEP_TARGET_S
     print(
-        f"BENCH lp_replay_zscore_completions_per_s {rate_zscore:.0f} completions/s "
-        f"target >= {RATE_TARGET:.0f} {verdict(rate_zscore >= RATE_TARGET)}"
-    )
-    print(
-        f"BENCH lp_replay_vs_stepwise_speedup {speedup:.1f} x target >= {SPEEDUP_TARGET:g} "
-        f"{verdict(speedup >= SPEEDUP_TARGET)}"
-    )
-    print(
-        f"BENCH lp_sweep_demo_seconds {sweep_s:.1f} s target <= {SWEEP_TARGET_S:g} "
-        f"{verdict(sweep_s <= SWEEP_TARGET_S)}"
+        bench_line("lp_sweep_demo_seconds", f"{sweep_s:.1f}", "s", "<=", f"{SWEEP_TARGET_S:g}", ok)
     )
     return 0
 

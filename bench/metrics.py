@@ -34,17 +34,14 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+from _bench import bench_line, best_of
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as `python bench/metrics.py` without installing
-    sys.path.insert(0, str(ROOT))
-
-from rts_dagster.analysis.metrics import (  # noqa: E402
+from rts_dagster.analysis.metrics import (
     compute_metrics,
     rolling_metrics,
     series_metrics,
 )
-from rts_dagster.schema import (  # noqa: E402
+from rts_dagster.schema import (
     REWARD_STREAMS,
     SERIES_KEYS,
     conform,
@@ -115,17 +112,6 @@ def make_streams(samples: int, series: int, seed: int = 0) -> pl.DataFrame:
     return conform(frame, REWARD_STREAMS, "bench streams")
 
 
-def best_of(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        gc.collect()
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-        del out
-    return best
-
-
 def pandas_reference(streams: pl.DataFrame, n_series: int) -> tuple[float, int]:
     """Seconds and samples of the notebook computation on the first `n_series` series."""
     keys = streams.select(SERIES_KEYS).unique(maintain_order=True).head(n_series)
@@ -184,10 +170,6 @@ def memory_child(samples: int, series: int, seed: int) -> None:
         "method": method,
     }
     print(json.dumps(out))
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,19 +245,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"ratio peak extra memory / input: {mem_ratio:.2f}x")
 
-    print(
-        f"BENCH metrics_samples_per_s {rate:.3g} samples/s target >= {SAMPLES_FLOOR:.0g} "
-        f"{verdict(rate >= SAMPLES_FLOOR)}"
-    )
-    print(
-        f"BENCH metrics_vs_pandas_speedup {speedup:.0f} x target >= 100 {verdict(speedup >= 100)}"
-    )
-    print(
-        f"BENCH metrics_vs_numpy_floor_slowdown {slowdown:.1f} x target <= 30 "
-        f"{verdict(slowdown <= 30)}"
-    )
+    floor = f"{SAMPLES_FLOOR:.0g}"
+    ok = rate >= SAMPLES_FLOOR
+    print(bench_line("metrics_samples_per_s", f"{rate:.3g}", "samples/s", ">=", floor, ok))
+    ok = speedup >= 100
+    print(bench_line("metrics_vs_pandas_speedup", f"{speedup:.0f}", "x", ">=", "100", ok))
+    ok = slowdown <= 30
+    print(bench_line("metrics_vs_numpy_floor_slowdown", f"{slowdown:.1f}", "x", "<=", "30", ok))
     mem_text = "n/a" if mem_ratio != mem_ratio else f"{mem_ratio:.2f}"
-    print(f"BENCH metrics_peak_memory_ratio {mem_text} x target <= 3 {verdict(mem_ratio <= 3)}")
+    print(bench_line("metrics_peak_memory_ratio", mem_text, "x", "<=", "3", mem_ratio <= 3))
     return 0
 
 

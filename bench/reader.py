@@ -18,12 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as `python bench/reader.py` without installing
-    sys.path.insert(0, str(ROOT))
+from _bench import bench_line
 
-from rts_dagster.settings import data_dir  # noqa: E402
-from rts_dagster.sources.wandb_file import read_run_file, wait_for_exit_record  # noqa: E402
+from rts_dagster.settings import data_dir
+from rts_dagster.sources.wandb_file import read_run_file, wait_for_exit_record
 
 ROWS_TARGET = 100_000
 LEET_TIMEOUT_S = 300
@@ -128,14 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         speedup = leet / secs
         print(f"wandb leet inspect: {leet:.2f} s ({speedup:.1f}x slower)")
 
-    print(
-        f"BENCH reader_rows_per_s {rate:.0f} rows/s target >= {ROWS_TARGET} "
-        f"{'PASS' if rate >= ROWS_TARGET else 'MISS'}"
-    )
-    print(
-        f"BENCH reader_vs_leet_inspect_speedup {speedup:.1f} x target >= 1 "
-        f"{'PASS' if speedup >= 1 else 'MISS'}"
-    )
+    ok = rate >= ROWS_TARGET
+    print(bench_line("reader_rows_per_s", f"{rate:.0f}", "rows/s", ">=", f"{ROWS_TARGET}", ok))
+    ok = speedup >= 1
+    print(bench_line("reader_vs_leet_inspect_speedup", f"{speedup:.1f}", "x", ">=", "1", ok))
     return 0
 
 

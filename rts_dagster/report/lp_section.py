@@ -240,10 +240,8 @@ def add_lp_section(report: Report, lp: dict[str, pl.DataFrame]) -> None:
 
 def _pole(report: Report, summary: pl.DataFrame) -> None:
     """How often Metta's progress-smoothing transform ran into its pole in the replay."""
-    if "metric" not in summary.columns:
-        return
     rows = summary.filter(
-        (pl.col("metric") == "pole_fraction") & (pl.col("config") == "metta_default")
+        (pl.col("metric") == "pole_fraction") & (pl.col("config") == METTA_DEFAULT)
     ).sort("task")
     if rows.height == 0:
         return
