@@ -2,7 +2,12 @@
 
 import dagster as dg
 
-from rts_dagster.defs.analysis import series_metrics, timescale_recommendations, variance_table
+from rts_dagster.defs.analysis import (
+    data_quality,
+    series_metrics,
+    timescale_recommendations,
+    variance_table,
+)
 from rts_dagster.defs.lp import lp_recommendations, lp_replay
 from rts_dagster.defs.report import report
 from rts_dagster.defs.resources import RtsStorage, run_source_from_env
@@ -22,6 +27,7 @@ ASSETS = [
     discovered_runs,
     reward_streams,
     series_metrics,
+    data_quality,
     variance_table,
     timescale_recommendations,
     lp_replay,

@@ -146,70 +146,137 @@ NOISE_BY_PROGRESS = pl.Schema(
 )
 
 # --- variance.variance_table ---------------------------------------------------------------
+# One row per (scope, granularity); epoch and completion values are never pooled. Variance
+# components of random-effects models (see rts_dagster/analysis/variance.py): across_tasks is
+# one-way (run values grouped by task), within_task:<task> is two-way additive (label + seed).
 VARIANCE_TABLE = pl.Schema(
     {
         "scope": pl.String,  # "across_tasks" | "within_task:<task>"
         "level": pl.String,  # "seed_vs_task" | "seed_vs_label"
-        "var_seed": pl.Float64,  # pooled within-group variance of seed means
-        "var_task_or_label": pl.Float64,  # variance of group means across groups
-        "ratio": pl.Float64,  # var_seed / var_task_or_label
-        "ratio_ci_low": pl.Float64,
-        "ratio_ci_high": pl.Float64,
-        "icc": pl.Float64,  # ICC(1), one-way random effects, group = task (or label)
-        "icc_ci_low": pl.Float64,
+        "granularity": pl.String,  # "epoch" | "completion"
+        "var_seed": pl.Float64,  # sigma2 within: MSW (across) / residual MS (within), reward^2
+        "var_seed_ci_low": pl.Float64,  # exact chi-square interval of var_seed
+        "var_seed_ci_high": pl.Float64,
+        "var_task_or_label": pl.Float64,  # sigma2 between: (MSB - MSW) / k0; can be < 0
+        "ratio": pl.Float64,  # var_seed / var_task_or_label; +inf when var_task_or_label <= 0
+        "ratio_ci_low": pl.Float64,  # implied by the icc's F interval
+        "ratio_ci_high": pl.Float64,  # +inf when var_task_or_label = 0 is not excluded
+        "icc": pl.Float64,  # across: ICC(1) one-way; within: consistency ICC(C,1)
+        "icc_ci_low": pl.Float64,  # exact F interval (approximate for unequal group sizes)
         "icc_ci_high": pl.Float64,
         "n_tasks": pl.Int64,  # tasks used (1 for within_task scopes)
         "n_seeds": pl.Int64,  # across_tasks: runs (task, seed) used; within_task: seeds
-        "reason": pl.String,  # why values are NaN or tasks were left out; "" otherwise
+        "n_runs": pl.Int64,  # distinct run ids that fed the row
+        "runs": pl.List(pl.String),  # those run ids, sorted
         "n_groups": pl.Int64,  # groups compared: tasks, or the task's labels
+        # method and n of the icc/ratio CIs, "" if none; e.g.
+        # "exact F (one-way random effects ICC(1)), n=9 runs in 3 tasks"
+        "ci_method": pl.String,
+        "reason": pl.String,  # why values are NaN or tasks were left out; "" otherwise
     }
 )
 
-# --- kalman.estimate_local_level: one row per series ---------------------------------------
+# --- kalman.estimate_local_level: one row per (series, regime) ------------------------------
+REGIME_NAMES = ("whole", "learning", "plateau")  # kalman.REGIMES
+TIMESCALE_UNITS = ("completions", "epochs")  # one sample of a completion / epoch series
+
 LOCAL_LEVEL = pl.Schema(
     {
         **_KEY_TYPES,
-        "n_samples": pl.Int64,
+        "regime": pl.String,  # "whole" | "learning" | "plateau" (kalman.split_regimes)
+        "unit": pl.String,  # "completions" (of the label) | "epochs": unit of one sample
+        "regime_start": pl.Int64,  # first sample of the regime (cleaned series position)
+        "regime_end": pl.Int64,  # one past its last sample (start = end: regime absent)
+        "n_samples": pl.Int64,  # samples in the regime
+        "trend_slope": pl.Float64,  # OLS slope of the regime's line, reward per `unit`
         "var_diff": pl.Float64,  # Var(y_t - y_{t-1})
         "cov_diff_lag1": pl.Float64,  # Cov(diff_t, diff_{t-1})
-        "q": pl.Float64,  # level step variance (reward^2 per sample), clipped >= 0
-        "r": pl.Float64,  # observation noise variance (reward^2), clipped >= 0
+        "q": pl.Float64,  # level step variance, reward^2 per `unit`
+        "r": pl.Float64,  # observation noise variance, reward^2
         "signal_to_noise": pl.Float64,  # q / r
-        "gain": pl.Float64,  # steady-state Kalman gain K = optimal EMA weight
-        "timescale": pl.Float64,  # 1 / K in samples, capped at n_samples
-        "note": pl.String,
+        "gain": pl.Float64,  # steady-state Kalman gain K (tracking-optimal EMA weight per `unit`)
+        "timescale": pl.Float64,  # 1 / K in `unit`, capped at n_samples
+        "at_bound": pl.Boolean,  # K at a grid end or 1/K > n_samples: left out of pooling
+        "ljung_box_p": pl.Float64,  # Ljung-Box p of the fitted EMA's one-step errors
+        "ljung_box_lags": pl.Int64,  # lags of that test (0: not tested)
+        "fit_ok": pl.Boolean,  # ljung_box_p >= 0.01 (errors consistent with white noise)
+        "note": pl.String,  # why a value is NaN, flagged or left out; "" otherwise
     }
 )
 
-# --- kalman.recommend_timescales: one row per (task, group) -------------------------------
+# --- kalman.recommend_timescales: one row per (task, group, unit, regime) -------------------
+# Descriptive: the tracking-optimal EMA timescale of the stream (steady-state Kalman 1/K),
+# pooled over seeds. Not LP's best timescale (see LP_TIMESCALES).
 TIMESCALE_RECOMMENDATIONS = pl.Schema(
     {
         "task": pl.String,
         "group": pl.String,  # "label" (one label of the task) | "pooled" (all its labels)
         "label": pl.String,  # the label, or "*" for the pooled row
         "granularity": pl.String,
-        "n_series": pl.Int64,
-        "n_seeds": pl.Int64,
-        "noise_std": pl.Float64,  # sqrt(r), reward units (median over series)
-        "drift_std": pl.Float64,  # sqrt(q), reward units per sample (median over series)
-        "gain": pl.Float64,  # recommended EMA weight (from the median q and r)
-        "timescale": pl.Float64,  # recommended EMA timescale 1/gain, samples of that label
-        "timescale_ci_low": pl.Float64,  # 95% bootstrap CI over seeds
+        "regime": pl.String,  # "whole" | "learning" | "plateau"
+        "unit": pl.String,  # "completions" | "epochs": unit of timescale, drift_std
+        "n_series": pl.Int64,  # series rows of the group (usable or not)
+        "n_seeds": pl.Int64,  # seeds (seed, run_id) with a usable fit: the n of the interval
+        "n_excluded": pl.Int64,  # series rows left out of the pooled numbers
+        "excluded_reason": pl.String,  # counted reasons ("2 gain at a grid bound ..."); "" if none
+        "n_fit_not_ok": pl.Int64,  # usable fits with Ljung-Box p < 0.01 (kept)
+        "noise_std": pl.Float64,  # sqrt(r), reward units: geometric mean over seeds
+        "drift_std": pl.Float64,  # sqrt(q), reward per `unit`: geometric mean over seeds
+        "gain": pl.Float64,  # 1 / timescale: tracking-optimal EMA weight per `unit`
+        "timescale": pl.Float64,  # geometric mean over seeds of 1/K, in `unit`
+        "timescale_ci_low": pl.Float64,  # interval over seeds (ci_method, ci_n, ci_level)
         "timescale_ci_high": pl.Float64,
+        "ci_method": pl.String,  # "t on logs"
+        "ci_n": pl.Int64,  # seeds behind the interval (< 2: bounds NaN)
+        "ci_level": pl.Float64,  # 0.95
+        # LP comparison: only where unit == "completions" (null otherwise, see lp_comparison)
         "lp_ema_timescale": pl.Float64,  # LP config's `ema_timescale` (an EMA weight)
         "lp_timescale": pl.Float64,  # 1 / lp_ema_timescale, completions of one task
-        "timescale_ratio": pl.Float64,  # recommended timescale / LP timescale
+        "timescale_ratio": pl.Float64,  # timescale / lp_timescale
+        "lp_comparison": pl.String,  # what the comparison means, or why it is null
         "note": pl.String,
-        # Noise vs the quietest label of the task (label rows) or the quietest task (pooled
-        # rows); null when there is nothing to compare with.
+        # Noise vs the quietest label of the same (task, unit, regime) (label rows) or the
+        # quietest task (pooled rows); null when there is nothing to compare with.
         "reference_label": pl.String,  # that label (label rows) or task (pooled rows)
-        "noise_ratio": pl.Float64,  # noise_std / the reference's noise_std
-        "noise_ratio_ci_low": pl.Float64,  # 95% bootstrap CI over seeds
+        "noise_ratio": pl.Float64,  # geometric mean over seeds of noise / reference noise
+        "noise_ratio_ci_low": pl.Float64,
         "noise_ratio_ci_high": pl.Float64,
+        "noise_ratio_ci_method": pl.String,  # "paired t on log ratios" | "Welch t on log ratios"
+        "noise_ratio_n": pl.Int64,  # pairs of seeds (paired) or the smaller seed count (Welch)
         "timescale_vs_reference": pl.Float64,  # timescale / the reference's timescale
     }
 )
 
+# --- lp_timescales.lp_separation_table: one row per (task, label | "*", seed | pooled) ----
+# LP's own objective: d' of F - S between a learning and a plateaued label (completions only).
+LP_TIMESCALES = pl.Schema(
+    {
+        "task": pl.String,
+        "label": pl.String,  # the label, or "*": all labels of the task (geometric mean d')
+        "seed": pl.Int64,  # null on pooled rows
+        "run_id": pl.String,  # null on pooled rows
+        "scope": pl.String,  # "seed" | "pooled" (over seeds)
+        "n_seeds": pl.Int64,
+        "n_labels": pl.Int64,
+        "plateau_noise_std": pl.Float64,  # sqrt(r) of the plateau regime, reward units
+        "plateau_drift_std": pl.Float64,  # sqrt(q), reward per completion
+        "learning_slope": pl.Float64,  # |OLS slope| of the learning regime, reward per completion
+        "learning_duration": pl.Float64,  # completions in the learning regime
+        "t_eval": pl.Float64,  # completions into the ramp where d' is evaluated (duration / 2)
+        "tracking_timescale": pl.Float64,  # plateau Kalman 1/K, completions (descriptive)
+        "best_ema_timescale": pl.Float64,  # fast EMA weight a maximising mean log d'
+        "best_slow_factor": pl.Float64,  # slow_timescale_factor f of that pair
+        "best_score": pl.Float64,  # d' of the best pair (geometric mean over the scope)
+        "default_score": pl.Float64,  # d' of Metta's default (a = 0.001, f = 0.2)
+        "score_ratio": pl.Float64,  # best / default, in-sample (optimistic)
+        "best_on_grid_edge": pl.Boolean,  # the optimum sits on the grid's edge
+        "loo_ema_timescale": pl.Float64,  # seed rows: pair chosen on the other seeds
+        "loo_slow_factor": pl.Float64,
+        "loo_score": pl.Float64,  # d' of that pair on this seed
+        "loo_ratio": pl.Float64,  # loo_score / default_score on this seed (t on logs over seeds)
+        "note": pl.String,  # why values are null / left out; "" otherwise
+    }
+)
 
 # === LP replay (analysis.lp_replay, lp_signal, lp_sweep) ====================================
 _LP_SETTINGS = {
@@ -269,46 +336,69 @@ LP_REPLAY_TRACE = pl.Schema(
     }
 )
 
-# One row per (task, configuration, metric): across-seed mean, CI and paired difference
-# against Metta's default on the same seeds.
+# One row per (task, granularity, configuration, metric): across-run mean, CI and paired
+# difference against Metta's default on the same runs. A completion replay and an epoch
+# replay of one task are never pooled. Intervals are per configuration (not adjusted for
+# picking among configurations: LP_RECOMMENDATIONS is).
 LP_SWEEP_SUMMARY = pl.Schema(
     {
         "task": pl.String,
+        "granularity": pl.String,  # the streams replayed: "completion" or "epoch"
         **_LP_SETTINGS,
         "metric": pl.String,
-        "n_seeds": pl.Int64,
-        "mean": pl.Float64,
-        "ci_low": pl.Float64,  # 95% t interval over seeds
+        "runs": pl.List(pl.String),  # run ids that fed this row
+        "n_seeds": pl.Int64,  # runs with a finite value (the n of ci_low/ci_high)
+        "mean": pl.Float64,  # geometric mean for lp_snr
+        "ci_low": pl.Float64,
         "ci_high": pl.Float64,
+        "ci_method": pl.String,  # "t" | "t on logs" (lp_snr)
+        "n_pairs": pl.Int64,  # runs with a finite difference (the n of diff_ci_*)
         "diff_vs_default": pl.Float64,  # mean paired difference (log ratio for lp_snr)
         "diff_ci_low": pl.Float64,
         "diff_ci_high": pl.Float64,
+        "diff_ci_method": pl.String,  # "paired t" | "paired t on logs" (lp_snr)
     }
 )
 
-# One row per task: the recommended configuration and its evidence.
+# One row per (task, granularity): the replay evidence of lp_sweep.recommend (rule in its
+# module docstring). Descriptive: the advice is the report's verdict (analysis/verdict.py).
 LP_RECOMMENDATIONS = pl.Schema(
     {
         "task": pl.String,
-        "granularity": pl.String,
-        **_LP_SETTINGS,
+        "granularity": pl.String,  # "completion" | "epoch" (never pooled)
+        **_LP_SETTINGS,  # config: the configuration that passed every check, else metta_default
+        "runs": pl.List(pl.String),  # run ids that fed this row
         "n_seeds": pl.Int64,  # distinct seeds replayed
         "n_runs": pl.Int64,  # runs replayed (a seed run twice counts twice)
-        "n_pairs": pl.Int64,  # runs with a finite SNR under both configurations
+        "n_compared": pl.Int64,  # K: configurations (>= 2 pairs) the winner was picked from
+        "n_pairs": pl.Int64,  # pairs behind snr_ratio's interval (0 for metta_default)
         "snr_default": pl.Float64,  # geometric mean lp_snr of Metta's default
-        "snr_recommended": pl.Float64,
-        "snr_ratio": pl.Float64,  # recommended / default, geometric mean over seeds
-        "snr_ratio_ci_low": pl.Float64,  # 95% t interval of the paired log ratio
+        "snr_recommended": pl.Float64,  # geometric mean lp_snr of `config`
+        "signal_ci_low": pl.Float64,  # `config`'s own lp_snr interval over runs
+        "signal_ci_high": pl.Float64,
+        "signal_ci_method": pl.String,  # "t on logs"
+        "signal_n": pl.Int64,  # runs with a finite lp_snr under `config`
+        "snr_ratio": pl.Float64,  # config / default, geometric mean of the paired ratios
+        "snr_ratio_ci_low": pl.Float64,  # selection-adjusted interval of the paired log ratio
         "snr_ratio_ci_high": pl.Float64,
+        "ci_method": pl.String,  # e.g. "t, Bonferroni over 15" (n = n_pairs); null: default
         "lag_default": pl.Float64,
         "lag_recommended": pl.Float64,
         "churn_default": pl.Float64,
         "churn_recommended": pl.Float64,
         "starved_default": pl.Float64,
         "starved_recommended": pl.Float64,
-        "replay_best": pl.String,  # the highest replayed SNR, eligible or not (null: none)
-        "confident": pl.Boolean,  # the ratio's CI excludes 1
-        "sentence": pl.String,  # plain words; untrusted text not escaped here
+        "guards_passed": pl.Boolean,  # `config` within the lag, churn and starvation guards
+        "replay_best": pl.String,  # the highest replayed SNR ratio > 1, eligible or not
+        "replay_best_snr_ratio": pl.Float64,
+        "replay_best_ci_low": pl.Float64,  # same method as ci_method
+        "replay_best_ci_high": pl.Float64,
+        "replay_best_n_pairs": pl.Int64,
+        "replay_best_reason": pl.String,  # why it was not the recommendation (null: it was)
+        "rejected": pl.List(pl.String),  # "config: reasons" of every better-replaying reject
+        "confident": pl.Boolean,  # a configuration other than the default passed every check
+        "actionable": pl.Boolean,  # confident and replayed per completion (settings transfer)
+        "sentence": pl.String,  # descriptive evidence; untrusted text not escaped here
     }
 )
 
@@ -337,9 +427,43 @@ LP_CLOSED_LOOP_SUMMARY = pl.Schema(
         "default_mean": pl.Float64,
         "recommended_mean": pl.Float64,
         "diff": pl.Float64,  # recommended - default, mean over paired seeds
-        "diff_ci_low": pl.Float64,  # 95% t interval
+        "diff_ci_low": pl.Float64,
         "diff_ci_high": pl.Float64,
+        "ci_method": pl.String,  # "paired t"
+        "n_pairs": pl.Int64,  # seeds with a finite difference (the interval's n)
         "n_censored": pl.Int64,  # runs that never reached competence (counted as epochs)
+    }
+)
+
+# === Data quality (analysis.quality) ============================================================
+# One row per series: why it can or cannot feed an aggregate.
+SERIES_QUALITY = pl.Schema(
+    {
+        **_KEY_TYPES,
+        "n_rows": pl.Int64,
+        "n_finite": pl.Int64,  # rows with a finite reward
+        "n_repeats": pl.Int64,  # epoch rows that repeat the previous value exactly
+        "n_usable": pl.Int64,  # finite rows that are not exact repeats
+        "reward_min": pl.Float64,
+        "reward_max": pl.Float64,
+        "status": pl.String,  # ok | constant | mostly_stale | too_short | no_finite
+        "reason": pl.String,  # plain words; "" when ok
+    }
+)
+
+# One row per (run, granularity): does it contribute, and if not fully, why.
+RUN_QUALITY = pl.Schema(
+    {
+        "task": pl.String,
+        "seed": pl.Int64,
+        "run_id": pl.String,
+        "granularity": pl.String,
+        "n_series": pl.Int64,
+        "n_level": pl.Int64,  # series usable for reward-level summaries (ok or constant)
+        "n_dynamics": pl.Int64,  # series usable for noise, drift, timescales, LP (ok)
+        "contributes_level": pl.Boolean,
+        "contributes_dynamics": pl.Boolean,
+        "reason": pl.String,  # which series were left out and why; "" when none
     }
 )
 

@@ -103,6 +103,16 @@ def timescales_path(data_dir: Path) -> Path:
     return metrics_dir(data_dir) / "timescale_recommendations.parquet"
 
 
+def quality_paths(data_dir: Path) -> dict[str, Path]:
+    """The data_quality files: one row per series, one per (run, granularity)."""
+    base = metrics_dir(data_dir)
+    return {"series": base / "series_quality.parquet", "runs": base / "run_quality.parquet"}
+
+
+def verdicts_path(data_dir: Path) -> Path:
+    return data_dir / "verdicts.parquet"
+
+
 def lp_dir(data_dir: Path) -> Path:
     return data_dir / "lp"
 

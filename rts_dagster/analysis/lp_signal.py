@@ -3,8 +3,10 @@
 "Improving" and "plateaued" come from the analysis core's per-series metrics, applied to
 each label's own completions in the replayed stream: the trailing OLS slope over
 `window` samples (`metrics.rolling_ols_slope`) divided by its standard error under the
-label's trend-robust noise sigma (`metrics.diff_noise`: std of first differences / sqrt 2):
-se = sigma / sqrt(w (w^2 - 1) / 12). A label is *improving* when t = slope / se > `t_improving`
+label's trend-robust noise sigma (std of first differences, ddof 1, / sqrt 2, as
+`metrics.diff_noise`): se = sigma / sqrt(w (w^2 - 1) / 12). The sigma is causal: at each
+sample it uses only that label's samples up to it (an expanding estimate), so a trend
+state never depends on rewards that LP had not yet seen. A label is *improving* when t = slope / se > `t_improving`
 (2: the rise is well above what noise alone gives), *plateaued* when |t| < `t_flat` (1),
 *declining* when t < -t_improving, and undecided otherwise or before `window` samples.
 
@@ -39,7 +41,7 @@ import numpy as np
 
 from rts_dagster.analysis.lp import progress_transform
 from rts_dagster.analysis.lp_replay import LabelGroups, Replay
-from rts_dagster.analysis.metrics import diff_noise, rolling_ols_slope
+from rts_dagster.analysis.metrics import first_differences, rolling_ols_slope
 
 IMPROVING, PLATEAUED, DECLINING, UNDECIDED = 1, 0, -1, -2
 SNR_FLOOR = 1e-4  # per-label probability floor of lp_snr, times 1 / L
@@ -67,24 +69,51 @@ def label_trends(
     w = settings.window
     if groups is None:
         groups = LabelGroups(np.asarray(label_index, dtype=np.int64), n_labels)
-    lo, hi, present = groups.lo, groups.hi, groups.present
     ys = np.take(np.asarray(reward, dtype=np.float64), groups.order)
-    slope = rolling_ols_slope(ys, w, lo[present]) if ys.size else ys
+    slope = rolling_ols_slope(ys, w, groups.lo[groups.present]) if ys.size else ys
+    sigma = causal_diff_noise(ys, groups)
     se_unit = 1.0 / math.sqrt(w * (w * w - 1) / 12.0)
-    t = np.full(ys.size, np.nan)
-    for lab in present:
-        a, b = int(lo[lab]), int(hi[lab])
-        sigma = diff_noise(ys[a:b])[0]
-        if sigma > 0:
-            t[a:b] = slope[a:b] / (sigma * se_unit)
-        else:  # a noiseless label: any rise is real
-            sl = slope[a:b]  # NaN (window not full yet) stays NaN
-            t[a:b] = np.where(sl > 0, np.inf, np.where(sl < 0, -np.inf, sl))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(
+            sigma > 0,
+            slope / (sigma * se_unit),
+            # a label noiseless so far: any rise is real; NaN (window not full) stays NaN
+            np.where(slope > 0, np.inf, np.where(slope < 0, -np.inf, slope)),
+        )
+    t[np.isnan(sigma)] = np.nan
     state = np.full(ys.size, UNDECIDED, dtype=np.int8)
     state[np.abs(t) < settings.t_flat] = PLATEAUED
     state[t > settings.t_improving] = IMPROVING
     state[t < -settings.t_improving] = DECLINING
     return groups.at(np.asarray(eval_index, dtype=np.int64), state, UNDECIDED)
+
+
+def causal_diff_noise(ys: np.ndarray, groups: LabelGroups) -> np.ndarray:
+    """Expanding std(first differences, ddof=1) / sqrt 2 of each label's samples up to and
+    including each one (`ys` in label order, as `groups.order` sorts it); NaN before a
+    label's 3rd sample (fewer than 2 differences). Cumulative sums per label, shifted by
+    the label's first difference (known by then) to keep the sum of squares accurate."""
+    n = ys.size
+    sigma = np.full(n, np.nan)
+    if n == 0:
+        return sigma
+    offset = groups.offset  # number of differences seen at each sample
+    label = groups.label_of
+    diffs = first_differences(ys, groups.lo[groups.present])  # 0 at each label's start
+    first = np.zeros(groups.n_labels)
+    has_diff = groups.hi - groups.lo >= 2
+    first[has_diff] = diffs[groups.lo[has_diff] + 1]
+    centred = np.where(offset >= 1, diffs - first[label], 0.0)
+    total = np.cumsum(centred)
+    squares = np.cumsum(centred * centred)
+    # within-label sums: subtract the running total at the label's start (centred is 0 there)
+    total -= total[groups.lo[label]]
+    squares -= squares[groups.lo[label]]
+    k = offset.astype(np.float64)
+    ok = offset >= 2
+    var = (squares[ok] - total[ok] ** 2 / k[ok]) / (k[ok] - 1.0)
+    sigma[ok] = np.sqrt(np.maximum(var, 0.0)) / math.sqrt(2.0)
+    return sigma
 
 
 def gini(p: np.ndarray) -> np.ndarray:

@@ -7,32 +7,51 @@ recipe's 0.006 (and, per run, the gain the analysis core's local-level fit recom
 z-score variant with Z in {10, 20, 30} and Z annealed 30 -> 10, an active-pool cap, and
 SPS-aware down-weighting.
 
-Recommendation rule (per task, over the configurations replayed on every seed):
-1. the objective is the LP signal-to-noise ratio (`lp_signal`): how much more sampling
-   probability an improving label gets than a plateaued one; compared on the log scale,
-   paired by seed against Metta's default;
-2. a configuration is eligible if its median response lag and its plateau churn are at
-   most `tolerance` (1.5) times the default's (when both are defined), and its starved
-   fraction at most `starved_margin` (0.05) above the default's: a better SNR bought with
-   a slower or jumpier signal is not an improvement, and replay cannot show what happens
-   to labels a configuration stops sampling (in training they would stop producing the
-   data their LP needs to recover);
-3. the eligible configuration with the highest mean log SNR is recommended, with the 95%
-   t interval of its paired log ratio; `confident` when that interval excludes 0.
-Picking the best of many on the same seeds flatters it (winner's curse): the closed-loop
-check on fresh seeds is the honest test.
+Recommendation rule, per (task, granularity): a completion replay and an epoch replay
+are never pooled, and each row lists the runs that fed it.
+1. The objective is the LP signal-to-noise ratio (`lp_signal.lp_snr`): how much more
+   sampling probability an improving label gets than a plateaued one. Configurations are
+   compared on the log scale, paired by run against Metta's default (a run whose SNR is
+   undefined under either drops out; n is the pairs actually used).
+2. A configuration can be the recommendation only if it passes every check:
+   - signal: its own SNR carries signal, i.e. the lower bound of its 95% t interval on
+     logs over runs is above 1 (an SNR of exactly 1 in every run, a distribution that
+     ignores trends, never passes however it compares with the default);
+   - beats the default: the lower bound of its paired log ratio's interval is above 0,
+     the interval being adjusted for selecting among the K configurations compared
+     (`intervals.selection_adjusted_t_interval`, Bonferroni: all K intervals hold together
+     with probability >= 95%, so the winner's does, whichever it is);
+   - guards, relative with absolute floors: median response lag <= `tolerance` (1.5) x
+     the default's + one evaluation spacing (n_completions / DEFAULT_EVAL_POINTS: lags
+     are measured between evaluation instants and cannot resolve less; an infinite lag is
+     acceptable only against an infinite default); plateau churn <= `tolerance` x the
+     default's + `churn_floor` (0.05 of the ranking per 1000 completions: less than one
+     position per 2000 completions in a 10-label task, noise that cannot change what LP
+     draws; without a floor a zero-churn default would veto every configuration);
+     starved fraction <= the default's + `starved_margin` (0.05). A better SNR bought with
+     a slower or jumpier signal is not an improvement, and replay cannot show what happens
+     to labels a configuration stops sampling.
+3. Among the configurations passing every check, the highest mean log ratio is the
+   row's `config` (`confident`); if none passes, `config` is Metta's default. The highest
+   replayed ratio (`replay_best`, eligible or not) is kept with the reason it failed.
+4. Epoch rows (epoch means replayed as pseudo-completions) are never `actionable`: EMA
+   weights then apply per epoch mean, not per completion, and an epoch mean averages the
+   held last values of many environments (DOMAIN.md), so an ema_timescale (or the
+   kalman_matched gain) found that way does not transfer to per-completion LP.
+The rows describe evidence; the advice per task is the report's verdict. Replay is
+open-loop; the closed-loop check on fresh seeds is the independent test.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
-from scipy import stats
 
-from rts_dagster.analysis import kalman
+from rts_dagster.analysis import intervals, kalman
 from rts_dagster.analysis.lp import LPConfig, ZScoreLPConfig
 from rts_dagster.analysis.lp_replay import (
     DEFAULT_EVAL_POINTS,
@@ -148,7 +167,9 @@ def matched_gain(streams: pl.DataFrame, granularity: str) -> float | None:
     rows = streams.filter(pl.col("granularity") == granularity)
     if rows.height == 0:
         return None
-    per_series = kalman.estimate_local_level(rows)
+    per_series = kalman.estimate_local_level(rows, regimes=False)
+    if "regime" in per_series.columns:  # the whole series, not its learning/plateau parts
+        per_series = per_series.filter(pl.col("regime") == kalman.REGIME_WHOLE)
     q = per_series["q"].to_numpy()
     r = per_series["r"].to_numpy()
     ok = np.isfinite(q) & np.isfinite(r)
@@ -274,59 +295,61 @@ def sweep_run(
     return metrics, conform(trace, LP_REPLAY_TRACE, "lp_replay trace")
 
 
-# --- across seeds --------------------------------------------------------------------------------
-def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
-    """(mean, low, high) of the t interval of the mean; NaN bounds for fewer than 2 values."""
-    values = np.asarray(values, dtype=np.float64)
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return math.nan, math.nan, math.nan
-    mean = float(values.mean())
-    if values.size < 2:
-        return mean, math.nan, math.nan
-    half = float(stats.t.ppf(0.5 + level / 2, values.size - 1) * values.std(ddof=1))
-    half /= math.sqrt(values.size)
-    return mean, mean - half, mean + half
-
-
+# --- across runs ---------------------------------------------------------------------------------
+GROUP_KEYS = ["task", "granularity"]  # a completion and an epoch replay are never pooled
+CHURN_FLOOR = 0.05  # absolute churn allowance (rank fraction per 1000 completions)
 _SETTING_COLUMNS = [c for c in LP_REPLAY_METRICS.names() if c in LP_SWEEP_SUMMARY.names()]
+_SETTING_COLUMNS = [c for c in _SETTING_COLUMNS if c not in ("task", "granularity")]
+
+
+def _groups(metrics: pl.DataFrame):
+    """(task, granularity, sorted run ids, rows) per group, in task order."""
+    for (task, granularity), group in metrics.sort(GROUP_KEYS).group_by(
+        GROUP_KEYS, maintain_order=True
+    ):
+        yield task, granularity, sorted(group["run_id"].unique().to_list()), group
 
 
 def summarise_sweep(metrics: pl.DataFrame) -> pl.DataFrame:
-    """LP_SWEEP_SUMMARY: per task, configuration and metric, the across-seed mean and
-    CI, and the paired difference against Metta's default (log ratio for lp_snr)."""
+    """LP_SWEEP_SUMMARY: per (task, granularity), configuration and metric, the across-run
+    mean with its t interval (t on logs for lp_snr) and the paired difference against
+    Metta's default (log ratio for lp_snr), each interval with its method and n."""
     if metrics.height == 0:
         return empty(LP_SWEEP_SUMMARY)
     rows = []
-    for (task,), per_task in metrics.group_by(["task"], maintain_order=True):
-        default = per_task.filter(pl.col("config") == METTA_DEFAULT)
-        for _, per_config in per_task.group_by(["config"], maintain_order=True):
+    for task, granularity, runs, group in _groups(metrics):
+        default = group.filter(pl.col("config") == METTA_DEFAULT)
+        for _, per_config in group.group_by(["config"], maintain_order=True):
             settings = per_config.select(_SETTING_COLUMNS).row(0, named=True)
             paired = per_config.join(default, on=["seed", "run_id"], suffix="_default", how="left")
             for metric in SUMMARY_METRICS:
                 values = per_config[metric].to_numpy()
+                ours, theirs = paired[metric].to_numpy(), paired[f"{metric}_default"].to_numpy()
                 if metric == "lp_snr":  # a ratio: geometric mean, differences of logs
-                    mean, low, high = (_exp(v) for v in t_interval(_log(values)))
-                    diffs = _log(paired[metric].to_numpy()) - _log(
-                        paired[f"{metric}_default"].to_numpy()
+                    level = intervals.log_t_interval(values)
+                    diff = intervals.t_interval(
+                        _log(ours) - _log(theirs), method="paired t on logs"
                     )
                 else:
-                    mean, low, high = t_interval(values)
-                    with np.errstate(invalid="ignore"):  # inf - inf (censored lags): NaN
-                        diffs = paired[metric].to_numpy() - paired[f"{metric}_default"].to_numpy()
-                diff, diff_low, diff_high = t_interval(diffs)
+                    level = intervals.t_interval(values)
+                    diff = intervals.paired_t_interval(ours, theirs)  # inf - inf: dropped
                 rows.append(
                     {
                         **settings,
                         "task": task,
+                        "granularity": granularity,
                         "metric": metric,
-                        "n_seeds": int(np.isfinite(values).sum()),
-                        "mean": mean,
-                        "ci_low": low,
-                        "ci_high": high,
-                        "diff_vs_default": diff,
-                        "diff_ci_low": diff_low,
-                        "diff_ci_high": diff_high,
+                        "runs": runs,
+                        "n_seeds": level.n,
+                        "mean": level.estimate,
+                        "ci_low": level.low,
+                        "ci_high": level.high,
+                        "ci_method": level.method,
+                        "n_pairs": diff.n,
+                        "diff_vs_default": diff.estimate,
+                        "diff_ci_low": diff.low,
+                        "diff_ci_high": diff.high,
+                        "diff_ci_method": diff.method,
                     }
                 )
     return conform(
@@ -334,64 +357,275 @@ def summarise_sweep(metrics: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def recommend(
-    metrics: pl.DataFrame, tolerance: float = 1.5, starved_margin: float = 0.05
-) -> pl.DataFrame:
-    """LP_RECOMMENDATIONS: one configuration per task (see the module docstring)."""
-    rows = []
-    for (task,), per_task in metrics.sort("task").group_by(["task"], maintain_order=True):
-        default = per_task.filter(pl.col("config") == METTA_DEFAULT)
-        if default.height == 0:
-            continue
-        base = _config_stats(default, default)
-        best_name, best = METTA_DEFAULT, base
-        top_name: str | None = None
-        top_ratio = 0.0
-        # A run without a finite SNR (no instant with both improving and plateaued
-        # labels: a short run, one label) drops out of the pairs; at least 2 runs must stay.
-        needed = min(2, default.height)
-        for (config,), per_config in per_task.group_by(["config"], maintain_order=True):
-            if config == METTA_DEFAULT:
-                continue
-            cand = _config_stats(per_config, default)
-            if not math.isfinite(cand["log_ratio"]) or cand["n"] < needed:
-                continue
-            if cand["log_ratio"] > top_ratio:
-                top_name, top_ratio = config, cand["log_ratio"]
-            eligible = (
-                _within(cand["lag"], base["lag"], tolerance)
-                and _within(cand["churn"], base["churn"], tolerance)
-                and cand["starved"] <= base["starved"] + starved_margin
+@dataclass(frozen=True)
+class Evidence:
+    """One configuration of one (task, granularity) against Metta's default."""
+
+    config: str
+    ratio: intervals.Interval  # SNR ratio vs default (exp of the adjusted paired log interval)
+    signal: intervals.Interval  # its own SNR, t interval on logs over runs
+    lag: float
+    churn: float
+    starved: float
+    reasons: tuple[str, ...]  # every check it fails (empty: eligible)
+
+    @property
+    def log_ratio(self) -> float:
+        return math.log(self.ratio.estimate) if self.ratio.estimate > 0 else math.nan
+
+
+def config_evidence(
+    metrics: pl.DataFrame,
+    *,
+    tolerance: float = 1.5,
+    starved_margin: float = 0.05,
+    churn_floor: float = CHURN_FLOOR,
+) -> dict[tuple[str, str], dict[str, Evidence]]:
+    """(task, granularity) -> configuration -> Evidence, for every group of LP_REPLAY_METRICS
+    rows that has a replay of Metta's default (the default included, with no ratio), with
+    the checks of the module docstring. K, the number of configurations compared, counts
+    those with >= 2 pairs. The statistics of all groups are computed at once (`*_bounds`)."""
+    stats_ = _config_stats(metrics)
+    if stats_.height == 0:
+        return {}
+    snr = _padded(stats_["lp_snr"])
+    ratio_logs = _log(snr) - _log(_padded(stats_["snr_default"]))
+    n_pairs = np.isfinite(ratio_logs).sum(axis=1)
+    is_default = (stats_["config"] == METTA_DEFAULT).to_numpy()
+    compared = (~is_default) & (n_pairs >= 2)
+    n_compared = (
+        stats_.select(*GROUP_KEYS)
+        .with_columns(pl.Series("compared", compared, dtype=pl.Int64))
+        .select(pl.col("compared").sum().over(GROUP_KEYS))
+        .to_series()
+        .to_numpy()
+    )
+    ratio = np.full((snr.shape[0], 3), np.nan)  # exp of (mean, low, high) of the log ratio
+    for k in np.unique(np.maximum(n_compared, 1)):
+        rows = np.maximum(n_compared, 1) == k
+        mean, low, high, _ = intervals.t_bounds(
+            ratio_logs[rows], intervals.bonferroni_level(intervals.LEVEL, int(k))
+        )
+        ratio[rows] = np.exp(np.stack([mean, low, high], axis=1))
+    geo, sig_low, sig_high, sig_n = intervals.log_t_bounds(snr)
+    lags = _padded(stats_["lag_median"])
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: NaN
+        lag = np.nanmedian(lags, axis=1)  # inf (never reached) sorts last: kept
+    churn = _finite_mean(_padded(stats_["churn_plateau"]))
+    starved = _finite_mean(_padded(stats_["starved_fraction"]))
+
+    out: dict[tuple[str, str], dict[str, Evidence]] = {}
+    bases: dict[tuple[str, str], Evidence] = {}
+    rows = stats_.select(*GROUP_KEYS, "config", "n_completions").rows()
+    for i, (task, granularity, name, _) in enumerate(rows):
+        signal = intervals.Interval(
+            float(geo[i]), float(sig_low[i]), float(sig_high[i]), "t on logs", int(sig_n[i])
+        )
+        if is_default[i]:
+            none = intervals.Interval(1.0, math.nan, math.nan, "", 0)
+            bases[(task, granularity)] = Evidence(
+                name, none, signal, float(lag[i]), float(churn[i]), float(starved[i]), ()
             )
-            if eligible and cand["log_ratio"] > max(best["log_ratio"], 0.0):
-                best_name, best = config, cand
-        chosen = per_task.filter(pl.col("config") == best_name)
-        settings = chosen.select(_SETTING_COLUMNS).row(0, named=True)
-        # kalman_matched has its own ema_timescale per run: report their geometric mean
-        settings["ema_timescale"] = float(np.exp(np.log(chosen["ema_timescale"]).mean()))
-        is_default = best_name == METTA_DEFAULT
+    for i, (task, granularity, name, n_completions) in enumerate(rows):
+        base = bases.get((task, granularity))
+        if base is None:
+            continue  # no default replayed: nothing to compare with
+        group = out.setdefault((task, granularity), {METTA_DEFAULT: base})
+        if is_default[i]:
+            continue
+        k = max(int(n_compared[i]), 1)
+        ratio_i = intervals.Interval(
+            float(ratio[i, 0]),
+            float(ratio[i, 1]),
+            float(ratio[i, 2]),
+            f"t, Bonferroni over {k}",  # intervals.selection_adjusted_t_interval's name
+            int(n_pairs[i]),
+        )
+        signal = intervals.Interval(
+            float(geo[i]), float(sig_low[i]), float(sig_high[i]), "t on logs", int(sig_n[i])
+        )
+        reasons = _signal_failures(signal, ratio_i)
+        # lags are measured between evaluation instants: one spacing is their resolution
+        spacing = max(1.0, float(n_completions or 0) / DEFAULT_EVAL_POINTS)
+        evidence = Evidence(
+            name, ratio_i, signal, float(lag[i]), float(churn[i]), float(starved[i]), ()
+        )
+        reasons += _guard_failures(evidence, base, tolerance, starved_margin, churn_floor, spacing)
+        group[name] = Evidence(
+            name, ratio_i, signal, evidence.lag, evidence.churn, evidence.starved, tuple(reasons)
+        )
+    return out
+
+
+def _config_stats(metrics: pl.DataFrame) -> pl.DataFrame:
+    """Per (task, granularity, config): the runs' lp_snr with the default's of the same
+    run alongside (null where the default did not replay that run), lags, churn, starved
+    fractions (lists), the settings and the median n_completions."""
+    keys = [*GROUP_KEYS, "seed", "run_id"]
+    default = metrics.filter(pl.col("config") == METTA_DEFAULT).select(
+        *keys, pl.col("lp_snr").alias("snr_default")
+    )
+    paired = metrics.sort(GROUP_KEYS).join(default, on=keys, how="left", maintain_order="left")
+    settings = [c for c in _SETTING_COLUMNS if c not in ("config", "ema_timescale")]
+    return paired.group_by([*GROUP_KEYS, "config"], maintain_order=True).agg(
+        "lp_snr",
+        "snr_default",
+        "lag_median",
+        "churn_plateau",
+        "starved_fraction",
+        pl.col("n_completions").median(),
+        *(pl.col(c).first() for c in settings),
+        # kalman_matched has its own ema_timescale per run: their geometric mean
+        pl.col("ema_timescale").log().mean().exp(),
+    )
+
+
+def _padded(lists: pl.Series) -> np.ndarray:
+    """A list column as a (rows, longest) float matrix, NaN-padded (nulls are NaN)."""
+    lengths = lists.list.len().to_numpy().astype(np.int64)
+    width = max(int(lengths.max()) if lengths.size else 0, 1)
+    out = np.full((lengths.size, width), np.nan)
+    flat = lists.explode().cast(pl.Float64).fill_null(np.nan).to_numpy()
+    used = np.maximum(lengths, 1)  # an empty list explodes to one null
+    rows = np.repeat(np.arange(lengths.size), used)
+    cols = np.arange(flat.size) - np.repeat(np.cumsum(used) - used, used)
+    out[rows, cols] = flat
+    return out
+
+
+def _finite_mean(x: np.ndarray) -> np.ndarray:
+    ok = np.isfinite(x)
+    n = ok.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, np.where(ok, x, 0.0).sum(axis=1) / n, np.nan)
+
+
+def _signal_failures(signal: intervals.Interval, ratio: intervals.Interval) -> list[str]:
+    if ratio.n < 2:
+        return [
+            f"only {ratio.n} run(s) with a finite SNR under both it and the default "
+            "(an interval needs 2)"
+        ]
+    failed = []
+    if not (signal.defined and signal.low > 1.0):
+        failed.append(
+            f"no signal of its own: its SNR {_interval_text(signal)} does not lie above 1"
+        )
+    if not ratio.low > 1.0:
+        failed.append(
+            f"not above the default: SNR ratio {_interval_text(ratio, 'x')} "
+            + ("lies below 1" if ratio.high < 1.0 else "includes 1")
+        )
+    return failed
+
+
+def _guard_failures(
+    candidate: Evidence,
+    base: Evidence,
+    tolerance: float,
+    starved_margin: float,
+    churn_floor: float,
+    lag_floor: float,
+) -> list[str]:
+    lag, churn, starved = candidate.lag, candidate.churn, candidate.starved
+    failed = []
+    if not _within(lag, base.lag, tolerance, lag_floor):
+        failed.append(
+            f"median response lag {_num(lag)} > {tolerance:g} x the default's "
+            f"{_num(base.lag)} + {lag_floor:.3g} completions"
+        )
+    if not _within(churn, base.churn, tolerance, churn_floor):
+        failed.append(
+            f"plateau churn {_num(churn, 3)} > {tolerance:g} x the default's "
+            f"{_num(base.churn, 3)} + {churn_floor:g}"
+        )
+    known = math.isfinite(starved) and math.isfinite(base.starved)
+    if known and starved > base.starved + starved_margin + 1e-12:
+        failed.append(
+            f"starved fraction {starved:.3f} > the default's {base.starved:.3f} + "
+            f"{starved_margin:g}"
+        )
+    return failed
+
+
+def recommend(
+    metrics: pl.DataFrame,
+    tolerance: float = 1.5,
+    starved_margin: float = 0.05,
+    churn_floor: float = CHURN_FLOOR,
+) -> pl.DataFrame:
+    """LP_RECOMMENDATIONS: one row of replay evidence per (task, granularity) (the rule in
+    the module docstring); groups without a replay of Metta's default are left out."""
+    rows = []
+    evidence_by_group = config_evidence(
+        metrics, tolerance=tolerance, starved_margin=starved_margin, churn_floor=churn_floor
+    )
+    if not evidence_by_group:
+        return empty(LP_RECOMMENDATIONS)
+    settings_of = {
+        (r["task"], r["granularity"], r["config"]): r
+        for r in _config_stats(metrics).select(*GROUP_KEYS, *_SETTING_COLUMNS).iter_rows(named=True)
+    }
+    groups = (
+        metrics.group_by(GROUP_KEYS)
+        .agg(pl.col("run_id").unique().sort().alias("runs"), pl.col("seed").n_unique())
+        .sort(GROUP_KEYS)
+    )
+    for task, granularity, runs, n_seeds in groups.iter_rows():
+        evidence = evidence_by_group.get((task, granularity))
+        if evidence is None:
+            continue
+        base = evidence[METTA_DEFAULT]
+        candidates = sorted(
+            (e for e in evidence.values() if e.config != METTA_DEFAULT and e.ratio.n >= 1),
+            key=lambda e: (-_finite_or(e.log_ratio, -math.inf), e.config),
+        )
+        eligible = [e for e in candidates if not e.reasons]
+        chosen = eligible[0] if eligible else base
+        threshold = chosen.log_ratio if eligible else 0.0
+        best = next((e for e in candidates if _finite_or(e.log_ratio, -1.0) > 0.0), None)
+        rejected = [e for e in candidates if e.reasons and _finite_or(e.log_ratio, -1) > threshold]
+        settings = {c: settings_of[(task, granularity, chosen.config)][c] for c in _SETTING_COLUMNS}
+        confident = bool(eligible)
+        n_compared = sum(e.ratio.n >= 2 for e in candidates)
         row = {
             **settings,
             "task": task,
-            "granularity": chosen["granularity"][0],
-            "n_seeds": int(chosen["seed"].n_unique()),
-            "n_runs": int(chosen.height),
-            "n_pairs": int(best["n"]),
-            "snr_default": base["snr"],
-            "snr_recommended": best["snr"],
-            "snr_ratio": 1.0 if is_default else math.exp(best["log_ratio"]),
-            "snr_ratio_ci_low": math.nan if is_default else _exp(best["low"]),
-            "snr_ratio_ci_high": math.nan if is_default else _exp(best["high"]),
-            "lag_default": base["lag"],
-            "lag_recommended": best["lag"],
-            "churn_default": base["churn"],
-            "churn_recommended": best["churn"],
-            "starved_default": base["starved"],
-            "starved_recommended": best["starved"],
-            "replay_best": top_name,
-            "confident": (not is_default) and best["low"] > 0,
+            "granularity": granularity,
+            "runs": runs,
+            "n_seeds": n_seeds,
+            "n_runs": len(runs),
+            "n_compared": n_compared,
+            "n_pairs": chosen.ratio.n,
+            "snr_default": base.signal.estimate,
+            "snr_recommended": chosen.signal.estimate,
+            "signal_ci_low": chosen.signal.low,
+            "signal_ci_high": chosen.signal.high,
+            "signal_ci_method": chosen.signal.method,
+            "signal_n": chosen.signal.n,
+            "snr_ratio": chosen.ratio.estimate,
+            "snr_ratio_ci_low": chosen.ratio.low,
+            "snr_ratio_ci_high": chosen.ratio.high,
+            "ci_method": chosen.ratio.method if confident else None,
+            "lag_default": base.lag,
+            "lag_recommended": chosen.lag,
+            "churn_default": base.churn,
+            "churn_recommended": chosen.churn,
+            "starved_default": base.starved,
+            "starved_recommended": chosen.starved,
+            "guards_passed": not chosen.reasons,
+            "replay_best": best.config if best else None,
+            "replay_best_snr_ratio": best.ratio.estimate if best else math.nan,
+            "replay_best_ci_low": best.ratio.low if best else math.nan,
+            "replay_best_ci_high": best.ratio.high if best else math.nan,
+            "replay_best_n_pairs": best.ratio.n if best else None,
+            "replay_best_reason": "; ".join(best.reasons) if best and best.reasons else None,
+            "rejected": [f"{e.config}: {'; '.join(e.reasons)}" for e in rejected],
+            "confident": confident,
+            "actionable": confident and granularity == GRANULARITY_COMPLETION,
         }
-        row["sentence"] = _sentence(row, best_name)
+        row["sentence"] = _sentence(row, chosen, best, base)
         rows.append(row)
     if not rows:
         return empty(LP_RECOMMENDATIONS)
@@ -404,6 +638,10 @@ def _exp(value: float) -> float:
     return math.exp(value) if math.isfinite(value) else math.nan
 
 
+def _finite_or(value: float, fallback: float) -> float:
+    return value if math.isfinite(value) else fallback
+
+
 def _log(values: np.ndarray) -> np.ndarray:
     """Natural log with NaN (not a warning) for non-positive or missing values."""
     values = np.asarray(values, dtype=np.float64)
@@ -411,83 +649,82 @@ def _log(values: np.ndarray) -> np.ndarray:
         return np.where(values > 0, np.log(values), np.nan)
 
 
-def _config_stats(per_config: pl.DataFrame, default: pl.DataFrame) -> dict[str, float]:
-    # Pairs are runs (two runs of one seed are two pairs, not four)
-    paired = per_config.join(default, on=["seed", "run_id"], suffix="_default", how="inner")
-    logs = _log(paired["lp_snr"].to_numpy()) - _log(paired["lp_snr_default"].to_numpy())
-    mean, low, high = t_interval(logs)  # NaN mean when no pair is finite
-    return {
-        "n": int(np.isfinite(logs).sum()),
-        "log_ratio": mean,
-        "low": low,
-        "high": high,
-        "snr": _exp(t_interval(_log(per_config["lp_snr"].to_numpy()))[0]),
-        "lag": _median_with_inf(per_config["lag_median"].to_numpy()),
-        "churn": _nanmean(per_config["churn_plateau"].to_numpy()),
-        "starved": _nanmean(per_config["starved_fraction"].to_numpy()),
-    }
-
-
-def _within(value: float, reference: float, tolerance: float) -> bool:
-    """value <= tolerance * reference; undefined values (NaN) do not disqualify, and an
-    infinite lag is only acceptable against an infinite reference."""
+def _within(value: float, reference: float, tolerance: float, floor: float) -> bool:
+    """value <= tolerance * reference + floor; undefined values (NaN) do not disqualify,
+    and an infinite value is only acceptable against an infinite reference."""
     if math.isnan(value) or math.isnan(reference) or reference == math.inf:
         return True
-    return value <= tolerance * reference + 1e-12
+    return value <= tolerance * reference + floor + 1e-12
 
 
-def _median_with_inf(values: np.ndarray) -> float:
-    values = values[~np.isnan(values)]
-    return float(np.median(values)) if values.size else math.nan
-
-
-def _nanmean(values: np.ndarray) -> float:
-    values = values[np.isfinite(values)]
-    return float(values.mean()) if values.size else math.nan
-
-
-def _sentence(row: dict, name: str) -> str:
-    task, n = row["task"], row["n_seeds"]
-    source = (
-        "per-completion rewards"
-        if row["granularity"] == GRANULARITY_COMPLETION
-        else ("epoch means (no per-completion stream recorded)")
-    )
-    if name == METTA_DEFAULT:
-        return (
-            f"{task}: keep Metta's default LP: no other configuration raised the LP "
-            f"signal-to-noise ratio without a slower or jumpier signal or starving labels "
-            f"(replayed on {n} seeds, {source})"
-            + (
-                f"; the highest replayed ratio came from {row['replay_best']}, which failed "
-                "those checks."
-                if row["replay_best"]
-                else "; no other configuration replayed a higher ratio."
-            )
-        )
-    if row["confident"]:
-        verdict, lead = "a clear improvement", f"{task}: use {name}"
-    else:
-        verdict = f"not distinguishable from the default with {n} seeds"
-        lead = (
-            f"{task}: {name} replays best but is not yet a safe change (keep Metta's default "
-            "until more seeds confirm it)"
-        )
+def _interval_text(interval: intervals.Interval, prefix: str = "") -> str:
+    """ "x2.00 (x1.30 to x3.10, 95% t, Bonferroni over 15 interval, n=3)"."""
+    estimate = f"{prefix}{_num(interval.estimate, 2)}"
+    if not interval.defined:
+        return f"{estimate} (no interval, n={interval.n})"
     return (
-        f"{lead}: LP gives improving labels x{row['snr_ratio']:.2f} the "
-        f"relative probability Metta's default gives them (95% CI x{row['snr_ratio_ci_low']:.2f}"
-        f" to x{row['snr_ratio_ci_high']:.2f} over {n} seeds: {verdict}); median response lag "
-        f"{_num(row['lag_recommended'])} vs {_num(row['lag_default'])} (completions until "
-        f"LP ranks a newly improving label in its top quarter); plateau "
-        f"churn {_num(row['churn_recommended'], 3)} vs {_num(row['churn_default'], 3)} "
-        f"(replayed on {source})."
+        f"{estimate} ({prefix}{_num(interval.low, 2)} to {prefix}{_num(interval.high, 2)}, "
+        f"{interval.describe()})"
     )
 
 
-def _num(value: float, digits: int = 0) -> str:
+_EPOCH_NOTE = (
+    " Replayed on epoch means (one pseudo-completion per label and epoch; no per-completion "
+    "stream was recorded): EMA weights then apply per epoch mean, not per completion, and an "
+    "epoch mean averages the held last rewards of many environments, so ema_timescale "
+    "values (kalman_matched's gain included) replayed on epoch means do not transfer to "
+    "per-completion LP; recording the stream with RewardStreamRecorder (rts_dagster.recorder) "
+    "would measure them."
+)
+
+
+def _sentence(row: dict, chosen: Evidence, best: Evidence | None, base: Evidence) -> str:
+    """Plain words: what the replay shows, each interval with its method and n."""
+    source = (
+        "per-completion replay"
+        if row["granularity"] == GRANULARITY_COMPLETION
+        else "replay of epoch means"
+    )
+    head = f"{row['task']} ({source} of {row['n_runs']} run(s): {', '.join(row['runs'])})"
+    k = row["n_compared"]
+    if row["confident"]:
+        text = (
+            f"{head}: {chosen.config} passes every check among {k} configurations compared: "
+            f"LP SNR ratio to Metta's default {_interval_text(chosen.ratio, 'x')}; its own SNR "
+            f"{_interval_text(chosen.signal)}; median response lag {_num(chosen.lag)} vs "
+            f"{_num(base.lag)} completions; plateau churn {_num(chosen.churn, 3)} vs "
+            f"{_num(base.churn, 3)}; starved fraction {_num(chosen.starved, 3)} vs "
+            f"{_num(base.starved, 3)}."
+        )
+    else:
+        checks = (
+            f"own SNR above 1, a ratio to Metta's default above 1 after adjusting for the {k} "
+            "configurations compared, lag, churn and starvation guards"
+            if k
+            else "no configuration has 2 runs paired with the default to form an interval"
+        )
+        text = (
+            f"{head}: no configuration passes every check ({checks}); Metta's default's own "
+            f"SNR {_interval_text(base.signal)}."
+        )
+    if best is not None and best.config != chosen.config:
+        text += (
+            f" Highest replayed ratio: {best.config}, {_interval_text(best.ratio, 'x')}; "
+            f"not passing: {'; '.join(best.reasons)}."
+        )
+    elif best is None and not row["confident"]:
+        text += " No other configuration replayed a ratio above 1."
+    if row["granularity"] != GRANULARITY_COMPLETION:
+        text += _EPOCH_NOTE
+    return text
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
     if value == math.inf:
         return "never"
-    if value is None or not math.isfinite(value):
+    if not math.isfinite(value):
         return "n/a"
     return f"{value:.{digits}f}"
 
@@ -496,21 +733,25 @@ def _num(value: float, digits: int = 0) -> str:
 def closed_loop_candidates(
     recommendations: pl.DataFrame, metrics: pl.DataFrame | None = None
 ) -> dict[str, list[tuple[str, str]]]:
-    """Task -> [(configuration, role)] to compare with Metta's default in the closed loop:
-    the recommendation, the highest replayed SNR (the configuration an open-loop reading
-    alone would pick) and, when it was replayed (`metrics`), `kalman_matched` (LP at the
-    local-level gain the noise analysis recommends); each once, default excluded."""
+    """Task -> [(configuration, role)] to compare with Metta's default in the closed loop,
+    from completion-granularity rows only (the simulator's LP consumes completions): the
+    recommendation when `actionable`, the highest replayed SNR (the configuration an
+    open-loop reading alone would pick) and, when it was replayed on completions
+    (`metrics`), `kalman_matched` (LP at the local-level gain the noise analysis
+    recommends); each once, default excluded."""
     matched_tasks = set()
     if metrics is not None and metrics.height:
-        # only a gain measured per completion means the same thing in the simulator
         matched = metrics.filter(
             (pl.col("config") == KALMAN_MATCHED) & (pl.col("granularity") == GRANULARITY_COMPLETION)
         )
         matched_tasks = set(matched["task"].to_list())
     out: dict[str, list[tuple[str, str]]] = {}
-    for row in recommendations.iter_rows(named=True):
+    rows = recommendations.filter(pl.col("granularity") == GRANULARITY_COMPLETION)
+    for row in rows.iter_rows(named=True):
         pairs: list[tuple[str, str]] = []
-        wanted = [(row["config"], "recommended"), (row["replay_best"], "replay_best")]
+        wanted = [(row["replay_best"], "replay_best")]
+        if row["actionable"]:
+            wanted.insert(0, (row["config"], "recommended"))
         if row["task"] in matched_tasks:
             wanted.append((KALMAN_MATCHED, "local_level_gain"))
         for name, role in wanted:
@@ -525,7 +766,7 @@ def summarise_closed_loop(
     outcomes: pl.DataFrame, candidates: dict[str, list[tuple[str, str]]]
 ) -> pl.DataFrame:
     """LP_CLOSED_LOOP_SUMMARY: per task and candidate, candidate - default on paired seeds
-    with 95% t intervals. `outcomes` has LP_CLOSED_LOOP rows."""
+    with the paired t interval (method and n in the row). `outcomes` has LP_CLOSED_LOOP rows."""
     rows = []
     for task, pairs in candidates.items():
         per_task = outcomes.filter(pl.col("task") == task)
@@ -540,7 +781,7 @@ def summarise_closed_loop(
             for metric in CLOSED_LOOP_METRICS:
                 ours = paired[metric].to_numpy()
                 theirs = paired[f"{metric}_default"].to_numpy()
-                diff, low, high = t_interval(ours - theirs)
+                diff = intervals.paired_t_interval(ours, theirs)
                 censored = 0
                 if metric == "time_to_competence":
                     censored = int((~reached).sum() + (~reached_default).sum())
@@ -553,9 +794,11 @@ def summarise_closed_loop(
                         "n_seeds": paired.height,
                         "default_mean": float(np.mean(theirs)),
                         "recommended_mean": float(np.mean(ours)),
-                        "diff": diff,
-                        "diff_ci_low": low,
-                        "diff_ci_high": high,
+                        "diff": diff.estimate,
+                        "diff_ci_low": diff.low,
+                        "diff_ci_high": diff.high,
+                        "ci_method": diff.method,
+                        "n_pairs": diff.n,
                         "n_censored": censored,
                     }
                 )

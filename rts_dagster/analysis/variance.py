@@ -1,181 +1,304 @@
-"""Do seeds differ more than tasks (or labels)? Variance components with bootstrap CIs.
+"""Do seeds differ more than tasks (or labels)? Variance components with exact intervals.
 
-Observations are per-run values: for a run (task, seed), the mean over its labels of
-the per-series `mean_reward` of `series_metrics` (each label counts once, however many
-samples it has). Within a task, the observations are per (seed, label).
+Two kinds of rows per granularity ("epoch" and "completion" are never pooled: their noise
+differs by orders of magnitude):
 
-For groups g = 1..G (tasks, or the labels of one task) with n_g seeds each:
+across_tasks (level seed_vs_task): one value per run (task, seed), groups = tasks, in the
+one-way random-effects model  v_ts = mu + a_t + e_ts,  a_t ~ N(0, var_task),
+e_ts ~ N(0, var_seed). Tasks are a sample of possible tasks and seeds a sample of seeds:
+- var_seed = MSW (pooled within-task variance of the run values), with its exact
+  chi-square interval (df = N - G);
+- var_task_or_label = (MSB - MSW) / k0, the variance of the true task means (k0 = seeds
+  per task; for unequal seed counts (N - sum n_t^2 / N) / (G - 1)). Unbiased, and
+  NEGATIVE when tasks differ less than seed noise alone predicts (`reason` says so);
+- ratio = var_seed / var_task_or_label (> 1: seeds of one task differ more than tasks),
+  +inf when var_task_or_label <= 0 (a variance ratio is positive: the between component
+  is then at its boundary 0, and the ratio's CI reaches +inf too);
+- icc = var_task / (var_task + var_seed) = (MSB - MSW) / (MSB + (k0 - 1) MSW), ICC(1),
+  negative in that case (its estimator range is [-1/(k0-1), 1]); when icc > 0,
+  ratio = (1 - icc) / icc exactly. Their CIs are the exact F interval of the ICC
+  (Shrout & Fleiss 1979) and its monotone image for the ratio; exact for equal seed
+  counts, approximate (k0) otherwise. The ratio's upper bound is +inf when the data
+  cannot exclude var_task = 0 (F below its 97.5% quantile): with 3 tasks that is common.
 
-- var_seed = pooled within-group variance of the seed values,
-  sum_g sum_s (x_gs - xbar_g)^2 / sum_g (n_g - 1)  (the ANOVA mean square within, MSW);
-- var_task_or_label = variance (ddof=1) of the group means xbar_g across groups;
-- ratio = var_seed / var_task_or_label (> 1: seeds of one task differ more than tasks);
-- ICC(1), one-way random effects with the group as the random factor:
-  ICC = (MSB - MSW) / (MSB + (k0 - 1) MSW), MSB = sum_g n_g (xbar_g - xbar)^2 / (G - 1),
-  k0 = (N - sum_g n_g^2 / N) / (G - 1) (= n for balanced groups), N = sum_g n_g.
-  It is the share of the variance due to the group; the estimate can be slightly
-  negative when groups differ less than seed noise alone predicts.
+within_task:<task> (level seed_vs_label): values per (label, seed) of one task, in the
+two-way additive model  v_ls = mu + a_l + b_s + e_ls  (label effect a_l ~ N(0, var_label),
+seed effect b_s, residual e_ls ~ N(0, var_seed)). The seed effect b_s, a run that is better
+on every label, is removed: LP compares labels within one run, so a run-wide offset does
+not change its choices, and the across_tasks row already measures it. Here
+- var_seed = residual mean square (label-by-seed noise), chi-square interval;
+- var_task_or_label = (MS_label - MS_resid) / k (k = seeds per label), may be negative
+  (ratio then +inf, as above);
+- icc = consistency ICC(C,1) of McGraw & Wong (1996), ratio = (1 - icc) / icc, with the
+  exact F interval on (G - 1, (G - 1)(S - 1)) df; with missing (label, seed) cells the
+  label mean square is adjusted for seeds (least squares) and the interval is approximate.
 
-95% CIs are percentile intervals of a stratified bootstrap (as in rliable): seeds are
-resampled with replacement within each group (within a task: whole seeds, with all their
-labels), groups are kept fixed, `n_boot` replicates vectorised with numpy and a seeded
-generator. In each replicate the within-group sums of squares are rescaled by
-n/(n-1) (resampling n seeds shrinks them by (n-1)/n on average). The CIs cover seed
-sampling only: tasks and labels are the fixed set studied, not a sample of possible
-tasks. Measured coverage of the ratio's 95% CI on normal nested data with fixed task
-means: ~90-94% with 10 seeds per task, ~83-88% with 3 (a percentile bootstrap cannot
-reach beyond the few observed seeds): read 3-seed CIs as optimistic.
+Run value (across_tasks): within a task, a run's value comes from the same additive fit,
+mean_l(a_l) + mu + b_s: the run's effect on the task's full label set. A plain mean over the
+labels a run has would jump when a run lacks a hard label; comparing on shared labels only
+would throw away every label some run lacks. The additive fit uses every observed cell and,
+for data that are additive, a missing label leaves the run's value unchanged. It needs the
+runs of a task to be connected through shared labels; a task where they are not is left out
+(reason). With every cell present it equals the mean over labels.
 
-Groups with a single seed carry no seed variance: they are left out of the pooled
-variance (and of the across-task row) and the `reason` column says so; a scope with no
-usable group gets NaN, never an exception.
+No interval is formed from one seed: single-seed tasks are left out of across_tasks and a
+within row with one seed has NaN bounds. Filtering degenerate series (stalled streams,
+broken runs) is the caller's job: every row of `series` given here is used, and the `runs`
+column lists the run ids that fed each row.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-from rts_dagster.schema import VARIANCE_TABLE, conform
+from rts_dagster.analysis.intervals import (
+    LEVEL,
+    MeanSquares,
+    chi2_variance_bounds,
+    f_method_name,
+    icc_f_bounds,
+    one_way_anova,
+    variance_ratio_f_bounds,
+)
+from rts_dagster.schema import (
+    GRANULARITY_COMPLETION,
+    GRANULARITY_EPOCH,
+    VARIANCE_TABLE,
+    conform,
+)
 
 LEVEL_TASK = "seed_vs_task"
 LEVEL_LABEL = "seed_vs_label"
+TWO_WAY_MODEL = "two-way additive label + seed, consistency ICC(C,1)"
 
 
-def _components(
-    x: np.ndarray, rescale: bool = False
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(var_seed, var_group, ratio, icc) of x[..., group, seed] (NaN = missing), each
-    with the leading (bootstrap) shape of x. Groups with < 2 seeds add nothing to the
-    pooled within-group variance; empty groups are ignored.
+@dataclass(frozen=True)
+class AdditiveFit:
+    """Least-squares fit of v[label, seed] = alpha_label + beta_seed on the observed cells."""
 
-    `rescale` (for bootstrap replicates): multiply each group's within sum of squares
-    by n_g / (n_g - 1). Drawing n_g seeds with replacement shrinks it by (n_g - 1) / n_g
-    on average, which biases the replicates low and the percentile CI with them."""
-    valid = np.isfinite(x)
-    n_g = valid.sum(axis=-1)
-    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
-        warnings.simplefilter("ignore", RuntimeWarning)
-        total = np.where(valid, x, 0.0).sum(axis=-1)
-        mean_g = total / n_g
-        dev = np.where(valid, x - mean_g[..., None], 0.0)
-        ss_w = (dev * dev).sum(axis=-1)
-        if rescale:
-            ss_w = ss_w * np.where(n_g >= 2, n_g / np.maximum(n_g - 1, 1), 0.0)
-        msw = ss_w.sum(axis=-1) / np.maximum(n_g - 1, 0).sum(axis=-1)
-        has = n_g >= 1
-        n_groups = has.sum(axis=-1)
-        mean_g0 = np.where(has, mean_g, 0.0)
-        grand = mean_g0.sum(axis=-1) / n_groups
-        spread = np.where(has, mean_g0 - grand[..., None], 0.0)
-        var_group = (spread * spread).sum(axis=-1) / (n_groups - 1)
-        n_total = n_g.sum(axis=-1)
-        grand_w = total.sum(axis=-1) / n_total
-        spread_w = np.where(has, mean_g0 - grand_w[..., None], 0.0)
-        msb = (n_g * spread_w * spread_w).sum(axis=-1) / (n_groups - 1)
-        k0 = (n_total - (n_g * n_g).sum(axis=-1) / n_total) / (n_groups - 1)
-        icc = (msb - msw) / (msb + (k0 - 1.0) * msw)
-        ratio = msw / var_group
-    return msw, var_group, ratio, icc
+    run_value: np.ndarray  # per seed: mean(alpha) + beta_s (NaN when not identified)
+    mean_squares: MeanSquares  # label (adjusted for seeds) vs residual
+    identified: bool  # seeds connected through shared labels
 
 
-def _percentile_ci(values: np.ndarray, level: float) -> tuple[float, float]:
-    """Percentile interval of the finite replicates (NaN if most are not finite)."""
-    finite = values[np.isfinite(values)]
-    if finite.size == 0 or finite.size < 0.5 * values.size:
-        return math.nan, math.nan
-    a = (1.0 - level) / 2.0
-    lo, hi = np.quantile(finite, [a, 1.0 - a])
-    return float(lo), float(hi)
+def additive_fit(x: np.ndarray) -> AdditiveFit:
+    """Fit x[label, seed] (NaN = missing cell; no empty rows or columns) with label and
+    seed effects, by least squares on the observed cells.
+
+    The label mean square is the reduction in residual sum of squares from adding labels
+    to a seeds-only model (equal to the usual two-way one when every cell is present);
+    its df is G - 1 and the residual df is N - G - S + 1."""
+    n_labels, n_seeds = x.shape
+    observed = np.isfinite(x)
+    label_idx, seed_idx = np.nonzero(observed)
+    y = x[observed]
+    n_obs = y.size
+    design = np.zeros((n_obs, n_labels + n_seeds))
+    design[np.arange(n_obs), label_idx] = 1.0
+    design[np.arange(n_obs), n_labels + seed_idx] = 1.0
+    coef, _, rank, _ = np.linalg.lstsq(design, y, rcond=None)
+    identified = int(rank) == n_labels + n_seeds - 1
+    resid = y - design @ coef
+    ss_resid = float(resid @ resid)
+
+    seed_count = observed.sum(axis=0)
+    seed_mean = np.where(observed, x, 0.0).sum(axis=0) / seed_count
+    dev_seed_only = y - seed_mean[seed_idx]
+    ss_label = max(float(dev_seed_only @ dev_seed_only) - ss_resid, 0.0)
+
+    df_between = n_labels - 1
+    df_resid = n_obs - int(rank)
+    label_count = observed.sum(axis=1)
+    k0 = (n_obs - float((label_count**2).sum()) / n_obs) / df_between if df_between else math.nan
+    ms = MeanSquares(
+        between=np.asarray(ss_label / df_between if df_between else math.nan),
+        within=np.asarray(ss_resid / df_resid if df_resid > 0 else math.nan),
+        df_between=np.asarray(df_between),
+        df_within=np.asarray(df_resid),
+        k=np.asarray(k0),
+        n_groups=np.asarray(n_labels),
+        n_obs=np.asarray(n_obs),
+        balanced=np.asarray(bool(observed.all())),
+        model=TWO_WAY_MODEL,
+    )
+    run_value = coef[:n_labels].mean() + coef[n_labels:]
+    if not identified:
+        run_value = np.full(n_seeds, math.nan)
+    return AdditiveFit(run_value=run_value, mean_squares=ms, identified=identified)
 
 
-def _resample_within_groups(x: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    """Stratified bootstrap copies of x[group, seed] (n_boot x group x seed): each group
-    draws as many seeds as it has, with replacement, among its own present seeds."""
-    n_groups, width = x.shape
-    present = np.isfinite(x)
-    counts = present.sum(axis=1)
-    order = np.argsort(~present, axis=1, kind="stable")  # present slots first
-    draw = (rng.random((n_boot, n_groups, width)) * counts[None, :, None]).astype(np.int64)
-    slot = np.take_along_axis(np.broadcast_to(order, (n_boot, n_groups, width)), draw, axis=2)
-    out = x[np.arange(n_groups)[None, :, None], slot]
-    return np.where(np.arange(width)[None, None, :] < counts[None, :, None], out, np.nan)
+def cell_values(
+    series: pl.DataFrame, value: str = "mean_reward", granularity: str | None = None
+) -> pl.DataFrame:
+    """Per (granularity, task, seed, label): `value` (mean over duplicate run ids of one
+    seed) and the run ids behind it. Non-finite values are dropped. `granularity` None
+    keeps every granularity present (each analysed on its own)."""
+    rows = series.filter(pl.col(value).is_finite())
+    if granularity is not None:
+        rows = rows.filter(pl.col("granularity") == granularity)
+    return (
+        rows.group_by("granularity", "task", "seed", "label")
+        .agg(pl.col(value).mean().alias("value"), pl.col("run_id").unique().alias("runs"))
+        .sort("granularity", "task", "seed", "label")
+    )
 
 
-def _row(
-    scope: str,
-    level: str,
-    x: np.ndarray,
-    boot: np.ndarray | None,
-    ci_level: float,
-    n_tasks: int,
-    reasons: list[str],
+def _task_matrix(part: pl.DataFrame) -> tuple[np.ndarray, list[int], list[str]]:
+    """x[label, seed] of one (granularity, task), NaN where the seed lacks the label."""
+    seeds = sorted(part["seed"].unique().to_list())
+    labels = sorted(part["label"].unique().to_list())
+    s_idx = {s: i for i, s in enumerate(seeds)}
+    l_idx = {lab: i for i, lab in enumerate(labels)}
+    x = np.full((len(labels), len(seeds)), np.nan)
+    rows = part["label"].replace_strict(l_idx, return_dtype=pl.Int64).to_numpy()
+    cols = part["seed"].replace_strict(s_idx, return_dtype=pl.Int64).to_numpy()
+    x[rows, cols] = part["value"].to_numpy()
+    return x, seeds, labels
+
+
+def _runs_of(part: pl.DataFrame) -> list[str]:
+    return sorted(set(part["runs"].explode().drop_nulls().to_list()))
+
+
+def _spread(x: np.ndarray) -> float:
+    """Variance of the finite values of x (0 when fewer than 2)."""
+    values = x[np.isfinite(x)]
+    return float(values.var()) if values.size >= 2 else 0.0
+
+
+def _finite(v: Any) -> float:
+    v = float(v)
+    return v if math.isfinite(v) or v == math.inf else math.nan
+
+
+def _components_row(
+    ms: MeanSquares, scale: float, level: float, reasons: list[str], group_word: str
 ) -> dict[str, Any]:
-    """One output row for x[group, seed] and its bootstrap copies (None: no CI)."""
-    var_seed, var_group, ratio, icc = (float(v) for v in _components(x))
-    present = np.isfinite(x)
-    n_groups = int(present.any(axis=1).sum())
-    if not (present.sum(axis=1) >= 2).any():
-        reasons.append("no group has 2 or more seeds: no seed variance")
-    if n_groups < 2:
-        reasons.append("fewer than 2 groups: no between-group variance")
-    elif var_group == 0.0:
-        reasons.append("all group means are equal: ratio undefined")
-    ratio_ci = icc_ci = (math.nan, math.nan)
-    if boot is not None and math.isfinite(ratio):
-        _, _, ratio_b, icc_b = _components(boot, rescale=True)
-        ratio_ci = _percentile_ci(ratio_b, ci_level)
-        icc_ci = _percentile_ci(icc_b, ci_level)
-
-    def finite(v: float) -> float:
-        return v if math.isfinite(v) else math.nan
-
+    """var_seed, var_task_or_label, ratio, icc and their intervals from mean squares.
+    A mean square below 1e-12 x `scale` (the variance of all the values) is rounding
+    noise, e.g. of the least-squares fit: it counts as 0 and gives no F interval (an
+    interval from F = 1e30 would end at ICC = 1 to rounding)."""
+    tiny = 1e-12 * scale if math.isfinite(scale) else 0.0
+    no_seed_var = float(ms.within) <= tiny
+    equal_means = float(ms.between) <= tiny
+    usable = bool(ms.usable) and not (no_seed_var or equal_means)
+    var_seed = _finite(ms.var_within) if int(ms.df_within) >= 1 else math.nan
+    if no_seed_var:
+        var_seed = 0.0
+    var_group = _finite(ms.var_between)
+    seed_low, seed_high = (float(v) for v in chi2_variance_bounds(var_seed, ms.df_within, level))
+    if var_seed == 0.0:
+        seed_low = seed_high = math.nan
+    icc, icc_low, icc_high = (float(v) for v in icc_f_bounds(ms, level))
+    ratio, ratio_low, ratio_high = (float(v) for v in variance_ratio_f_bounds(ms, level))
+    if int(ms.n_groups) >= 2 and int(ms.df_within) >= 1 and not usable:
+        icc = icc_low = icc_high = ratio = ratio_low = ratio_high = math.nan
+        if no_seed_var:
+            reasons.append("seed variance is 0: no F interval")
+        elif equal_means:
+            reasons.append(f"all {group_word} means are equal: ratio undefined")
+    if usable and var_group <= 0.0:
+        ratio = math.inf
+        reasons.append(
+            f"var_task_or_label <= 0: {group_word}s differ less than seed noise alone "
+            "predicts (ratio +inf, icc <= 0; the CIs still hold)"
+        )
     return {
-        "scope": scope,
-        "level": level,
-        "var_seed": finite(var_seed),
-        "var_task_or_label": finite(var_group),
-        "ratio": finite(ratio),
-        "ratio_ci_low": ratio_ci[0],
-        "ratio_ci_high": ratio_ci[1],
-        "icc": finite(icc),
-        "icc_ci_low": icc_ci[0],
-        "icc_ci_high": icc_ci[1],
-        "n_tasks": n_tasks,
-        "n_seeds": int(present.sum()) if level == LEVEL_TASK else int(x.shape[1]),
-        "reason": "; ".join(dict.fromkeys(reasons)),
-        "n_groups": n_groups,
+        "var_seed": var_seed,
+        "var_seed_ci_low": seed_low,
+        "var_seed_ci_high": seed_high,
+        "var_task_or_label": var_group if int(ms.df_within) >= 1 else math.nan,
+        "ratio": ratio if usable else math.nan,
+        "ratio_ci_low": ratio_low,
+        "ratio_ci_high": ratio_high,
+        "icc": icc if usable else math.nan,
+        "icc_ci_low": icc_low,
+        "icc_ci_high": icc_high,
+        "defined": usable,
     }
 
 
-def _pad(values: list[list[float]]) -> np.ndarray:
-    """Ragged lists -> groups x max_len array, NaN-padded."""
-    width = max((len(v) for v in values), default=0)
-    out = np.full((len(values), max(width, 1)), np.nan)
-    for i, v in enumerate(values):
-        out[i, : len(v)] = v
-    return out
+def _within_task_row(
+    granularity: str, task: str, part: pl.DataFrame, level: float
+) -> tuple[dict[str, Any], AdditiveFit, list[int]]:
+    x, seeds, labels = _task_matrix(part)
+    fit = additive_fit(x)
+    reasons: list[str] = []
+    if len(seeds) < 2:
+        reasons.append("1 seed: no seed variance")
+    if len(labels) < 2:
+        reasons.append("1 label: no between-label variance")
+    if not fit.identified:
+        reasons.append("seeds share no labels: label and seed effects not separable")
+    elif len(seeds) >= 2 and len(labels) >= 2 and int(fit.mean_squares.df_within) < 1:
+        reasons.append("no residual degrees of freedom (too many missing label cells)")
+    comp = _components_row(fit.mean_squares, _spread(x), level, reasons, "label")
+    ms = fit.mean_squares
+    ci_method = ""
+    if comp.pop("defined"):
+        ci_method = (
+            f"{f_method_name(ms)}, n={int(ms.n_obs)} (label, seed) cells: "
+            f"{len(labels)} labels x {len(seeds)} seeds"
+        )
+    runs = _runs_of(part)
+    row = {
+        "scope": f"within_task:{task}",
+        "level": LEVEL_LABEL,
+        "granularity": granularity,
+        **comp,
+        "n_tasks": 1,
+        "n_seeds": len(seeds),
+        "n_runs": len(runs),
+        "runs": runs,
+        "n_groups": len(labels),
+        "ci_method": ci_method,
+        "reason": "; ".join(dict.fromkeys(reasons)),
+    }
+    return row, fit, seeds
 
 
-def seed_values(
+def run_values(
     series: pl.DataFrame, value: str = "mean_reward", granularity: str | None = None
 ) -> pl.DataFrame:
-    """Per (task, seed, label) value (mean over duplicate run ids) of one granularity.
+    """One value per run (granularity, task, seed) from the within-task additive fit (see
+    the module docstring): columns granularity, task, seed, value, runs. Runs of a task
+    whose seeds are not connected through shared labels get NaN."""
+    cells = cell_values(series, value, granularity)
+    out = []
+    for (gran, task), part in cells.partition_by(
+        "granularity", "task", as_dict=True, maintain_order=True
+    ).items():
+        x, seeds, _ = _task_matrix(part)
+        fit = additive_fit(x)
+        runs = part.group_by("seed").agg(
+            pl.col("runs").list.explode(keep_nulls=False, empty_as_null=False).unique().sort()
+        )
+        out.append(
+            pl.DataFrame(
+                {"granularity": gran, "task": task, "seed": seeds, "value": fit.run_value}
+            ).join(runs, on="seed", how="left")
+        )
+    schema = {
+        "granularity": pl.String,
+        "task": pl.String,
+        "seed": pl.Int64,
+        "value": pl.Float64,
+        "runs": pl.List(pl.String),
+    }
+    if not out:
+        return pl.DataFrame(schema=schema)
+    return pl.concat(out).cast(schema).sort("granularity", "task", "seed")  # type: ignore[arg-type]
 
-    `granularity` None picks `completion` when present (what LP consumes), else `epoch`.
-    Rows with a non-finite value are dropped."""
-    if granularity is None:
-        has_completion = (series["granularity"] == "completion").any()
-        granularity = "completion" if has_completion else "epoch"
-    return (
-        series.filter((pl.col("granularity") == granularity) & pl.col(value).is_finite())
-        .group_by("task", "seed", "label", maintain_order=True)
-        .agg(pl.col(value).mean().alias("value"))
-        .sort("task", "seed", "label")
+
+def _granularity_order(granularities: list[str]) -> list[str]:
+    known = [GRANULARITY_COMPLETION, GRANULARITY_EPOCH]
+    return [g for g in known if g in granularities] + sorted(
+        g for g in granularities if g not in known
     )
 
 
@@ -183,48 +306,74 @@ def variance_table(
     series: pl.DataFrame,
     value: str = "mean_reward",
     granularity: str | None = None,
-    n_boot: int = 2000,
-    seed: int = 0,
-    level: float = 0.95,
+    level: float = LEVEL,
 ) -> pl.DataFrame:
-    """Seed vs task variance across tasks, and seed vs label variance within each task.
+    """Seed vs task variance across tasks, and seed vs label variance within each task,
+    one row per (scope, granularity).
 
-    `series`: the `series_metrics` table (or any table with task, seed, label,
-    granularity and `value`). Returns `schema.VARIANCE_TABLE`: one
-    "across_tasks" row (level seed_vs_task) and one "within_task:<task>" row per task
-    (level seed_vs_label). See the module docstring for the definitions."""
-    rng = np.random.default_rng(seed)
-    obs = seed_values(series, value, granularity)
+    `series`: the `series_metrics` table (or any table with task, seed, run_id, label,
+    granularity and `value`), already filtered of series the caller does not trust.
+    `granularity` None: every granularity present, each on its own (completion rows
+    first). Returns `schema.VARIANCE_TABLE`; see the module docstring for the model, the
+    definitions and the intervals."""
+    cells = cell_values(series, value, granularity)
     rows: list[dict[str, Any]] = []
-    tasks = obs["task"].unique(maintain_order=True).to_list()
+    grans = _granularity_order(cells["granularity"].unique().to_list())
+    for gran in grans:
+        gcells = cells.filter(pl.col("granularity") == gran)
+        within_rows = []
+        task_values: list[np.ndarray] = []
+        task_runs: list[str] = []
+        single: list[str] = []
+        unidentified: list[str] = []
+        n_runs_used = 0
+        for (task,), part in gcells.partition_by("task", as_dict=True, maintain_order=True).items():
+            row, fit, seeds = _within_task_row(gran, str(task), part, level)
+            within_rows.append(row)
+            if len(seeds) < 2:
+                single.append(str(task))
+            elif not fit.identified:
+                unidentified.append(str(task))
+            else:
+                task_values.append(fit.run_value)
+                task_runs.extend(_runs_of(part))
+                n_runs_used += len(seeds)
 
-    # Across tasks: one value per run = mean over its labels; stratified by task.
-    runs = obs.group_by("task", "seed", maintain_order=True).agg(pl.col("value").mean())
-    per_task = {t: runs.filter(pl.col("task") == t)["value"].to_list() for t in tasks}
-    single = [t for t, v in per_task.items() if len(v) < 2]
-    multi = [t for t in tasks if t not in single]
-    reasons = [f"single-seed task(s) left out: {', '.join(single)}"] if single else []
-    x = _pad([per_task[t] for t in multi])
-    boot = _resample_within_groups(x, n_boot, rng) if multi else None
-    rows.append(_row("across_tasks", LEVEL_TASK, x, boot, level, len(multi), reasons))
-
-    # Within each task: groups = labels, members = seeds; whole seeds are resampled so
-    # every replicate keeps the pairing of a seed's labels.
-    for task in tasks:
-        part = obs.filter(pl.col("task") == task)
-        seeds = part["seed"].unique(maintain_order=True).to_list()
-        labels = part["label"].unique(maintain_order=True).to_list()
-        x = np.full((len(labels), len(seeds)), np.nan)
-        s_idx = {s: i for i, s in enumerate(seeds)}
-        l_idx = {lab: i for i, lab in enumerate(labels)}
-        for s, lab, v in part.select("seed", "label", "value").iter_rows():
-            x[l_idx[lab], s_idx[s]] = v
-        reasons = [] if len(seeds) >= 2 else ["1 seed: no seed variance"]
-        if len(labels) < 2:
-            reasons.append("1 label: no between-label variance")
-        boot = None
-        if len(seeds) >= 2:
-            idx = rng.integers(0, len(seeds), size=(n_boot, len(seeds)))
-            boot = x[:, idx].transpose(1, 0, 2)  # n_boot x label x seed
-        rows.append(_row(f"within_task:{task}", LEVEL_LABEL, x, boot, level, 1, reasons))
+        reasons: list[str] = []
+        if single:
+            reasons.append(f"single-seed task(s) left out: {', '.join(single)}")
+        if unidentified:
+            reasons.append(
+                f"task(s) whose seeds share no labels left out: {', '.join(unidentified)}"
+            )
+        if len(task_values) < 2:
+            reasons.append("fewer than 2 tasks with 2+ seeds: no between-task variance")
+        width = max((v.size for v in task_values), default=1)
+        x = np.full((max(len(task_values), 1), width), np.nan)
+        for i, v in enumerate(task_values):
+            x[i, : v.size] = v
+        ms = one_way_anova(x)
+        comp = _components_row(ms, _spread(x), level, reasons, "task")
+        ci_method = ""
+        if comp.pop("defined"):
+            ci_method = f"{f_method_name(ms)}, n={n_runs_used} runs in {len(task_values)} tasks"
+        runs = sorted(set(task_runs))
+        rows.append(
+            {
+                "scope": "across_tasks",
+                "level": LEVEL_TASK,
+                "granularity": gran,
+                **comp,
+                "n_tasks": len(task_values),
+                "n_seeds": n_runs_used,
+                "n_runs": len(runs),
+                "runs": runs,
+                "n_groups": len(task_values),
+                "ci_method": ci_method,
+                "reason": "; ".join(dict.fromkeys(reasons)),
+            }
+        )
+        rows.extend(within_rows)
+    if not rows:
+        return pl.DataFrame(schema=VARIANCE_TABLE)
     return conform(pl.DataFrame(rows, schema=VARIANCE_TABLE), VARIANCE_TABLE, "variance_table")

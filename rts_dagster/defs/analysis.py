@@ -9,7 +9,7 @@ import dagster as dg
 import polars as pl
 
 from rts_dagster import storage
-from rts_dagster.analysis import kalman, metrics, variance
+from rts_dagster.analysis import kalman, metrics, quality, variance
 from rts_dagster.defs.partitions import runs_partitions
 from rts_dagster.defs.resources import RtsStorage
 from rts_dagster.defs.runs import load_partition_streams, read_discovered, reward_streams
@@ -19,8 +19,10 @@ from rts_dagster.schema import (
     NOISE_BY_PROGRESS,
     REWARD_STREAMS,
     ROLLING_METRICS,
+    RUN_QUALITY,
     RUN_STATUS_MATCHED,
     SERIES_METRICS,
+    SERIES_QUALITY,
     TIMESCALE_RECOMMENDATIONS,
     VARIANCE_TABLE,
     conform,
@@ -153,6 +155,59 @@ def _lp_configs(rts_storage: RtsStorage) -> dict[str, dict[str, Any]]:
     group_name="analysis",
     deps=[series_metrics],
     automation_condition=dg.AutomationCondition.eager(),
+    description="Which series and runs can feed the aggregates: every series classified ok, "
+    "constant, mostly_stale, too_short or no_finite, with the reason; per (run, granularity) "
+    "whether it contributes. Files: metrics/series_quality.parquet, metrics/run_quality.parquet.",
+)
+def data_quality(
+    context: dg.AssetExecutionContext, rts_storage: RtsStorage
+) -> dg.MaterializeResult:
+    tables = load_all(rts_storage, context)
+    series_q = quality.series_quality(tables["streams"])
+    runs_q = quality.run_quality(series_q)
+    paths = storage.quality_paths(rts_storage.root())
+    storage.write_parquet(series_q, paths["series"])
+    storage.write_parquet(runs_q, paths["runs"])
+    dropped = quality.left_out(series_q, quality.PURPOSE_DYNAMICS)
+    whole = dropped.filter(pl.col("label") == "*")
+    if whole.height:
+        context.log.warning(
+            "runs contributing nothing to noise/drift/LP: "
+            + "; ".join(
+                f"{r} ({g}): {why}"
+                for r, g, why in whole.select("run_id", "granularity", "reason").iter_rows()
+            )
+        )
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": series_q.height,
+            "series_left_out": dropped.height,
+            "runs_left_out": whole.height,
+            "path": dg.MetadataValue.path(str(paths["series"])),
+            "left_out": dg.MetadataValue.md(
+                _preview(dropped, ["run_id", "granularity", "label", "reason"])
+                if dropped.height
+                else "nothing left out"
+            ),
+        }
+    )
+
+
+def read_quality(rts_storage: RtsStorage) -> dict[str, pl.DataFrame]:
+    """The data_quality tables (series, runs)."""
+    paths = storage.quality_paths(rts_storage.root())
+    if not paths["series"].exists():
+        raise dg.Failure("data_quality has not been materialized yet: run `rts refresh`")
+    return {
+        "series": conform(pl.read_parquet(paths["series"]), SERIES_QUALITY, "series_quality"),
+        "runs": conform(pl.read_parquet(paths["runs"]), RUN_QUALITY, "run_quality"),
+    }
+
+
+@dg.asset(
+    group_name="analysis",
+    deps=[series_metrics, data_quality],
+    automation_condition=dg.AutomationCondition.eager(),
     description="Seed vs task variance (and seed vs label within each task) of mean reward, "
     "with stratified-bootstrap 95% CIs and the ICC. File: metrics/variance_table.parquet.",
 )
@@ -160,7 +215,10 @@ def variance_table(
     context: dg.AssetExecutionContext, rts_storage: RtsStorage
 ) -> dg.MaterializeResult:
     tables = load_all(rts_storage, context)
-    table = variance.variance_table(tables["series"])
+    series_q = read_quality(rts_storage)["series"]
+    table = variance.variance_table(
+        quality.keep_usable(tables["series"], series_q, quality.PURPOSE_LEVEL)
+    )
     table = conform(table, VARIANCE_TABLE, "variance_table")
     path = storage.write_parquet(table, storage.variance_table_path(rts_storage.root()))
     return dg.MaterializeResult(
@@ -189,7 +247,7 @@ def variance_table(
 
 @dg.asset(
     group_name="analysis",
-    deps=[series_metrics],
+    deps=[series_metrics, data_quality],
     automation_condition=dg.AutomationCondition.eager(),
     description="Recommended LP EMA timescale per task and label from a local-level "
     "(random walk + noise) fit: steady-state Kalman gain K, timescale 1/K, vs the runs' LP "
@@ -199,7 +257,9 @@ def timescale_recommendations(
     context: dg.AssetExecutionContext, rts_storage: RtsStorage
 ) -> dg.MaterializeResult:
     tables = load_all(rts_storage, context)
-    per_series = kalman.estimate_local_level(tables["streams"])
+    series_q = read_quality(rts_storage)["series"]
+    streams = quality.keep_usable(tables["streams"], series_q, quality.PURPOSE_DYNAMICS)
+    per_series = kalman.estimate_local_level(streams)
     table = kalman.recommend_timescales(per_series, lp_configs_by_task=_lp_configs(rts_storage))
     table = conform(table, TIMESCALE_RECOMMENDATIONS, "timescale_recommendations")
     path = storage.write_parquet(table, storage.timescales_path(rts_storage.root()))

@@ -137,7 +137,8 @@ def lp_replay(
 class LPRecommendationsConfig(dg.Config):
     """Recommendation rule and closed-loop check settings."""
 
-    tolerance: float = 1.5  # max lag / churn relative to Metta's default
+    tolerance: float = 1.5  # max lag / churn relative to Metta's default (plus the floors)
+    churn_floor: float = lp_sweep.CHURN_FLOOR  # absolute churn allowance (lp_sweep docstring)
     closed_loop: bool = True  # run the simulator check (embedded demo tasks only)
     closed_loop_seeds: list[int] = [101, 102, 103]  # noqa: RUF012  (fresh seeds, not the demo's)
     closed_loop_epochs: int = 300
@@ -148,10 +149,12 @@ class LPRecommendationsConfig(dg.Config):
     group_name="lp",
     deps=[lp_replay],
     automation_condition=dg.AutomationCondition.eager(),
-    description="Per task: the LP configuration with the best replayed signal-to-noise "
-    "ratio (paired by seed against Metta's default, 95% CI), the sweep summary, and a "
-    "closed-loop comparison in the simulator (time-to-competence, final reward) for the "
-    "tasks it models. Files: lp/{sweep_summary,recommendations,closed_loop*}.parquet.",
+    description="Per (task, granularity): the replay evidence of every LP configuration "
+    "against Metta's default (signal-to-noise ratio paired by run, interval adjusted for "
+    "the number of configurations compared; lag, churn and starvation guards), the sweep "
+    "summary, and a closed-loop comparison in the simulator (time-to-competence, final "
+    "reward) for completion-granularity tasks it models. Descriptive: the report's verdict "
+    "gives the advice. Files: lp/{sweep_summary,recommendations,closed_loop*}.parquet.",
 )
 def lp_recommendations(
     context: dg.AssetExecutionContext, config: LPRecommendationsConfig, rts_storage: RtsStorage
@@ -161,7 +164,7 @@ def lp_recommendations(
     root = rts_storage.root()
     metrics = _load_lp_metrics(rts_storage, context)
     summary = lp_sweep.summarise_sweep(metrics)
-    recs = lp_sweep.recommend(metrics, tolerance=config.tolerance)
+    recs = lp_sweep.recommend(metrics, tolerance=config.tolerance, churn_floor=config.churn_floor)
     paths = storage.lp_aggregate_paths(root)
 
     outcomes = empty(LP_CLOSED_LOOP)
@@ -238,19 +241,27 @@ def _load_lp_metrics(rts_storage: RtsStorage, context: dg.AssetExecutionContext)
 
 def lp_tables(root: Path, matched: list[dict[str, Any]]) -> dict[str, pl.DataFrame] | None:
     """The lp_recommendations tables for the report, plus `traces`: the LP state over time
-    of Metta's default, the recommended and the best-replayed configuration of every run
-    in `matched` (discovered_runs rows). None if lp_recommendations is not materialized."""
+    of Metta's default, the row's configuration and the best-replayed one, for every run
+    of `matched` (discovered_runs rows) that fed that (task, granularity) row. None if
+    lp_recommendations is not materialized."""
     paths = storage.lp_aggregate_paths(root)
     if not all(p.exists() for p in paths.values()):
         return None
     tables = {name: pl.read_parquet(path) for name, path in paths.items()}
     recs = tables["recommendations"]
+    if not set(LP_RECOMMENDATIONS.names()) <= set(recs.columns):
+        # written before the current schema: the report says so; no traces to select
+        tables["traces"] = empty(LP_REPLAY_TRACE)
+        return tables
     wanted = (
         recs.select(
             "task",
+            pl.col("runs").alias("run_id"),
             pl.concat_list(pl.lit(lp_sweep.METTA_DEFAULT), "config", "replay_best").alias("config"),
         )
+        .explode("run_id")
         .explode("config")
+        .drop_nulls()
         .unique()
     )
     traces = []
@@ -258,7 +269,9 @@ def lp_tables(root: Path, matched: list[dict[str, Any]]) -> dict[str, pl.DataFra
         folder, stem = row_files(row)
         path = storage.lp_replay_paths(root, folder, stem)["trace"]
         if path.exists():
-            trace = pl.scan_parquet(path).join(wanted.lazy(), on=["task", "config"], how="semi")
+            trace = pl.scan_parquet(path).join(
+                wanted.lazy(), on=["task", "run_id", "config"], how="semi"
+            )
             traces.append(trace.collect())
     tables["traces"] = pl.concat(traces) if traces else empty(LP_REPLAY_TRACE)
     return tables

@@ -26,7 +26,7 @@ import polars as pl
 from rts_dagster.analysis.lp_replay import CurriculumConfig
 from rts_dagster.analysis.lp_sweep import KALMAN_MATCHED, METTA_DEFAULT, default_sweep
 from rts_dagster.parallel import run_spawned
-from rts_dagster.schema import LP_CLOSED_LOOP, conform, empty
+from rts_dagster.schema import GRANULARITY_COMPLETION, LP_CLOSED_LOOP, conform, empty
 from rts_dagster.simulate.model import TASKS, SimulatedRun, simulate
 
 COMPETENCE_FRACTION = 0.8
@@ -65,14 +65,19 @@ def plan_closed_loop(
     `lp_sweep.closed_loop_candidates`) with Metta's default on `seeds` (each once), and one
     line per candidate or task left out (no simulator model of the task, or a name the
     simulator's sweep does not have: the runs logged another number of labels).
-    `kalman_matched` takes the geometric mean of its runs' ema_timescale (`metrics`)."""
+    `kalman_matched` takes the geometric mean of the ema_timescale of its runs replayed per
+    completion (`metrics`; a gain fitted to epoch means is not a per-completion EMA weight)."""
     jobs: list[Job] = []
     notes: list[str] = []
     for task, pairs in candidates.items():
         if task not in TASKS:
             notes.append(f"no simulator model of task {task!r}: skipped")
             continue
-        gains = metrics.filter((pl.col("task") == task) & (pl.col("config") == KALMAN_MATCHED))
+        gains = metrics.filter(
+            (pl.col("task") == task)
+            & (pl.col("config") == KALMAN_MATCHED)
+            & (pl.col("granularity") == GRANULARITY_COMPLETION)  # a gain per completion only
+        )
         gain = math.exp(float(gains["ema_timescale"].log().mean())) if gains.height else None
         sweep = {c.name: c for c in default_sweep(len(TASKS[task].labels), matched_gain=gain)}
         missing = [name for name, _ in pairs if name not in sweep]

@@ -4,8 +4,11 @@ Each label has a latent competence c in [0, 1] that grows with practice along a 
 curve; an episode of that label scores max(0, c + noise) (or 0 on a rare failed episode).
 LP (rts_dagster.analysis.lp) picks the label of every episode and is updated with every
 reward, so what gets practised depends on what LP saw: a closed loop. Training is cut
-into epochs of a fixed number of agent steps; each epoch also yields Metta's per-label
-epoch means (with the stale re-emission quirk), SPS and curriculum stats.
+into epochs of a fixed number of agent steps. Every completion is one episode end in one
+of `n_envs` environments; each epoch yields Metta's per-label epoch values as its stats
+trackers form them (the last reward per label held by each environment, averaged over all
+episode ends of the epoch: `analysis.epoch_model.held_value_epoch_means`), SPS and
+curriculum stats.
 
 Everything is a deterministic function of (task, seed). Label parameters depend on
 (task, label) only, so all seeds of a task share them; a seed changes learning-speed
@@ -21,11 +24,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from rts_dagster.analysis.epoch_model import held_value_epoch_means
 from rts_dagster.analysis.lp import LPConfig
 from rts_dagster.analysis.lp_replay import CurriculumConfig, StepwiseCurriculum
 
 DEFAULT_EPOCHS = 300
 STEPS_PER_EPOCH = 65_536 * 4  # agent steps per epoch (a Metta-sized batch)
+# Environments per run: Metta rolls out num_envs x agents x bptt_horizon agent steps per
+# epoch, so 262 144 / (4 agents x 64 steps) = 1024; with ~1000-step episodes each one then
+# ends an episode every ~16 epochs, i.e. ~64 completions per epoch (docs/simulator.md).
+DEFAULT_N_ENVS = 1024
 T0 = 1_763_596_800.0  # 2025-11-20T00:00:00Z: simulated wall clock origin
 
 _FIXED_MAPS_MISSIONS = (
@@ -62,6 +70,7 @@ class TaskSpec:
     steps_per_epoch: int = STEPS_PER_EPOCH
     base_sps: float = 45_000.0
     n_buckets: int = 4  # task instances per label (e.g. max_steps buckets) -> task_id
+    n_envs: int = DEFAULT_N_ENVS  # environments, each with its own stats tracker
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -88,7 +97,7 @@ TASKS: dict[str, TaskSpec] = {
             # A non-default LP setting, so that readers of the run config see one.
             lp=LPConfig(ema_timescale=0.01),
             num_active_tasks=1500,
-            completions_per_epoch=48.0,  # ~2 per label: stale re-emission is common
+            completions_per_epoch=48.0,  # ~2 per label: many labels missing from an epoch
             base_sps=38_000.0,
         ),
     )
@@ -129,6 +138,7 @@ class SimulatedRun:
     agent_step: np.ndarray  # (n,) int64, in (epoch * S, (epoch + 1) * S]
     epoch: np.ndarray  # (n,) int64, 0-based epoch during which the episode finished
     task_id: np.ndarray  # (n,) int64, label_index * n_buckets + bucket
+    env_id: np.ndarray  # (n,) int64 in [0, n_envs): the environment whose episode ended
     wall_time: np.ndarray  # (n,) float64, simulated Unix seconds
     probabilities: np.ndarray  # (n, L) LP distribution the label was drawn from
     fast: np.ndarray  # (n, L) LP fast EMA F after the update with this completion
@@ -138,7 +148,7 @@ class SimulatedRun:
     epoch_wall_time: np.ndarray  # (E,) simulated Unix seconds at the end of the epoch
     sps: np.ndarray  # (E,) agent steps per second over the epoch
     epoch_completions: np.ndarray  # (E,) completions in the epoch
-    label_means: np.ndarray  # (E, L) reported per-label value, stale re-emission, NaN before first
+    label_means: np.ndarray  # (E, L) logged per-label value (held-value mean), NaN if not logged
     label_fresh: np.ndarray  # (E, L) bool, label completed in that epoch
     reward_mean: np.ndarray  # (E,) mean episode reward of the epoch (NaN if none)
     mean_learning_progress: np.ndarray  # (E,) mean LP score over labels at epoch end
@@ -239,10 +249,13 @@ def simulate(
     n_epochs = DEFAULT_EPOCHS if epochs is None else int(epochs)
     if n_epochs < 1:
         raise ValueError("epochs must be >= 1")
+    if spec.n_envs < 1:
+        raise ValueError("n_envs must be >= 1")
     n_labels = len(spec.labels)
     steps = spec.steps_per_epoch
     seq = np.random.SeedSequence([stable_hash(spec.name), int(seed)])
-    param_rng, sps_rng, episode_rng = (np.random.default_rng(s) for s in seq.spawn(3))
+    # A fourth child for the environments: the first three (and every draw) are unchanged.
+    param_rng, sps_rng, episode_rng, env_rng = (np.random.default_rng(s) for s in seq.spawn(4))
     params = _seed_params(label_params(spec), param_rng)
 
     sps = _sps_trace(spec.base_sps, n_epochs, sps_rng)
@@ -258,7 +271,6 @@ def simulate(
     probabilities = np.empty((total, n_labels))
     fast = np.empty((total, n_labels))
     slow = np.empty((total, n_labels))
-    label_means = np.full((n_epochs, n_labels), np.nan)
     mean_lp = np.empty(n_epochs)
     mean_recent = np.empty(n_epochs)
     epoch_competence = np.empty((n_epochs, n_labels))
@@ -306,10 +318,6 @@ def simulate(
         practice = np.asarray(practised) + params.transfer * n / n_labels
         practice = np.where(per_label == 0, practice * (1.0 - params.forgetting), practice)
         epoch_competence[e] = competence(params, practice)
-        # Stale re-emission: a label not completed this epoch repeats its last value.
-        sums = np.bincount(label_index[lo:hi], weights=reward[lo:hi], minlength=n_labels)
-        previous = label_means[e - 1] if e > 0 else np.full(n_labels, np.nan)
-        label_means[e] = np.where(per_label > 0, sums / np.maximum(per_label, 1), previous)
         mean_lp[e] = lp.scores().mean()
         recent = lp.recent_means()
         held = recent[~np.isnan(recent)]
@@ -327,6 +335,10 @@ def simulate(
         reward_mean = np.where(counts > 0, sums / counts, np.nan)
     fresh = np.zeros((n_epochs, n_labels), dtype=bool)
     fresh[epoch, label_index] = True
+    # Episode ends interleave across environments (episode lengths vary, starts are
+    # desynchronised): each completion ends an episode in a uniformly drawn environment.
+    env_id = env_rng.integers(0, spec.n_envs, total)
+    label_means = held_value_epoch_means(epoch, env_id, label_index, reward, n_epochs, n_labels)
 
     return SimulatedRun(
         task=spec,
@@ -339,6 +351,7 @@ def simulate(
         agent_step=epoch * steps + offsets,
         epoch=epoch,
         task_id=label_index * spec.n_buckets + buckets,
+        env_id=env_id,
         wall_time=wall_time,
         probabilities=probabilities,
         fast=fast,

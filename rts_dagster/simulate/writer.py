@@ -50,13 +50,15 @@ def run_id(task: str, seed: int, user: str = DEFAULT_USER) -> str:
 
 
 def run_config(sim: SimulatedRun, user: str = DEFAULT_USER) -> dict[str, Any]:
-    """The run config, with the LP settings nested where Metta keeps them."""
+    """The run config, with the LP settings nested where Metta keeps them and the number
+    of environments (each with its own stats tracker) at `training_env.num_envs`."""
     spec = sim.task
     return {
         "run": run_id(spec.name, sim.seed, user),
         "seed": sim.seed,
         "recipe": spec.recipe,
         "simulated": True,
+        "training_env": {"num_envs": spec.n_envs},
         "trainer": {
             "total_timesteps": int(sim.epoch_agent_step[-1]),
             "batch_size": spec.steps_per_epoch,
@@ -69,7 +71,8 @@ def run_config(sim: SimulatedRun, user: str = DEFAULT_USER) -> dict[str, Any]:
 
 
 def epoch_rows(sim: SimulatedRun) -> Iterator[dict[str, float | int]]:
-    """One wandb.log payload per epoch. Labels never completed yet are absent; NaN
+    """One wandb.log payload per epoch. A label is absent while no episode end of the epoch
+    comes from an environment that has seen it (`SimulatedRun.label_means` NaN); NaN
     statistics (an epoch without completions) are left out rather than logged."""
     keys = [LABEL_PREFIX + label for label in sim.labels]
     start = sim.epoch_wall_time[0] - sim.task.steps_per_epoch / sim.sps[0]

@@ -146,3 +146,65 @@ def test_pole_fraction_of_main_variant() -> None:
     )
     trends = np.full((1, 2), PLATEAUED, dtype=np.int8)
     assert signal_quality(replay, trends)["pole_fraction"] == 0.5
+
+
+def _loop_trends(labels, reward, n_labels, settings: TrendSettings) -> np.ndarray:
+    """Reference: per sample, the OLS slope of the label's last `window` samples (polyfit)
+    over its noise sigma from that label's samples up to that one only (diff_noise)."""
+    from rts_dagster.analysis.metrics import diff_noise
+
+    w = settings.window
+    se_unit = 1.0 / math.sqrt(w * (w * w - 1) / 12.0)
+    seen: dict[int, list[float]] = {lab: [] for lab in range(n_labels)}
+    out = np.full(labels.size, UNDECIDED, dtype=np.int8)
+    for i, (lab, r) in enumerate(zip(labels.tolist(), reward.tolist(), strict=True)):
+        seen[lab].append(r)
+        ys = np.array(seen[lab])
+        if ys.size < w:
+            continue
+        slope = np.polyfit(np.arange(w), ys[-w:], 1)[0]
+        sigma = diff_noise(ys)[0]
+        t = slope / (sigma * se_unit) if sigma > 0 else math.copysign(math.inf, slope)
+        if abs(t) < settings.t_flat:
+            out[i] = PLATEAUED
+        elif t > settings.t_improving:
+            out[i] = IMPROVING
+        elif t < -settings.t_improving:
+            out[i] = DECLINING
+    return out
+
+
+def _stream(rng: np.random.Generator, n: int = 900, n_labels: int = 3):
+    labels = rng.integers(0, n_labels, n)
+    k = np.arange(n) / n
+    slopes = np.array([0.0, 0.4, -0.3])[:n_labels]
+    reward = 0.5 + slopes[labels] * k + rng.normal(0, 0.05, n)
+    return labels, reward
+
+
+def test_label_trends_equal_a_per_sample_loop() -> None:
+    rng = np.random.default_rng(21)
+    labels, reward = _stream(rng)
+    settings = TrendSettings(window=10)
+    every = np.arange(labels.size)
+    states = label_trends(labels, reward, 3, every, settings)
+    reference = _loop_trends(labels, reward, 3, settings)
+    # state after each completion, of the label just completed
+    np.testing.assert_array_equal(states[every, labels], reference)
+    assert {IMPROVING, PLATEAUED, DECLINING} <= set(reference.tolist())
+
+
+def test_label_trends_do_not_look_ahead() -> None:
+    """Doubling (then 10x) the noise after instant g leaves every state before g as it was;
+    with a whole-series sigma the flat label's states before g would change."""
+    rng = np.random.default_rng(5)
+    labels, reward = _stream(rng, n=1200)
+    g = 700
+    noisier = reward.copy()
+    extra = rng.normal(0, 0.5, labels.size - g)
+    noisier[g:] += extra
+    every = np.arange(labels.size)
+    before = label_trends(labels, reward, 3, every)
+    after = label_trends(labels, noisier, 3, every)
+    np.testing.assert_array_equal(before[:g], after[:g])
+    assert not np.array_equal(before[g:], after[g:])  # the change does show after g

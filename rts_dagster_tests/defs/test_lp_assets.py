@@ -80,6 +80,12 @@ def test_lp_recommendations_one_per_task(lp_pipeline) -> None:
     # every tiny label rises steadily: no plateaued label, so no SNR and no change advised
     assert set(recs["config"]) == {METTA_DEFAULT}
     assert all("epoch means" in s for s in recs["sentence"])
+    # epoch means only: one row per task, fed by both seeds, never actionable
+    assert set(recs["granularity"]) == {"epoch"} and not recs["actionable"].any()
+    assert all(len(runs) == len(TINY_SEEDS) for runs in recs["runs"].to_list())
+    assert all("RewardStreamRecorder" in s for s in recs["sentence"])
+    closed = pl.read_parquet(paths["closed_loop"])
+    assert closed.height == 0  # nothing replayed per completion: nothing to simulate
     summary = pl.read_parquet(paths["summary"])
     assert set(summary["task"]) == set(TINY_TASKS)
 

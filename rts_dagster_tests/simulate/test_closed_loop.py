@@ -97,9 +97,10 @@ def test_plan_closed_loop() -> None:
 
     metrics = pl.DataFrame(
         {
-            "task": ["fixed_maps", "fixed_maps", "assembly_lines"],
-            "config": ["kalman_matched", "kalman_matched", "metta_default"],
-            "ema_timescale": [0.01, 0.04, 0.001],
+            "task": ["fixed_maps", "fixed_maps", "fixed_maps", "assembly_lines"],
+            "granularity": ["completion", "completion", "epoch", "completion"],
+            "config": ["kalman_matched", "kalman_matched", "kalman_matched", "metta_default"],
+            "ema_timescale": [0.01, 0.04, 0.5, 0.001],  # 0.5: fitted to epoch means, unused
         }
     )
     candidates = {

@@ -1,0 +1,100 @@
+"""The report's first section: one verdict per task, in words, with its chain of evidence.
+
+Sentences are written here from `analysis.verdict.Verdict` objects only, so the advice at
+the top and the evidence below come from the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+
+from rts_dagster.analysis.verdict import Evidence, Verdict
+from rts_dagster.report.document import Bullets, Heading, Paragraph, Report, Table
+
+_SOURCES = {
+    "data": "data",
+    "noise": "noise and drift",
+    "replay": "LP replay",
+    "closed_loop": "closed loop (simulator)",
+}
+_SUPPORTS = {True: "for the change", False: "against the change", None: "cannot tell"}
+
+
+def _num(value: float) -> str:
+    if not math.isfinite(value):
+        return "n/a"
+    return f"{value:.3g}"
+
+
+def evidence_text(e: Evidence) -> str:
+    """ "LP replay: <finding> (+0.12, 95% paired t interval, n=3: +0.02 to +0.22)"."""
+    text = f"{_SOURCES[e.source]}: {e.finding}"
+    if math.isfinite(e.estimate):
+        unit = f" {e.unit}" if e.unit else ""
+        if math.isfinite(e.low) and math.isfinite(e.high):
+            text += (
+                f" ({_num(e.estimate)}{unit}; 95% {e.method} interval, n={e.n}: "
+                f"{_num(e.low)} to {_num(e.high)})"
+            )
+        else:
+            text += f" ({_num(e.estimate)}{unit}; no interval, n={e.n})"
+    return text
+
+
+def headline(v: Verdict) -> str:
+    """The verdict in one sentence."""
+    if v.action == "change":
+        lead = f"{v.task}: change to {v.proposal}"
+    elif v.confidence == "none":
+        lead = f"{v.task}: keep Metta's default LP settings; these data cannot tell more"
+    elif v.conflict and v.proposal:
+        lead = (
+            f"{v.task}: keep Metta's default LP settings for now; the evidence conflicts "
+            f"about {v.proposal}"
+        )
+    else:
+        lead = f"{v.task}: keep Metta's default LP settings"
+    text = f"{lead} (confidence: {v.confidence})."
+    if v.settle_with is not None:
+        exp = v.settle_with
+        if len(exp.arms) >= 2:
+            seeds = (
+                f"{exp.seeds_per_arm} seeds per arm for 80% power at the observed effect"
+                if exp.seeds_per_arm
+                else "seeds per arm unknown (effect too small or unmeasured)"
+            )
+            text += f" To settle it: run {' vs '.join(exp.arms)} ({seeds}); {exp.reason}."
+        else:
+            text += f" Next step: {exp.reason}."
+    return text
+
+
+def add_verdict_section(report: Report, verdicts: list[Verdict]) -> None:
+    """Heading, one bullet per task, then a table of the evidence each verdict rests on."""
+    report.add(Heading("Verdict per task"))
+    if not verdicts:
+        report.add(Paragraph(["No task has usable runs yet: no verdict."]))
+        return
+    report.add(
+        Paragraph(
+            [
+                "The only advice in this report. Every section below describes evidence; the "
+                "verdict weighs it (rules: rts_dagster/analysis/verdict.py). Confidence 'none' "
+                "means the data cannot answer the question; 'low' that the sources conflict."
+            ]
+        )
+    )
+    report.add(Bullets([headline(v) for v in verdicts]))
+    rows = [
+        [v.task, _SOURCES[e.source], _SUPPORTS[e.supports], evidence_text(e)]
+        for v in verdicts
+        for e in v.evidence
+    ]
+    if rows:
+        report.add(
+            Table(
+                ["task", "source", "bears", "evidence"],
+                rows,
+                caption="The chain of evidence behind each verdict.",
+            )
+        )

@@ -1,0 +1,96 @@
+"""The verdict rules: one decision per task from evidence that may conflict."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from statsmodels.stats.power import TTestPower
+
+from rts_dagster.analysis.verdict import Evidence, decide, seeds_needed
+
+
+@pytest.mark.parametrize("effect,sd", [(0.1, 0.1), (0.05, 0.1), (0.3, 0.2), (0.03, 0.05)])
+def test_seeds_needed_matches_statsmodels_power(effect, sd):
+    # paired t test = one-sample t test on the differences
+    reference = TTestPower().solve_power(effect_size=effect / sd, alpha=0.05, power=0.8)
+    assert seeds_needed(effect, sd) == max(2, math.ceil(reference))
+
+
+def test_seeds_needed_is_none_when_unknowable():
+    assert seeds_needed(0.0, 1.0) is None
+    assert seeds_needed(math.nan, 1.0) is None
+    assert seeds_needed(0.001, 1.0) is None  # > 50 seeds
+
+
+def _replay(supports=True, direction=-1, est=0.2, low=0.05, high=0.35):
+    return Evidence(
+        "replay",
+        "replay winner",
+        supports,
+        proposal="main_ema_0.0003",
+        metric="log_snr_ratio",
+        estimate=est,
+        low=low,
+        high=high,
+        n=3,
+        sd=0.05,
+        better=1,
+        direction=direction,
+    )
+
+
+def _closed(low, high, metric="final_reward"):
+    return Evidence(
+        "closed_loop",
+        "closed loop",
+        None,
+        proposal="main_ema_0.0003",
+        metric=metric,
+        estimate=(low + high) / 2,
+        low=low,
+        high=high,
+        n=3,
+        sd=0.02,
+        better=1,
+    )
+
+
+def test_epoch_only_data_never_changes_a_setting():
+    data = Evidence("data", "epoch means only", None, metric="granularity")
+    v = decide("t", [data], n_runs=3)
+    assert v.action == "keep_default" and v.confidence == "none"
+    assert "RewardStreamRecorder" in v.settle_with.reason
+
+
+def test_replay_winner_harmful_in_closed_loop_keeps_default_and_names_the_experiment():
+    v = decide("t", [_replay(), _closed(-0.07, -0.001)], n_runs=3)
+    assert v.action == "keep_default" and v.conflict
+    assert v.settle_with.arms == ("metta_default", "main_ema_0.0003")
+    assert v.settle_with.seeds_per_arm == seeds_needed(-0.0355, 0.02)
+
+
+def test_replay_winner_confirmed_in_closed_loop_is_a_confident_change():
+    v = decide("t", [_replay(), _closed(0.01, 0.05)], n_runs=3)
+    assert (v.action, v.confidence, v.conflict) == ("change", "high", False)
+
+
+def test_replay_winner_without_closed_loop_is_moderate_and_opposite_noise_lowers_it():
+    assert decide("t", [_replay()], n_runs=3).confidence == "moderate"
+    noise = Evidence("noise", "faster pair", True, proposal="ema_timescale=0.03", direction=1)
+    v = decide("t", [_replay(direction=-1), noise], n_runs=3)
+    assert (v.action, v.confidence, v.conflict) == ("change", "low", True)
+
+
+def test_noise_proposal_alone_is_a_conflict_not_a_change():
+    noise = Evidence(
+        "noise", "faster pair", True, proposal="ema_timescale=0.03", estimate=0.4, sd=0.3
+    )
+    v = decide("t", [_replay(supports=False), noise], n_runs=3)
+    assert v.action == "keep_default" and v.conflict and v.proposal == "ema_timescale=0.03"
+    assert v.settle_with.seeds_per_arm == seeds_needed(0.4, 0.3)
+
+
+def test_nothing_supports_a_change():
+    assert decide("t", [_replay(supports=False)], n_runs=3).confidence == "moderate"
+    assert decide("t", [_replay(supports=False)], n_runs=2).confidence == "low"
