@@ -110,6 +110,18 @@ def separation_score(
         return mean / plateau_spread(noise_var, drift_var, a, b)
 
 
+def best_pair(
+    slope: float, duration: float, noise_var: float, drift_var: float
+) -> tuple[float, float, float]:
+    """(ema_timescale, slow_timescale_factor, d') maximising d' on the grid for one set
+    of inputs."""
+    a = EMA_GRID[:, None]
+    f = SLOW_FACTOR_GRID[None, :]
+    score = separation_score(slope, duration, noise_var, drift_var, a, f)
+    i, k = np.unravel_index(int(np.nanargmax(score)), score.shape)
+    return float(EMA_GRID[i]), float(SLOW_FACTOR_GRID[k]), float(score[i, k])
+
+
 def _log_scores(units: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """log d' on the (a, f) grid, (units, len(EMA_GRID), len(SLOW_FACTOR_GRID)), and
     log d' of Metta's default, (units,)."""

@@ -105,7 +105,8 @@ def sps_noise_table(rolling: pl.DataFrame, n_bins: int = 12) -> pl.DataFrame:
 
 
 def _fmt_ci(value: float, low: float, high: float) -> str:
-    if not all(map(math.isfinite, (value, low, high))):
+    """ "0.5 [0.1, inf]"; "n/a" when any part is undefined (an upper bound may be inf)."""
+    if any(v is None or math.isnan(v) for v in (value, low, high)):
         return "n/a"
     return f"{value:.3g} [{low:.3g}, {high:.3g}]"
 
@@ -256,41 +257,59 @@ def build_report(
     report.add(Heading("Seed variance vs task variance"))
     if variance.height:
         named = variance.with_columns(
-            pl.concat_str([pl.col("scope"), pl.lit(" / "), pl.col("level")]).alias("name")
+            pl.concat_str(
+                [pl.col("scope"), pl.lit(" / "), pl.col("level"), pl.lit(" / "), pl.col("granularity")]
+            ).alias("name")
         )
         report.add(
+            Paragraph(
+                [
+                    "Variance components of mean reward. Across tasks: a one-way random-effects "
+                    "model with the task as the random factor (a run's value is its run effect "
+                    "from an additive label + run fit, so a run missing a hard label is not "
+                    "pulled down); within a task: an additive label + seed model, so var(seed) "
+                    "there is the label-by-seed noise. Intervals are exact F intervals (ICC and "
+                    "the ratio (1 - ICC) / ICC), valid with 3 seeds; the method and n of each "
+                    "are in the last columns. Epoch and completion values are never pooled."
+                ]
+            ),
             Table(
                 [
                     "scope",
                     "level",
-                    "Var(seed)",
+                    "granularity",
+                    "Var(seed) [95% CI]",
                     "Var(task or label)",
                     "ratio [95% CI]",
                     "ICC [95% CI]",
-                    "tasks",
-                    "seeds",
+                    "runs",
+                    "interval",
                     "note",
                 ],
                 [
                     [
                         r["scope"],
                         r["level"],
-                        r["var_seed"],
+                        r["granularity"],
+                        _fmt_ci(r["var_seed"], r["var_seed_ci_low"], r["var_seed_ci_high"]),
                         r["var_task_or_label"],
                         _fmt_ci(r["ratio"], r["ratio_ci_low"], r["ratio_ci_high"]),
                         _fmt_ci(r["icc"], r["icc_ci_low"], r["icc_ci_high"]),
-                        r["n_tasks"],
-                        r["n_seeds"],
+                        r["n_runs"],
+                        r["ci_method"] or "none",
                         r["reason"] or "",
                     ]
                     for r in named.iter_rows(named=True)
                 ],
-                caption="Ratio > 1: seeds of the same task differ more than the tasks (or labels) differ.",
+                caption="Ratio = Var(seed) / Var(task or label) > 1: seeds of the same task "
+                "differ more than the tasks (or labels) differ; inf = the task (label) "
+                "component cannot be told from zero.",
             ),
             Figure(
                 "variance_ratios",
                 figures.variance_ratios(named),
-                "Seed/task and seed/label variance ratios with stratified-bootstrap 95% CIs.",
+                "Seed/task and seed/label variance ratios with exact F 95% intervals (an "
+                "infinite upper bound is drawn to the axis edge).",
             ),
         )
 

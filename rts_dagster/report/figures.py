@@ -171,24 +171,31 @@ def noise_distribution(series: pl.DataFrame, noise_col: str, noise_title: str) -
 def variance_ratios(table: pl.DataFrame) -> go.Figure:
     """Horizontal bars of seed/task (or seed/label) variance ratios with 95% CIs.
     `table`: name, ratio, ratio_ci_low, ratio_ci_high."""
-    table = table.filter(pl.col("ratio").is_finite())
+    table = table.filter(pl.col("ratio").is_finite() & (pl.col("ratio") > 0))
+    ratio = table["ratio"].to_numpy()
+    high = table["ratio_ci_high"].fill_null(np.nan).to_numpy()
+    low = table["ratio_ci_low"].fill_null(np.nan).to_numpy()
+    # an infinite upper bound (task component not distinguishable from 0) ends at the edge
+    finite_high = high[np.isfinite(high)]
+    edge = 10.0 * max(finite_high.max() if finite_high.size else 1.0, ratio.max(initial=1.0))
+    high = np.where(np.isinf(high), edge, high)
     fig = go.Figure(
         go.Bar(
             y=[plot_text(n) for n in table["name"].to_list()],
-            x=table["ratio"].to_numpy(),
+            x=ratio,
             orientation="h",
             error_x={
                 "type": "data",
                 "symmetric": False,
-                "array": (table["ratio_ci_high"] - table["ratio"]).to_numpy(),
-                "arrayminus": (table["ratio"] - table["ratio_ci_low"]).to_numpy(),
+                "array": np.nan_to_num(high - ratio, nan=0.0),
+                "arrayminus": np.nan_to_num(ratio - low, nan=0.0),
             },
             marker={"color": _colour(0)},
         )
     )
     fig.add_vline(x=1.0, line_dash="dash", line_color="#888")
     fig.update_layout(
-        title="Seed variance / task (or label) variance, with 95% bootstrap CI",
+        title="Seed variance / task (or label) variance, with exact F 95% interval",
         xaxis_title="variance ratio (dimensionless; > 1: seeds differ more)",
         xaxis_type="log",
         height=max(260, 60 + 40 * table.height),

@@ -58,11 +58,13 @@ def test_lp_replay_files_per_partition(lp_pipeline) -> None:
             paths = storage.lp_replay_paths(data, task, str(seed))
             metrics = pl.read_parquet(paths["metrics"])
             assert metrics.schema == LP_REPLAY_METRICS
-            # the default matrix, plus LP at the run's own local-level gain
-            names = [c.name for c in default_sweep(len(labels), matched_gain=0.5)]
-            assert metrics["config"].to_list() == names
+            # the default matrix, plus LP at the run's own local-level gain when the
+            # local-level fit defines one (kalman needs more samples than these tiny runs)
+            names = [c.name for c in default_sweep(len(labels))]
+            got = metrics["config"].to_list()
+            assert [name for name in got if name != KALMAN_MATCHED] == names
             matched = metrics.filter(pl.col("config") == KALMAN_MATCHED)["ema_timescale"]
-            assert 0 < matched.item() <= 1
+            assert matched.len() <= 1 and matched.is_between(0, 1, closed="right").all()
             # the tiny runs have no per-completion stream: epoch means, stale rows dropped
             assert set(metrics["granularity"]) == {"epoch"}
             assert metrics["n_completions"].unique().to_list() == [20 * len(labels)]
