@@ -391,8 +391,9 @@ LP_RECOMMENDATIONS = pl.Schema(
         "guards_passed": pl.Boolean,  # `config` within the lag, churn and starvation guards
         "replay_best": pl.String,  # the highest replayed SNR ratio > 1, eligible or not
         "replay_best_snr_ratio": pl.Float64,
-        "replay_best_ci_low": pl.Float64,  # same method as ci_method
+        "replay_best_ci_low": pl.Float64,  # selection-adjusted, as snr_ratio_ci_*
         "replay_best_ci_high": pl.Float64,
+        "replay_best_ci_method": pl.String,  # e.g. "t, Bonferroni over 15"
         "replay_best_n_pairs": pl.Int64,
         "replay_best_reason": pl.String,  # why it was not the recommendation (null: it was)
         "rejected": pl.List(pl.String),  # "config: reasons" of every better-replaying reject
@@ -464,6 +465,41 @@ RUN_QUALITY = pl.Schema(
         "contributes_level": pl.Boolean,
         "contributes_dynamics": pl.Boolean,
         "reason": pl.String,  # which series were left out and why; "" when none
+    }
+)
+
+
+# === One verdict per task (analysis.verdict) =====================================================
+EVIDENCE = pl.Struct(
+    {
+        "source": pl.String,  # data | noise | replay | closed_loop
+        "finding": pl.String,
+        "supports": pl.Boolean,  # for the proposal (true), against (false), cannot tell (null)
+        "proposal": pl.String,
+        "metric": pl.String,
+        "estimate": pl.Float64,  # effect in `unit`
+        "low": pl.Float64,  # its 95% interval (`method`, `n`)
+        "high": pl.Float64,
+        "method": pl.String,
+        "n": pl.Int64,
+        "unit": pl.String,
+        "sd": pl.Float64,  # sd of the paired differences (seeds an experiment needs)
+        "better": pl.Int64,  # +1: positive estimate good for the proposal; -1: negative; 0
+        "direction": pl.Int64,  # proposed ema_timescale vs the runs': +1 faster, -1 slower
+    }
+)
+VERDICTS = pl.Schema(
+    {
+        "task": pl.String,
+        "action": pl.String,  # keep_default | change
+        "proposal": pl.String,  # what to change to, or the open question; null: none
+        "confidence": pl.String,  # high | moderate | low | none
+        "conflict": pl.Boolean,  # the sources disagree
+        "rule": pl.String,  # the rule of analysis/verdict.py that decided
+        "settle_arms": pl.List(pl.String),  # the experiment that would settle it
+        "settle_seeds_per_arm": pl.Int64,  # for 80% power at the observed effect; null: unknown
+        "settle_reason": pl.String,
+        "evidence": pl.List(EVIDENCE),
     }
 )
 

@@ -619,6 +619,7 @@ def recommend(
             "replay_best_snr_ratio": best.ratio.estimate if best else math.nan,
             "replay_best_ci_low": best.ratio.low if best else math.nan,
             "replay_best_ci_high": best.ratio.high if best else math.nan,
+            "replay_best_ci_method": best.ratio.method if best else None,
             "replay_best_n_pairs": best.ratio.n if best else None,
             "replay_best_reason": "; ".join(best.reasons) if best and best.reasons else None,
             "rejected": [f"{e.config}: {'; '.join(e.reasons)}" for e in rejected],

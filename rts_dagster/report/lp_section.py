@@ -136,24 +136,34 @@ def _tables(lp: dict[str, pl.DataFrame] | None) -> tuple[dict[str, pl.DataFrame]
     return out, problems
 
 
+def _panel_name(task: str, granularity: str | None) -> str:
+    """A (task, granularity) row's panel title: the two are never pooled."""
+    if granularity == GRANULARITY_EPOCH:
+        return f"{task} (epoch means)"
+    return f"{task} (per completion)" if granularity else task
+
+
 def _snr_points(summary: pl.DataFrame, recs: pl.DataFrame) -> pl.DataFrame:
-    """Per task and configuration: exp of the paired mean log SNR ratio and its CI, and the
-    configuration's role in the recommendation."""
+    """Per (task, granularity) and configuration: exp of the paired mean log SNR ratio and
+    its per-configuration t interval, and the configuration's role in the evidence row."""
     snr = summary.filter(pl.col("metric") == "lp_snr")
-    recommended = dict(zip(recs["task"].to_list(), recs["config"].to_list(), strict=True))
-    best = dict(zip(recs["task"].to_list(), recs["replay_best"].to_list(), strict=True))
+    keys = list(zip(recs["task"].to_list(), recs["granularity"].to_list(), strict=True))
+    recommended = dict(zip(keys, recs["config"].to_list(), strict=True))
+    best = dict(zip(keys, recs["replay_best"].to_list(), strict=True))
     roles = []
-    for task, config in snr.select("task", "config").iter_rows():
-        if config == recommended.get(task):
-            roles.append("recommended")
-        elif config == METTA_DEFAULT:
+    for task, granularity, config in snr.select("task", "granularity", "config").iter_rows():
+        key = (task, granularity)
+        if config == METTA_DEFAULT:
             roles.append("default")
-        elif config == best.get(task):
+        elif config == recommended.get(key):
+            roles.append("recommended")
+        elif config == best.get(key):
             roles.append("replay_best")
         else:
             roles.append("other")
+    names = [_panel_name(t, g) for t, g in snr.select("task", "granularity").iter_rows()]
     return snr.select(
-        "task",
+        pl.Series("task", names, dtype=pl.String),
         "config",
         pl.col("diff_vs_default").exp().alias("ratio"),
         pl.col("diff_ci_low").exp().alias("ratio_low"),
@@ -162,21 +172,22 @@ def _snr_points(summary: pl.DataFrame, recs: pl.DataFrame) -> pl.DataFrame:
 
 
 def _trace_panels(traces: pl.DataFrame, recs: pl.DataFrame) -> pl.DataFrame:
-    """The traces of the lowest seed of every task, one panel per configuration: Metta's
-    default, the recommendation (if different) and the highest replayed SNR (if different
-    from both), in that order."""
+    """The traces of the lowest seed of every (task, granularity) row, among the runs that
+    fed it, one panel per configuration: Metta's default, the row's configuration (if
+    different) and the highest replayed SNR (if different from both), in that order."""
     frames = []
-    for rec in recs.sort("task").iter_rows(named=True):
+    for rec in recs.sort("task", "granularity").iter_rows(named=True):
         task = rec["task"]
-        per_task = traces.filter(pl.col("task") == task)
+        runs = rec["runs"] or []
+        per_task = traces.filter((pl.col("task") == task) & pl.col("run_id").is_in(runs))
         if per_task.height == 0:
             continue
-        seed = per_task["seed"].min()
-        per_seed = per_task.filter(pl.col("seed") == seed)
+        first_run = per_task.sort("seed", "run_id")["run_id"][0]  # lowest seed's run
+        per_seed = per_task.filter(pl.col("run_id") == first_run)
         wanted: list[tuple[str, str]] = []
         for config, role in (
             (METTA_DEFAULT, "Metta default"),
-            (rec["config"], "recommended"),
+            (rec["config"] if rec["confident"] else None, "passes every check"),
             (rec["replay_best"], "highest replayed SNR"),
         ):
             if not config:
@@ -193,7 +204,13 @@ def _trace_panels(traces: pl.DataFrame, recs: pl.DataFrame) -> pl.DataFrame:
                 continue
             frames.append(
                 part.select(
-                    "task", "seed", "config", "eval_index", "label", "probability", "trend"
+                    pl.lit(_panel_name(task, rec["granularity"])).alias("task"),
+                    "seed",
+                    "config",
+                    "eval_index",
+                    "label",
+                    "probability",
+                    "trend",
                 ).with_columns(pl.lit(i).alias("panel"), pl.lit(role).alias("role"))
             )
     if not frames:
@@ -206,7 +223,7 @@ def add_lp_section(report: Report, lp: dict[str, pl.DataFrame]) -> None:
     """Append the LP configuration section to `report`."""
     report.add(Heading("LP configuration: replay and closed-loop check"))
     tables, problems = _tables(lp)
-    summary, recs = tables["summary"], tables["recommendations"].sort("task")
+    summary, recs = tables["summary"], tables["recommendations"].sort("task", "granularity")
     closed, runs, traces = tables["closed_loop"], tables["closed_loop_runs"], tables["traces"]
     if problems:
         report.add(
@@ -226,7 +243,7 @@ def add_lp_section(report: Report, lp: dict[str, pl.DataFrame]) -> None:
         report.add(
             Paragraph(
                 [
-                    "No LP recommendation: the recommendations table is empty (no task has "
+                    "No LP replay evidence: the recommendations table is empty (no task has "
                     "replays of Metta's default to compare against)."
                 ]
             )
@@ -242,11 +259,13 @@ def _pole(report: Report, summary: pl.DataFrame) -> None:
     """How often Metta's progress-smoothing transform ran into its pole in the replay."""
     rows = summary.filter(
         (pl.col("metric") == "pole_fraction") & (pl.col("config") == METTA_DEFAULT)
-    ).sort("task")
+    ).sort("task", "granularity")
     if rows.height == 0:
         return
+    both = rows.group_by("task").agg(pl.len() > 1).filter(pl.col("len"))["task"].to_list()
     parts = [
-        f"{task}: {num(100 * value)}%" for task, value in rows.select("task", "mean").iter_rows()
+        f"{_panel_name(task, granularity) if task in both else task}: {num(100 * value)}%"
+        for task, granularity, value in rows.select("task", "granularity", "mean").iter_rows()
     ]
     report.add(
         Paragraph(
@@ -265,49 +284,56 @@ def _intro(report: Report, summary: pl.DataFrame, recs: pl.DataFrame) -> None:
     if recs.height == 0 and summary.height == 0:
         report.add(Paragraph(["No LP configuration has been replayed yet."]))
         return
-    configs = summary.group_by("task").agg(pl.col("config").n_unique().alias("n"))["n"].to_list()
-    seeds = sorted(set(recs["n_seeds"].drop_nulls().to_list()))
+    configs = (
+        summary.group_by("task", "granularity")
+        .agg(pl.col("config").n_unique().alias("n"))["n"]
+        .to_list()
+    )
+    runs = sorted(set(recs["n_runs"].drop_nulls().to_list()))
     epoch_tasks = recs.filter(pl.col("granularity") == GRANULARITY_EPOCH)["task"].to_list()
     if not recs.height:
         stream = "the recorded reward streams"
     elif not epoch_tasks:
         stream = "the recorded per-completion reward stream (the rewards LP consumes, in order)"
-    elif len(epoch_tasks) == recs.height:
-        stream = (
-            "epoch means, not completions: no per-completion stream was recorded, so each "
-            "label's fresh (non-stale) epoch mean is fed to LP as one pseudo-completion, "
-            "which LP never sees in training"
-        )
     else:
         stream = (
-            "the per-completion reward stream, except for "
-            + ", ".join(epoch_tasks)
-            + ", where only epoch means were recorded: there each label's fresh epoch mean "
-            "is fed to LP as one pseudo-completion"
+            "the per-completion reward stream where one was recorded and otherwise epoch "
+            "means (" + ", ".join(epoch_tasks) + "): each label's fresh (non-stale) epoch mean "
+            "is fed to LP as one pseudo-completion, which LP never sees in training. A task "
+            "with both kinds of run gets one row per granularity; the two are never pooled"
         )
     n_configs = (
         f"{_span(configs)} LP configurations per task" if configs else "the LP configurations"
     )
-    n_seeds = f"{_span(seeds)} seeds per task" if seeds else "the available seeds"
+    n_runs = f"{_span(runs)} runs per task" if runs else "the available runs"
     report.add(
         Paragraph(
             [
+                "This section shows the replay evidence; the verdict at the top of the report "
+                "is the advice for each task. "
                 f"Each task's training runs were replayed through {n_configs} (Metta's "
                 "default and variations of its EMA timescales, the z-score variant, an "
                 "active-pool cap, SPS-aware weighting, and kalman_matched: Metta's LP with "
                 "ema_timescale set to the local-level gain of the run's own rewards) on "
-                f"{n_seeds}, using {stream}. "
+                f"{n_runs}, using {stream}. "
                 "The objective is the LP signal-to-noise ratio (SNR): the sampling "
                 "probability LP gives a label whose reward is rising over the probability it "
-                "gives a plateaued one. A configuration is recommended when it has the highest "
-                "SNR relative to Metta's default, compared on the log scale and paired by "
-                "seed, among those whose median response lag and plateau churn are at most "
-                "1.5 times the default's and whose starved fraction is at most 0.05 above it "
-                "(the asset's default guards); 'confident' means the 95% t interval of that "
-                "paired ratio excludes 1. Replay is open-loop: every configuration sees the "
-                "same recorded sequence of completions, chosen by the curriculum that ran, so "
-                "it shows how a configuration reacts to the rewards, not what it would make "
-                "the agent practise; the closed-loop check below runs the simulator instead."
+                "gives a plateaued one. A configuration passes every check when its own SNR "
+                "is above 1 (lower bound of its 95% t interval on logs over runs), its SNR "
+                "ratio to Metta's default is above 1 (paired by run, on the log scale, with a "
+                "t interval Bonferroni-adjusted for the number of configurations compared, so "
+                "that picking the best of many does not flatter it), its median response lag "
+                "and plateau churn are at most 1.5 times the default's plus a small absolute "
+                "floor (one evaluation spacing of lag; 0.05 of churn), and its starved "
+                "fraction is at most 0.05 above the default's (the asset's default guards). "
+                "Every interval names its method and n (the pairs of runs actually used). "
+                "EMA settings replayed on epoch means do not transfer to per-completion LP "
+                "(an EMA weight then applies per epoch mean, itself an average of held "
+                "rewards), so those rows are marked as not transferable. Replay is open-loop: "
+                "every configuration sees the same recorded sequence of completions, chosen "
+                "by the curriculum that ran, so it shows how a configuration reacts to the "
+                "rewards, not what it would make the agent practise; the closed-loop check "
+                "below runs the simulator instead."
             ]
         )
     )
@@ -320,60 +346,88 @@ def _span(values: list[int]) -> str:
     return f"{lo}" if lo == hi else f"{lo} to {hi}"
 
 
+def interval_cell(
+    value: object, low: object, high: object, method: object, n: object, prefix: str = "x"
+) -> str:
+    """ "x2.00 (x1.25 to x3.20; 95% t, Bonferroni over 15 interval, n=3)"."""
+    if _finite(value) is None:
+        return "n/a"
+    text = f"{prefix}{num(value)}"
+    if _finite(low) is None or _finite(high) is None:
+        return f"{text} (no interval, n={n if n is not None else 0})"
+    return f"{text} ({prefix}{num(low)} to {prefix}{num(high)}; 95% {method} interval, n={n})"
+
+
 def _recommendation_table(report: Report, recs: pl.DataFrame, summary: pl.DataFrame) -> None:
-    snr = summary.filter(pl.col("metric") == "lp_snr")
-    best_ratio = {
-        (t, c): d for t, c, d in snr.select("task", "config", "diff_vs_default").iter_rows()
-    }
     rows = []
     for r in recs.iter_rows(named=True):
-        is_default = r["config"] == METTA_DEFAULT
-        best = r["replay_best"] or "n/a"
-        log_ratio = best_ratio.get((r["task"], r["replay_best"]))
-        if best == METTA_DEFAULT:
+        passed = bool(r["confident"])
+        best = r["replay_best"]
+        if best is None:
             best_text = "none above the default"
-        elif best == "n/a":
-            best_text = best
         else:
-            best_text = (
-                f"{best} ({ratio(math.exp(log_ratio) if _finite(log_ratio) is not None else None)})"
+            best_text = f"{best} " + interval_cell(
+                r["replay_best_snr_ratio"],
+                r["replay_best_ci_low"],
+                r["replay_best_ci_high"],
+                r["replay_best_ci_method"],
+                r["replay_best_n_pairs"],
             )
+            if r["replay_best_reason"]:
+                best_text += f": {r['replay_best_reason']}"
+        own = interval_cell(
+            r["snr_recommended"],
+            r["signal_ci_low"],
+            r["signal_ci_high"],
+            r["signal_ci_method"],
+            r["signal_n"],
+            prefix="",
+        )
         rows.append(
             [
                 r["task"],
-                r["config"],
-                f"{r['granularity']}, {r['n_seeds']} seeds",
-                _versus(num(r["snr_recommended"]), num(r["snr_default"])),
-                "x1 (is the default)"
-                if is_default
-                else ratio_ci(r["snr_ratio"], r["snr_ratio_ci_low"], r["snr_ratio_ci_high"]),
-                "n/a" if is_default else ("yes" if r["confident"] else "no"),
+                f"{r['granularity']}, {r['n_runs']} runs ({', '.join(r['runs'] or [])})",
+                r["config"] if passed else f"none ({METTA_DEFAULT} shown)",
+                own,
+                interval_cell(
+                    r["snr_ratio"],
+                    r["snr_ratio_ci_low"],
+                    r["snr_ratio_ci_high"],
+                    r["ci_method"],
+                    r["n_pairs"],
+                )
+                if passed
+                else "x1 (is the default)",
                 _versus(lag(r["lag_recommended"]), lag(r["lag_default"])),
                 _versus(num(r["churn_recommended"]), num(r["churn_default"])),
                 _versus(num(r["starved_recommended"]), num(r["starved_default"])),
                 best_text,
+                "yes" if r["actionable"] else "no",
             ]
         )
     report.add(
         Table(
             [
                 "task",
-                "configuration",
                 "replayed on",
-                "LP SNR, recommended vs default (probability ratio)",
-                "SNR ratio vs default (95% CI)",
-                "confident",
-                "median lag, recommended vs default (completions)",
-                "plateau churn, recommended vs default (rank fraction per 1000 completions)",
-                "starved fraction, recommended vs default",
-                "highest replayed SNR (ratio vs default)",
+                "configuration passing every check",
+                "its own LP SNR (probability ratio, interval)",
+                "SNR ratio vs default (interval)",
+                "median lag, it vs default (completions)",
+                "plateau churn, it vs default (rank fraction per 1000 completions)",
+                "starved fraction, it vs default",
+                "highest replayed SNR ratio vs default (interval): why not passing",
+                "settings transfer to per-completion LP",
             ],
             rows,
-            caption="Recommended configuration per task. SNR: geometric mean over seeds; "
-            "lag: median over seeds of the per-run median lag ('never': most labels that "
-            "turned improving never reached LP's top quarter before the run ended); churn and "
-            "starved fraction: mean over seeds. When the highest replayed SNR is not the "
-            "recommendation, it failed a guard (lag, churn or starvation).",
+            caption="Replay evidence per task and granularity (completion and epoch replays "
+            "are never pooled). SNR: geometric mean over runs; lag: median over runs of the "
+            "per-run median lag ('never': most labels that turned improving never reached "
+            "LP's top quarter before the run ended); churn and starved fraction: mean over "
+            "runs. When no configuration passes every check the row shows Metta's default. "
+            "Ratio intervals are adjusted for the number of configurations compared "
+            "(Bonferroni), n = pairs of runs used. Epoch rows never transfer: EMA settings "
+            "replayed on epoch means do not carry over to per-completion LP.",
         )
     )
 

@@ -94,3 +94,19 @@ def test_noise_proposal_alone_is_a_conflict_not_a_change():
 def test_nothing_supports_a_change():
     assert decide("t", [_replay(supports=False)], n_runs=3).confidence == "moderate"
     assert decide("t", [_replay(supports=False)], n_runs=2).confidence == "low"
+
+
+def test_verdicts_survive_the_table_round_trip():
+    from rts_dagster.analysis.verdict import verdicts_from_table, verdicts_table
+
+    verdicts = [
+        decide("a", [_replay(), _closed(-0.07, -0.001)], n_runs=3),
+        decide("b", [Evidence("data", "epoch means only", None, metric="granularity")]),
+        decide("c", [_replay(supports=False)], n_runs=3),
+    ]
+    back = verdicts_from_table(verdicts_table(verdicts))
+    assert [(v.task, v.action, v.confidence, v.conflict, v.proposal) for v in back] == [
+        (v.task, v.action, v.confidence, v.conflict, v.proposal) for v in verdicts
+    ]
+    assert back[0].settle_with == verdicts[0].settle_with
+    assert back[0].evidence[1].low == -0.07 and back[0].evidence[1].metric == "final_reward"
