@@ -13,6 +13,7 @@ from rts_dagster.defs.report import report
 from rts_dagster.defs.resources import RtsStorage, run_source_from_env
 from rts_dagster.defs.runs import discovered_runs, reward_streams
 from rts_dagster.defs.sensors import finished_runs_sensor
+from rts_dagster.defs.verdicts import verdicts
 
 # Eager aggregates refresh when partitions change; Dagster's own automation sensor starts
 # stopped, so ours runs by default (STACK.md).
@@ -32,6 +33,7 @@ ASSETS = [
     timescale_recommendations,
     lp_replay,
     lp_recommendations,
+    verdicts,
     report,
 ]
 RESOURCES = {"run_source": run_source_from_env(), "rts_storage": RtsStorage()}

@@ -109,6 +109,10 @@ def quality_paths(data_dir: Path) -> dict[str, Path]:
     return {"series": base / "series_quality.parquet", "runs": base / "run_quality.parquet"}
 
 
+def lp_timescales_path(data_dir: Path) -> Path:
+    return metrics_dir(data_dir) / "lp_timescales.parquet"
+
+
 def verdicts_path(data_dir: Path) -> Path:
     return data_dir / "verdicts.parquet"
 

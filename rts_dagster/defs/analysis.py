@@ -9,13 +9,14 @@ import dagster as dg
 import polars as pl
 
 from rts_dagster import storage
-from rts_dagster.analysis import kalman, metrics, quality, variance
+from rts_dagster.analysis import kalman, lp_timescales, metrics, quality, variance
 from rts_dagster.defs.partitions import runs_partitions
 from rts_dagster.defs.resources import RtsStorage
 from rts_dagster.defs.runs import load_partition_streams, read_discovered, reward_streams
 from rts_dagster.discovery import row_files
 from rts_dagster.escape import md, md_table
 from rts_dagster.schema import (
+    LP_TIMESCALES,
     NOISE_BY_PROGRESS,
     REWARD_STREAMS,
     ROLLING_METRICS,
@@ -209,7 +210,7 @@ def read_quality(rts_storage: RtsStorage) -> dict[str, pl.DataFrame]:
     deps=[series_metrics, data_quality],
     automation_condition=dg.AutomationCondition.eager(),
     description="Seed vs task variance (and seed vs label within each task) of mean reward, "
-    "with stratified-bootstrap 95% CIs and the ICC. File: metrics/variance_table.parquet.",
+    "with exact F 95% intervals (ICC and the variance ratio) and chi-square intervals for Var(seed). File: metrics/variance_table.parquet.",
 )
 def variance_table(
     context: dg.AssetExecutionContext, rts_storage: RtsStorage
@@ -249,9 +250,11 @@ def variance_table(
     group_name="analysis",
     deps=[series_metrics, data_quality],
     automation_condition=dg.AutomationCondition.eager(),
-    description="Recommended LP EMA timescale per task and label from a local-level "
-    "(random walk + noise) fit: steady-state Kalman gain K, timescale 1/K, vs the runs' LP "
-    "config. File: metrics/timescale_recommendations.parquet.",
+    description="Tracking-optimal EMA timescale per task, label and regime (whole, "
+    "learning, plateau) from a local-level fit, in the series' unit (completions or epochs), "
+    "with t-on-logs intervals over seeds; and LP's own objective: the fast/slow EMA pair that "
+    "best separates learning from plateaued labels (completion units only). Files: "
+    "metrics/timescale_recommendations.parquet, metrics/lp_timescales.parquet.",
 )
 def timescale_recommendations(
     context: dg.AssetExecutionContext, rts_storage: RtsStorage
@@ -262,6 +265,10 @@ def timescale_recommendations(
     per_series = kalman.estimate_local_level(streams)
     table = kalman.recommend_timescales(per_series, lp_configs_by_task=_lp_configs(rts_storage))
     table = conform(table, TIMESCALE_RECOMMENDATIONS, "timescale_recommendations")
+    separation = conform(
+        lp_timescales.lp_separation_table(per_series), LP_TIMESCALES, "lp_timescales"
+    )
+    storage.write_parquet(separation, storage.lp_timescales_path(rts_storage.root()))
     path = storage.write_parquet(table, storage.timescales_path(rts_storage.root()))
     return dg.MaterializeResult(
         metadata={

@@ -8,20 +8,23 @@ import polars as pl
 
 from rts_dagster import storage
 from rts_dagster.analysis import kalman
+from rts_dagster.analysis.verdict import verdicts_from_table
 from rts_dagster.defs.analysis import (
     _lp_configs,
     _matched_rows,
     load_all,
+    read_quality,
     timescale_recommendations,
     variance_table,
 )
 from rts_dagster.defs.lp import lp_recommendations, lp_tables
 from rts_dagster.defs.resources import RtsStorage
+from rts_dagster.defs.verdicts import verdicts as verdicts_asset
 
 
 @dg.asset(
     group_name="report",
-    deps=[variance_table, timescale_recommendations, lp_recommendations],
+    deps=[variance_table, timescale_recommendations, lp_recommendations, verdicts_asset],
     automation_condition=dg.AutomationCondition.eager(),
     description="report.md (+ PNG figures) and a self-contained report.html under "
     "$RTS_DATA_DIR/report/, built from the tables above.",
@@ -44,6 +47,8 @@ def report(context: dg.AssetExecutionContext, rts_storage: RtsStorage) -> dg.Mat
         kalman.describe_recommendations(recs),
         _lp_configs(rts_storage),
         lp=lp_tables(root, _matched_rows(rts_storage)),
+        verdicts=verdicts_from_table(pl.read_parquet(storage.verdicts_path(root))),
+        series_quality=read_quality(rts_storage)["series"],
     )
     written = write_report(doc, storage.report_dir(root))
     if written["note"]:

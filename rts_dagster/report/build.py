@@ -11,9 +11,12 @@ from datetime import UTC, datetime
 
 import polars as pl
 
+from rts_dagster.analysis import quality
+from rts_dagster.analysis.verdict import Verdict
 from rts_dagster.report import figures
 from rts_dagster.report.document import Bullets, Figure, Heading, Paragraph, Report, Table
 from rts_dagster.report.lp_section import add_lp_section
+from rts_dagster.report.verdicts import add_verdict_section
 
 MAX_PLOT_POINTS = 400  # per line: enough for the shape, small HTML
 BAND_POINTS = 60  # slope/noise bands: each bin averages enough windows to show a trend
@@ -126,6 +129,56 @@ def noise_progress_table(progress: pl.DataFrame, granularity: str) -> pl.DataFra
     )
 
 
+def _data_section(report: Report, series_quality: pl.DataFrame, granularity: str) -> None:
+    """Which runs feed which granularity, and every run or series left out, with why."""
+    report.add(Heading("Data used and left out"))
+    per_task = quality.granularity_runs(series_quality, quality.PURPOSE_LEVEL)
+    report.add(
+        Table(
+            ["task", "granularity", "runs", "run ids"],
+            [
+                [r["task"], r["granularity"], r["n_runs"], ", ".join(r["runs"])]
+                for r in per_task.iter_rows(named=True)
+            ],
+            caption="Runs with at least one usable series, per granularity. Epoch and "
+            "completion figures are never pooled; sections below that show one granularity "
+            f"({granularity}) name the runs they leave out.",
+        )
+    )
+    dropped = quality.left_out(series_quality, quality.PURPOSE_DYNAMICS)
+    if dropped.height == 0:
+        report.add(Paragraph(["No run or series was left out."]))
+        return
+    report.add(
+        Table(
+            ["task", "run", "granularity", "label", "reason"],
+            [
+                [r["task"], r["run_id"], r["granularity"], r["label"], r["reason"]]
+                for r in dropped.iter_rows(named=True)
+            ],
+            caption="Left out of noise, drift, timescale and LP evidence (label '*': the "
+            "whole run). Constant series still count for reward levels (the variance "
+            "section); the others are left out there too.",
+        )
+    )
+
+
+def _not_shown(series_quality: pl.DataFrame | None, granularity: str) -> str:
+    """A sentence naming the runs that have no usable series of `granularity`."""
+    if series_quality is None or series_quality.height == 0:
+        return ""
+    fit = series_quality.filter(pl.col("status").is_in([quality.STATUS_OK]))
+    shown = set(fit.filter(pl.col("granularity") == granularity)["run_id"].to_list())
+    runs = sorted(set(series_quality["run_id"].to_list()) - shown)
+    if not runs:
+        return ""
+    return (
+        f" Not shown (no usable {granularity} series; see 'Data used and left out'): "
+        + ", ".join(runs)
+        + "."
+    )
+
+
 def build_report(
     streams: pl.DataFrame,
     series: pl.DataFrame,
@@ -133,33 +186,39 @@ def build_report(
     progress: pl.DataFrame,
     variance: pl.DataFrame,
     recommendations: pl.DataFrame,
-    recommendation_sentences: list[str],
+    findings: list[str],
     lp_configs: dict[str, dict],
     lp: dict[str, pl.DataFrame] | None = None,
+    verdicts: list[Verdict] | None = None,
+    series_quality: pl.DataFrame | None = None,
 ) -> Report:
-    """The whole report. `lp_configs`: task -> LP config found in its runs' config; `lp`:
-    the lp_recommendations tables (`defs.lp.lp_tables`), None when not materialized."""
+    """The whole report. `findings`: descriptive sentences of the timescale analysis;
+    `lp_configs`: task -> LP config found in its runs' config; `lp`: the lp_recommendations
+    tables (`defs.lp.lp_tables`), None when not materialized; `verdicts`: one per task;
+    `series_quality`: the data_quality series table (what was left out and why)."""
     granularity = preferred_granularity(streams)
     n_runs = streams.select("task", "seed", "run_id").unique().height
     tasks = sorted(streams["task"].unique().to_list())
+    if series_quality is None:
+        series_quality = quality.series_quality(streams)
     report = Report(title="Reward streams and LP settings")
     report.add(
         Paragraph(
             [
                 f"Generated {datetime.now(UTC):%Y-%m-%d %H:%M UTC} from {n_runs} runs over "
-                f"{len(tasks)} tasks ({', '.join(tasks)}). Metrics use the {granularity} "
-                "stream (what LP consumes when recorded; epoch means otherwise)"
-                + (
-                    "; stale epoch re-emissions are removed before computing metrics."
-                    if granularity == "epoch"
-                    else "."
-                )
+                f"{len(tasks)} tasks ({', '.join(tasks)}). Figures use the {granularity} "
+                "stream (the per-completion rewards LP consumes when recorded; Metta's epoch "
+                "means otherwise). An epoch mean is an average over environments of each "
+                "one's last reward of the label (held values), so its noise and drift are in "
+                "epoch units and far below the per-completion figures."
             ]
         )
     )
+    add_verdict_section(report, verdicts or [])
+    _data_section(report, series_quality, granularity)
 
-    report.add(Heading("Recommendations"))
-    report.add(Bullets(recommendation_sentences or ["No recommendation: too few samples."]))
+    report.add(Heading("What the streams show"))
+    report.add(Bullets(findings or ["Nothing to describe: too few usable samples."]))
     if lp is not None:
         add_lp_section(report, lp)
 
@@ -169,7 +228,8 @@ def build_report(
         Figure(
             "reward_curves",
             figures.reward_curves(reward_curve_table(streams, granularity), granularity),
-            "Mean reward over labels vs sample index, one colour per seed (smoothed over 25 samples).",
+            "Mean reward over labels vs sample index, one colour per seed (smoothed over 25 "
+            "samples)." + _not_shown(series_quality, granularity),
         )
     )
 
@@ -258,7 +318,13 @@ def build_report(
     if variance.height:
         named = variance.with_columns(
             pl.concat_str(
-                [pl.col("scope"), pl.lit(" / "), pl.col("level"), pl.lit(" / "), pl.col("granularity")]
+                [
+                    pl.col("scope"),
+                    pl.lit(" / "),
+                    pl.col("level"),
+                    pl.lit(" / "),
+                    pl.col("granularity"),
+                ]
             ).alias("name")
         )
         report.add(
@@ -335,58 +401,86 @@ def build_report(
         )
     )
 
-    report.add(Heading("EMA timescales"))
+    report.add(Heading("EMA timescales of the streams"))
     report.add(
         Paragraph(
             [
                 "A local-level model (random-walk signal + observation noise) is fitted to "
-                "every series; its steady-state Kalman gain K is the EMA weight that tracks "
-                "that series best, and 1/K its timescale in completions of the label. LP's "
-                "ema_timescale is such a weight (timescale 1/ema_timescale)."
+                "every series, and separately to its learning and plateau regimes (a "
+                "two-segment line, the break accepted by BIC); its steady-state Kalman gain K "
+                "is the EMA weight that tracks that stream best and 1/K its timescale, in the "
+                "unit of the series: completions of the label, or epochs for Metta's epoch "
+                "means. This describes the stream; it is not LP's best timescale (LP detects "
+                "change through |F - S|, see the verdict's noise evidence). LP's ema_timescale "
+                "is compared only in completion units. Intervals: t on the logs of the "
+                "per-seed timescales, n = seeds with a usable fit; fits at the search bound "
+                "or too short are left out and counted."
             ]
         )
     )
-    recs = recommendations.filter(pl.col("granularity") == granularity)
-    if recs.height:
-        named = recs.with_columns(
-            pl.concat_str([pl.col("task"), pl.lit("/"), pl.col("label")]).alias("name")
-        )
+    if recommendations.height:
+        recs = recommendations.sort("task", "granularity", "group", "label", "regime")
         report.add(
             Table(
                 [
                     "task",
                     "label",
+                    "regime",
+                    "unit",
                     "seeds",
                     "noise sd",
-                    "drift sd /sample",
-                    "EMA weight K",
+                    "drift sd per unit",
                     "timescale 1/K [95% CI]",
-                    "LP timescale",
-                    "recommended / LP",
+                    "interval",
+                    "left out",
+                    "LP timescale (completions)",
+                    "vs LP",
                 ],
                 [
                     [
                         r["task"],
                         r["label"],
+                        r["regime"],
+                        r["unit"],
                         r["n_seeds"],
                         r["noise_std"],
                         r["drift_std"],
-                        r["gain"],
                         _fmt_ci(r["timescale"], r["timescale_ci_low"], r["timescale_ci_high"]),
+                        f"{r['ci_method']}, n={r['ci_n']}" if r["ci_method"] else "none",
+                        r["excluded_reason"] or "",
                         r["lp_timescale"],
-                        r["timescale_ratio"],
+                        r["lp_comparison"] or "",
                     ]
-                    for r in named.sort("task", "group", "label").iter_rows(named=True)
+                    for r in recs.iter_rows(named=True)
                 ],
-                caption="label '*' = all labels of the task pooled.",
-            ),
-            Figure(
-                "timescales",
-                figures.timescales(named.sort("task", "label", descending=True)),
-                "Recommended EMA timescale per label (dots, 95% CI over seeds) and the LP "
-                "config's timescale per task (crosses).",
-            ),
+                caption="label '*' = all labels of the task pooled; timescales in the row's "
+                "unit; noise sd in reward units.",
+            )
         )
+        for unit in recs["unit"].unique(maintain_order=True).to_list():
+            part = recs.filter(
+                (pl.col("unit") == unit)
+                & (pl.col("regime") == "plateau")
+                & pl.col("timescale").is_finite()
+            )
+            if part.height == 0:
+                continue
+            named = part.with_columns(
+                pl.concat_str([pl.col("task"), pl.lit("/"), pl.col("label")]).alias("name")
+            )
+            report.add(
+                Figure(
+                    f"timescales_{'completions' if unit == 'completions' else 'epochs'}",
+                    figures.timescales(named.sort("task", "label", descending=True), unit),
+                    f"Tracking-optimal EMA timescale in the plateau regime, {unit} (dots, 95% "
+                    "t interval over seeds on the log scale)"
+                    + (
+                        " and the LP config's timescale (crosses)."
+                        if unit == "completions"
+                        else "."
+                    ),
+                )
+            )
     for task, cfg in sorted(lp_configs.items()):
         if cfg:
             report.add(

@@ -232,39 +232,46 @@ def sps_vs_noise(points: pl.DataFrame) -> go.Figure:
     return fig
 
 
-def timescales(recs: pl.DataFrame) -> go.Figure:
-    """Recommended EMA timescale per label with its CI, next to the LP config's.
+def timescales(recs: pl.DataFrame, unit: str) -> go.Figure:
+    """Tracking-optimal EMA timescale (steady-state Kalman 1/K) per label and regime with
+    its interval, in `unit`; LP's configured timescale only where the unit is completions.
     `recs`: name, timescale, timescale_ci_low, timescale_ci_high, lp_timescale."""
+    names = [plot_text(n) for n in recs["name"].to_list()]
+    ts = recs["timescale"].to_numpy()
+    high = recs["timescale_ci_high"].fill_null(np.nan).to_numpy()
+    low = recs["timescale_ci_low"].fill_null(np.nan).to_numpy()
     fig = go.Figure(
         go.Scatter(
-            x=recs["timescale"].to_numpy(),
-            y=[plot_text(n) for n in recs["name"].to_list()],
+            x=ts,
+            y=names,
             mode="markers",
             marker={"size": 8, "color": _colour(2)},
             error_x={
                 "type": "data",
                 "symmetric": False,
-                "array": (recs["timescale_ci_high"] - recs["timescale"]).to_numpy(),
-                "arrayminus": (recs["timescale"] - recs["timescale_ci_low"]).to_numpy(),
+                "array": np.nan_to_num(high - ts, nan=0.0),
+                "arrayminus": np.nan_to_num(ts - low, nan=0.0),
             },
-            name="recommended 1/K",
+            name="tracking-optimal 1/K",
         )
     )
-    fig.add_trace(
-        go.Scatter(
-            x=recs["lp_timescale"].to_numpy(),
-            y=[plot_text(n) for n in recs["name"].to_list()],
-            mode="markers",
-            marker={"size": 9, "symbol": "x", "color": "#c00"},
-            name="LP config 1/ema_timescale",
+    lp = recs["lp_timescale"].fill_null(np.nan).to_numpy()
+    if unit == "completions" and np.isfinite(lp).any():
+        fig.add_trace(
+            go.Scatter(
+                x=lp,
+                y=names,
+                mode="markers",
+                marker={"size": 9, "symbol": "x", "color": "#c00"},
+                name="LP config 1/ema_timescale",
+            )
         )
-    )
     fig.update_layout(
-        title="EMA timescale: recommended (steady-state Kalman gain) vs configured",
-        xaxis_title="EMA timescale (completions of the label, log scale)",
+        title=f"Tracking-optimal EMA timescale per label and regime ({unit})",
+        xaxis_title=f"EMA timescale ({unit} of the label, log scale)",
         xaxis_type="log",
         # every label gets its tick (plotly would skip every other one)
-        yaxis={"type": "category", "tickmode": "array", "tickvals": recs["name"].to_list()},
+        yaxis={"type": "category", "tickmode": "array", "tickvals": names},
         height=max(320, 100 + 22 * recs.height),
         width=1000,
         **_LAYOUT,

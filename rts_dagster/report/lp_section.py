@@ -41,7 +41,7 @@ _CLOSED_LOOP_METRICS = {  # metric -> (display name with unit, order)
     "competence_final": ("final competence (mean latent competence)", 2),
 }
 _ROLES = {
-    "recommended": "recommended",
+    "recommended": "passed every check",
     "replay_best": "highest replayed SNR",
     "local_level_gain": "LP at the local-level gain",
 }
@@ -238,7 +238,7 @@ def add_lp_section(report: Report, lp: dict[str, pl.DataFrame]) -> None:
     _intro(report, summary, recs)
     if recs.height:
         report.add(Bullets([str(s) for s in recs["sentence"].drop_nulls().to_list()]))
-        _recommendation_table(report, recs, summary)
+        _recommendation_table(report, recs)
     else:
         report.add(
             Paragraph(
@@ -358,7 +358,7 @@ def interval_cell(
     return f"{text} ({prefix}{num(low)} to {prefix}{num(high)}; 95% {method} interval, n={n})"
 
 
-def _recommendation_table(report: Report, recs: pl.DataFrame, summary: pl.DataFrame) -> None:
+def _recommendation_table(report: Report, recs: pl.DataFrame) -> None:
     rows = []
     for r in recs.iter_rows(named=True):
         passed = bool(r["confident"])
@@ -442,8 +442,10 @@ def _snr_figure(report: Report, summary: pl.DataFrame, recs: pl.DataFrame) -> No
             "lp_snr_ratios",
             figures.lp_snr_ratios(points),
             "Replayed LP signal-to-noise ratio of every configuration relative to Metta's "
-            "default, per task: geometric mean over seeds of the paired ratio, whiskers = 95% "
-            "t interval (none when fewer than 2 seeds have a finite SNR). Right of the dashed "
+            "default, per task and granularity: geometric mean over runs of the paired ratio, "
+            "whiskers = 95% paired t interval on logs of that configuration alone, not "
+            "adjusted for picking among configurations (the table's intervals are); none "
+            "when fewer than 2 runs have a finite SNR. Right of the dashed "
             "line: improving labels get relatively more probability than under the default. "
             f"Values beyond x{figures.SNR_CLIP:g} or below x1/{figures.SNR_CLIP:g} are drawn "
             "at the axis edge with their value written next to them.",
@@ -462,7 +464,7 @@ def _sampling_figure(report: Report, traces: pl.DataFrame, recs: pl.DataFrame) -
             "lp_sampling",
             figures.lp_sampling(panels),
             "Sampling probability of every label as LP replays the lowest seed's run of each "
-            "task, under Metta's default, the recommended configuration and the one with the "
+            "task, under Metta's default, the configuration passing every check and the one with the "
             "highest replayed SNR (when different). Colour: probability relative to uniform "
             "(1/L, L labels), log scale (red: drawn more, blue: drawn less; the scale stops "
             "at 1/8 and 8 times uniform); black dots: the label's reward is rising (slope over "
@@ -481,7 +483,7 @@ def _closed_loop(
     if closed.height == 0:
         text = "No closed-loop comparison was run"
         if not reasons:
-            text += " (no LP recommendation to check)."
+            text += " (no configuration to check)."
         report.add(Paragraph([text + (":" if reasons else "")]))
         if reasons:
             report.add(Bullets(reasons))
@@ -492,14 +494,17 @@ def _closed_loop(
         Paragraph(
             [
                 "The simulator's learner reacts to the curriculum, so here a configuration "
-                "changes what is practised. Each candidate (the recommendation, the "
+                "changes what is practised. Each candidate (the configuration passing every "
+                "check, the "
                 "configuration with the highest replayed SNR, and Metta's LP with "
                 "ema_timescale at the local-level gain of the task's rewards, the timescale "
-                "the noise analysis above recommends) and Metta's "
+                "the noise analysis above measures) and Metta's "
                 f"default ran on {_span(seeds)} fresh seeds"
                 + (f" of {_span(epochs)} epochs" if epochs else "")
                 + ", with the same learner and random draws per seed; differences are "
-                "candidate minus default, paired by seed, with 95% t intervals. Time to "
+                "candidate minus default, paired by seed, with 95% paired t intervals (method "
+                "and n beside each). Only tasks replayed per completion are simulated: a "
+                "setting found on epoch means does not transfer to per-completion LP. Time to "
                 "competence: epochs until the mean latent competence over the task's labels "
                 f"is {COMPETENCE_FRACTION:.0%} of the way from its floor to its ceiling; a run "
                 "that never gets there is censored and counted as its run length, so its true "
@@ -527,7 +532,7 @@ def _closed_loop(
                 r["n_seeds"],
                 num(r["default_mean"]),
                 num(r["recommended_mean"]),
-                diff_ci(r["diff"], r["diff_ci_low"], r["diff_ci_high"]),
+                _diff_cell(r),
                 f"{r['n_censored']} of {2 * r['n_seeds']}" if is_time else "",
             ]
         )
@@ -541,7 +546,7 @@ def _closed_loop(
                 "seeds",
                 "Metta default (mean)",
                 "candidate (mean)",
-                "candidate - default (95% CI)",
+                "candidate - default (interval)",
                 "censored runs (default + candidate)",
             ],
             rows,
@@ -554,29 +559,44 @@ def _closed_loop(
         report.add(Paragraph(["Tasks without a closed-loop comparison:"]), Bullets(reasons))
 
 
+def _diff_cell(r: dict) -> str:
+    """ "+12.3 (-1.50 to +26.3; 95% paired t interval, n=3)"."""
+    text = diff_ci(r["diff"], r["diff_ci_low"], r["diff_ci_high"])
+    if text.endswith(")") and "CI n/a" not in text and r.get("ci_method"):
+        return f"{text[:-1]}; 95% {r['ci_method']} interval, n={r['n_pairs']})"
+    return text
+
+
 def _missing_closed_loop(closed: pl.DataFrame, runs: pl.DataFrame, recs: pl.DataFrame) -> list[str]:
-    """Why each recommended task has no closed-loop rows, one sentence per task."""
+    """Why each task has no closed-loop rows, one sentence per task."""
     done = set(closed["task"].to_list())
     out = []
-    for r in recs.iter_rows(named=True):
-        task = r["task"]
+    for task, rows in recs.group_by("task", maintain_order=True):
+        task = task[0]
         if task in done:
             continue
-        best = r["replay_best"]
-        if r["config"] == METTA_DEFAULT and best in (None, METTA_DEFAULT):
+        completion = rows.filter(pl.col("granularity") != GRANULARITY_EPOCH)
+        if completion.height == 0:
             why = (
-                "the recommendation is Metta's default and no other configuration had a "
-                "higher replayed SNR, so there is nothing to compare"
-            )
-        elif task not in TASKS:
-            why = "the simulator does not model this task"
-        elif runs.height == 0:
-            why = (
-                "the closed-loop check was not run (disabled in the lp_recommendations "
-                "configuration)"
+                "only epoch means were replayed, and settings found on epoch means do not "
+                "transfer to per-completion LP, so nothing is simulated"
             )
         else:
-            why = "no paired simulator runs of the candidate and Metta's default"
+            r = completion.row(0, named=True)
+            if not r["actionable"] and r["replay_best"] in (None, METTA_DEFAULT):
+                why = (
+                    "no configuration passed every check and none had a higher replayed SNR "
+                    "than Metta's default, so there is nothing to compare"
+                )
+            elif task not in TASKS:
+                why = "the simulator does not model this task"
+            elif runs.height == 0:
+                why = (
+                    "the closed-loop check was not run (disabled in the lp_recommendations "
+                    "configuration)"
+                )
+            else:
+                why = "no paired simulator runs of the candidate and Metta's default"
         out.append(f"{task}: {why}.")
     return out
 
@@ -597,9 +617,10 @@ def _limits(report: Report, recs: pl.DataFrame) -> None:
                 f"{n_seeds} the confidence intervals are wide: a ratio whose interval "
                 "includes 1 (or a difference whose interval includes 0) does not separate "
                 "the configuration from the default. Picking the best of many configurations "
-                "on the same seeds flatters the winner (winner's curse): expect its replayed "
-                "advantage to shrink on new runs, which is why the closed-loop check uses "
-                "fresh seeds."
+                "on the same seeds flatters the winner (winner's curse); the ratio intervals "
+                "of the evidence table are Bonferroni-adjusted for the configurations "
+                "compared, which covers that, at the price of wider intervals; the "
+                "closed-loop check uses fresh seeds."
             ]
         )
     )

@@ -28,7 +28,7 @@ from rts_dagster.sources.wandb_file import DEFAULT_RUNNING_GRACE_S, iter_records
 from rts_dagster_tests.conftest import write_tiny_run
 from rts_dagster_tests.defs.daemon import apply_tick, execute_request
 
-AGGREGATES = ["data_quality", "variance_table", "timescale_recommendations", "report"]
+AGGREGATES = ["data_quality", "variance_table", "timescale_recommendations", "verdicts", "report"]
 DUPLICATE = "bob.fixed_maps.seed1"  # claims (fixed_maps, 1) after alice's run did
 
 

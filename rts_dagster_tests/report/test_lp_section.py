@@ -46,35 +46,58 @@ def _rec(task: str, config: str, replay_best: str, **over) -> dict:
         "variant": "main",
         "ema_timescale": 0.001,
         "slow_timescale_factor": 0.2,
+        "runs": [f"run.{task}.{seed}" for seed in (1, 2, 3)],
         "n_seeds": 3,
         "n_runs": 3,
+        "n_compared": 15,
         "n_pairs": 3,
         "snr_default": 0.9,
         "snr_recommended": 1.8,
+        "signal_ci_low": 1.2,
+        "signal_ci_high": 2.7,
+        "signal_ci_method": "t on logs",
+        "signal_n": 3,
         "snr_ratio": 2.0,
         "snr_ratio_ci_low": 1.25,
         "snr_ratio_ci_high": 3.2,
+        "ci_method": "t, Bonferroni over 15",
         "lag_default": 120.0,
         "lag_recommended": 80.0,
         "churn_default": 0.2,
         "churn_recommended": 0.1,
         "starved_default": 0.0,
         "starved_recommended": 0.01,
+        "guards_passed": True,
         "replay_best": replay_best,
+        "replay_best_snr_ratio": 5.0,
+        "replay_best_ci_low": 0.5,
+        "replay_best_ci_high": 40.0,
+        "replay_best_ci_method": "t, Bonferroni over 15",
+        "replay_best_n_pairs": 3,
+        "replay_best_reason": "starved fraction 0.5 > the default's 0.0 + 0.05",
+        "rejected": [f"{replay_best}: starved"],
         "confident": True,
-        "sentence": f"{task}: use `{config}` because reasons.",
+        "actionable": True,
+        "sentence": f"{task}: `{config}` passes every check [per completion].",
     }
     return {**row, **over}
 
 
-def _summary(task: str, configs: dict[str, tuple[float, float, float]]) -> list[dict]:
+def _summary(
+    task: str, configs: dict[str, tuple[float, float, float]], granularity: str = "completion"
+) -> list[dict]:
     return [
         {
             "task": task,
+            "granularity": granularity,
             "config": name,
             "variant": "main",
             "metric": "lp_snr",
+            "runs": [f"run.{task}.{seed}" for seed in (1, 2, 3)],
             "n_seeds": 3,
+            "ci_method": "t on logs",
+            "n_pairs": 3,
+            "diff_ci_method": "paired t on logs",
             "mean": 1.0,
             "ci_low": 0.5,
             "ci_high": 2.0,
@@ -111,7 +134,14 @@ def _traces(task: str, configs: list[str], labels: list[str], seeds=(2, 1)) -> l
 
 
 def _closed(task: str, config: str, role: str) -> list[dict]:
-    base = {"task": task, "config": config, "role": role, "n_seeds": 3}
+    base = {
+        "task": task,
+        "config": config,
+        "role": role,
+        "n_seeds": 3,
+        "ci_method": "paired t",
+        "n_pairs": 3,
+    }
     return [
         {
             **base,
@@ -163,8 +193,7 @@ def _lp(closed_loop: bool = True) -> dict[str, pl.DataFrame]:
             lag_default=math.inf,
             lag_recommended=math.inf,
             churn_recommended=float("nan"),
-            confident=False,
-            snr_ratio_ci_low=0.5,
+            snr_ratio_ci_low=1.05,
         ),
         # the default kept, another configuration replayed best: checked in the closed loop
         _rec(
@@ -174,9 +203,16 @@ def _lp(closed_loop: bool = True) -> dict[str, pl.DataFrame]:
             snr_ratio=1.0,
             snr_ratio_ci_low=float("nan"),
             snr_ratio_ci_high=float("nan"),
+            ci_method=None,
+            n_pairs=0,
             snr_recommended=0.9,
+            replay_best_snr_ratio=2.95,
+            replay_best_ci_low=0.8,
+            replay_best_ci_high=9.0,
+            replay_best_reason="not above the default: SNR ratio x2.95 includes 1",
             confident=False,
-            sentence="fixed_maps: keep Metta's default LP.",
+            actionable=False,
+            sentence="fixed_maps: no configuration passes every check.",
         ),
     ]
     summary = _summary(
@@ -276,14 +312,25 @@ def test_section_lists_recommendations_and_escapes_untrusted_text(tmp_path):
     header_cells = 10
     assert all(len(r) == header_cells for r in recs)
     evil = next(r for r in recs if r[0] == EVIL_TASK)
-    assert evil[1] == PIPE_CONFIG
-    assert evil[4] == "x2.00 (x0.500 to x3.20)" and evil[5] == "no"
-    assert evil[6] == "never vs never" and evil[7] == "n/a vs 0.200"
-    assert evil[9] == "zscore_z30 (x5.00e+06)"
+    runs = ", ".join(f"run.{EVIL_TASK}.{seed}" for seed in (1, 2, 3))
+    assert evil[1] == f"completion, 3 runs ({runs})"
+    assert evil[2] == PIPE_CONFIG
+    # every interval says its method and n beside it
+    assert evil[3] == "1.80 (1.20 to 2.70; 95% t on logs interval, n=3)"
+    assert evil[4] == "x2.00 (x1.05 to x3.20; 95% t, Bonferroni over 15 interval, n=3)"
+    assert evil[5] == "never vs never" and evil[6] == "n/a vs 0.200"
+    assert evil[8] == (
+        "zscore_z30 x5.00 (x0.500 to x40.0; 95% t, Bonferroni over 15 interval, n=3): "
+        "starved fraction 0.5 > the default's 0.0 + 0.05"
+    )
+    assert evil[9] == "yes"
     fixed = next(r for r in recs if r[0] == MODELLED)
-    assert fixed[4] == "x1 (is the default)" and fixed[5] == "n/a"
-    assert fixed[9] == "metta_default_cap_4 (x2.95)"
-    assert "epoch means" not in visible  # every task replayed its completion stream
+    assert fixed[2] == "none (metta_default shown)" and fixed[4] == "x1 (is the default)"
+    assert fixed[8].startswith("metta_default_cap_4 x2.95 (x0.800 to x9.00; 95% t, Bonferroni")
+    assert fixed[9] == "no"
+    assert "epoch means (" not in visible  # every task replayed its completion stream
+    # the section describes evidence; the advice is the report's verdict
+    assert "the verdict at the top of the report is the advice" in visible
 
 
 def test_epoch_means_are_said(tmp_path):
@@ -295,7 +342,38 @@ def test_epoch_means_are_said(tmp_path):
         .alias("granularity")
     )
     visible = _md_text(_render(lp, tmp_path)[0])
-    assert f"except for {MODELLED}, where only epoch means were recorded" in visible
+    assert f"otherwise epoch means ({MODELLED})" in visible
+    assert "never pooled" in visible
+
+
+def test_a_task_with_both_granularities_gets_two_rows_and_panels(tmp_path):
+    lp = _lp()
+    epoch_rec = _rec(
+        MODELLED,
+        "main_ema_0.01",
+        "main_ema_0.01",
+        granularity="epoch",
+        runs=["run.fixed_maps.4"],
+        n_runs=1,
+        actionable=False,
+        replay_best_reason=None,
+        sentence="fixed_maps: epoch means do not transfer.",
+    )
+    lp["recommendations"] = pl.concat(
+        [lp["recommendations"], _frame([epoch_rec], LP_RECOMMENDATIONS)]
+    )
+    epoch_summary = _summary(
+        MODELLED, {"metta_default": (0.0, 0.0, 0.0), "main_ema_0.01": (1.0, 0.5, 1.5)}, "epoch"
+    )
+    lp["summary"] = pl.concat([lp["summary"], _frame(epoch_summary, LP_SWEEP_SUMMARY)])
+    markdown, _, _ = _render(lp, tmp_path)
+    rows = [r for r in _table_rows(markdown, "task") if r[0] == MODELLED]
+    assert [r[1].split(",")[0] for r in rows] == ["completion", "epoch"]
+    assert rows[1][9] == "no" and rows[1][1] == "epoch, 1 runs (run.fixed_maps.4)"
+    points = _snr_points(lp["summary"], lp["recommendations"])
+    assert {f"{MODELLED} (per completion)", f"{MODELLED} (epoch means)"} <= set(points["task"])
+    epoch_points = points.filter(pl.col("task") == f"{MODELLED} (epoch means)")
+    assert epoch_points.filter(pl.col("config") == "main_ema_0.01")["role"].item() == "recommended"
 
 
 def test_closed_loop_table_shows_differences_and_cis(tmp_path):
@@ -306,15 +384,20 @@ def test_closed_loop_table_shows_differences_and_cis(tmp_path):
     by_metric = {r[3]: r for r in closed}
     time = by_metric["time to competence (epochs)"]
     assert time[:3] == [MODELLED, "metta_default_cap_4", "highest replayed SNR"]
-    assert time[5:] == ["95.0", "107", "+12.3 (-1.50 to +26.3)", "4 of 6"]
+    assert time[5:] == [
+        "95.0",
+        "107",
+        "+12.3 (-1.50 to +26.3; 95% paired t interval, n=3)",
+        "4 of 6",
+    ]
     reward = next(r for m, r in by_metric.items() if m.startswith("final reward"))
-    assert reward[7] == "-0.0473 (-0.0542 to -0.0405)" and reward[8] == ""
+    assert reward[7].startswith("-0.0473 (-0.0542 to -0.0405; 95% paired t") and reward[8] == ""
     competence = by_metric["final competence (mean latent competence)"]
     assert competence[6] == "n/a" and competence[7] == "n/a"
     # the task without closed-loop rows is explained: the simulator does not model it
     visible = _md_text(markdown)
     assert f"{EVIL_TASK}: the simulator does not model this task." in visible
-    assert "+12.3 (-1.50 to +26.3)" in page
+    assert "+12.3 (-1.50 to +26.3; 95% paired t interval, n=3)" in page
 
 
 def test_empty_closed_loop_explains_why(tmp_path):
@@ -330,7 +413,7 @@ def test_empty_closed_loop_explains_why(tmp_path):
     visible = _md_text(markdown)
     assert "No closed-loop comparison was run:" in visible
     assert f"{EVIL_TASK}: the simulator does not model this task." in visible
-    assert f"{MODELLED}: the recommendation is Metta's default" in visible
+    assert f"{MODELLED}: no configuration passed every check and none had a higher" in visible
     assert "candidate - default" not in visible  # no closed-loop table
 
 
@@ -354,7 +437,7 @@ def test_missing_or_empty_tables_do_not_raise(tmp_path, drop):
     visible = _md_text(markdown)
     assert HEADING in visible and "Limits" in visible
     if drop in ("all", "empty"):
-        assert "No LP recommendation" in visible
+        assert "No LP replay evidence" in visible
         assert "No closed-loop comparison was run" in visible
     if drop in ("all", "no_traces"):
         assert "could not be used" in visible and "traces (missing)" in visible
@@ -372,27 +455,30 @@ def test_snr_figure_highlights_the_recommendation_and_clips():
     assert fig.layout.xaxis.title.text == figures.LP_SNR_AXIS
     assert fig.layout.xaxis.type == "log"
     recommended = [t for t in fig.data if t.name == "recommended"]
-    assert {y for t in recommended for y in t.y} == {"cfg|pipe", "metta_default"}
+    # the configuration passing every check; a row without one highlights nothing
+    assert {y for t in recommended for y in t.y} == {"cfg|pipe"}
+    defaults = [t for t in fig.data if t.name == "Metta default"]
+    assert {y for t in defaults for y in t.y} == {"metta_default"}
     best = next(t for t in fig.data if t.name.startswith("highest replayed SNR"))
     i = list(best.y).index("zscore_z30")
     assert best.x[i] == figures.SNR_CLIP and "x5e+06" in best.text[i]  # drawn at the edge
     # labels reach plotly as entities: plotly draws them literally
-    assert "a*b_[x](y)&lt;script&gt;" in [a.text for a in fig.layout.annotations]
+    assert "a*b_[x](y)&lt;script&gt; (per completion)" in [a.text for a in fig.layout.annotations]
 
 
 def test_sampling_figure_uses_lowest_seed_and_escapes_labels():
     lp = _lp()
     panels = _trace_panels(lp["traces"], lp["recommendations"])
     assert set(panels["seed"].to_list()) == {1}
-    evil = panels.filter(pl.col("task") == EVIL_TASK)
+    evil = panels.filter(pl.col("task") == f"{EVIL_TASK} (per completion)")
     assert evil.group_by("panel").agg(pl.col("config").first()).sort("panel")[
         "config"
     ].to_list() == ["metta_default", PIPE_CONFIG, "zscore_z30"]
-    fixed = panels.filter(pl.col("task") == MODELLED)
-    assert fixed["role"].unique().sort().to_list() == [
-        "Metta default = recommended",
-        "highest replayed SNR",
-    ]
+    fixed = panels.filter(pl.col("task") == f"{MODELLED} (per completion)")
+    assert fixed["role"].unique().sort().to_list() == ["Metta default", "highest replayed SNR"]
+    # only the runs that fed a row are drawn for it
+    other = lp["recommendations"].with_columns(pl.lit(["elsewhere"]).alias("runs"))
+    assert _trace_panels(lp["traces"], other).height == 0
     fig = figures.lp_sampling(panels)
     heatmaps = [t for t in fig.data if t.type == "heatmap"]
     assert len(heatmaps) == 5
