@@ -130,13 +130,21 @@ def refresh(force: bool = False, quiet: bool = False) -> int:
     print(f"reward_streams partitions ({len(written)}):")
     for path in sorted(written):
         print(f"  {path}")
+    verdicts_file = storage.verdicts_path(data_dir)
+    if verdicts_file.exists():
+        from rts_dagster.analysis.verdict import verdicts_from_table
+        from rts_dagster.report.verdicts import headline
+
+        print("verdicts:")
+        for v in verdicts_from_table(pl.read_parquet(verdicts_file)):
+            print(f"  {headline(v)}")
     report = storage.report_dir(data_dir) / "report.md"
     if report.exists():
         print(f"report: {report}")
         print(f"        {report.with_suffix('.html')}")
     lp_recs = storage.lp_aggregate_paths(data_dir)["recommendations"]
     if lp_recs.exists():
-        n_tasks = pl.read_parquet(lp_recs, columns=["task"]).height
+        n_tasks = pl.read_parquet(lp_recs, columns=["task"])["task"].n_unique()
         print(f"LP recommendations ({n_tasks} tasks, with evidence in the report): {lp_recs}")
     if failures:
         print(f"{len(failures)} FAILED: " + ", ".join(k for k, _ in failures))

@@ -348,6 +348,7 @@ def replay_evidence(recommendation: dict | None, default_ema: float) -> list[Evi
             )
         ]
     best = r.get("replay_best")
+    n = int(r.get("replay_best_n_pairs") or r.get("signal_n") or n)
     finding = "no configuration beat the default on every check"
     if best:
         reason = r.get("replay_best_reason") or ""

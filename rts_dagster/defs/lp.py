@@ -14,7 +14,7 @@ from rts_dagster import storage
 from rts_dagster.analysis import lp_sweep
 from rts_dagster.analysis.lp_replay import stepwise_deviation
 from rts_dagster.analysis.lp_signal import TrendSettings
-from rts_dagster.defs.analysis import _matched_rows, _preview
+from rts_dagster.defs.analysis import _matched_rows, _preview, data_quality, read_quality
 from rts_dagster.defs.partitions import runs_partitions
 from rts_dagster.defs.resources import RtsStorage
 from rts_dagster.defs.runs import load_partition_streams, reward_streams
@@ -147,7 +147,7 @@ class LPRecommendationsConfig(dg.Config):
 
 @dg.asset(
     group_name="lp",
-    deps=[lp_replay],
+    deps=[lp_replay, data_quality],
     automation_condition=dg.AutomationCondition.eager(),
     description="Per (task, granularity): the replay evidence of every LP configuration "
     "against Metta's default (signal-to-noise ratio paired by run, interval adjusted for "
@@ -163,6 +163,17 @@ def lp_recommendations(
 
     root = rts_storage.root()
     metrics = _load_lp_metrics(rts_storage, context)
+    # a run whose replayed series carry no signal (all stale, constant or too short) adds
+    # no evidence: it is left out by name, so it cannot move a recommendation
+    runs_q = read_quality(rts_storage)["runs"]
+    usable = runs_q.filter(pl.col("contributes_dynamics")).select("run_id", "granularity")
+    dropped = metrics.join(usable, on=["run_id", "granularity"], how="anti")
+    if dropped.height:
+        names = sorted(set(dropped["run_id"].to_list()))
+        context.log.warning(
+            f"left out of the LP recommendations (no usable series): {', '.join(names)}"
+        )
+    metrics = metrics.join(usable, on=["run_id", "granularity"], how="semi")
     summary = lp_sweep.summarise_sweep(metrics)
     recs = lp_sweep.recommend(metrics, tolerance=config.tolerance, churn_floor=config.churn_floor)
     paths = storage.lp_aggregate_paths(root)
