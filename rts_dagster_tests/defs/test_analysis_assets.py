@@ -35,7 +35,13 @@ def pipeline(tiny_offline_dir, tmp_path_factory):
             ).success
         assert dg.materialize(
             ASSETS,
-            selection=["data_quality", "variance_table", "timescale_recommendations", "verdicts", "report"],
+            selection=[
+                "data_quality",
+                "variance_table",
+                "timescale_recommendations",
+                "verdicts",
+                "report",
+            ],
             instance=instance,
             resources=resources,
         ).success

@@ -36,14 +36,14 @@ def lp_pipeline(tiny_offline_dir, tmp_path_factory):
         for key in instance.get_dynamic_partitions("runs"):
             assert dg.materialize(
                 ASSETS,
-                selection=["reward_streams", "lp_replay"],
+                selection=["reward_streams", "series_metrics", "lp_replay"],
                 partition_key=key,
                 instance=instance,
                 resources=resources,
             ).success
         assert dg.materialize(
             ASSETS,
-            selection=["lp_recommendations"],
+            selection=["data_quality", "lp_recommendations"],
             instance=instance,
             resources=resources,
             run_config=FAST_CLOSED_LOOP,

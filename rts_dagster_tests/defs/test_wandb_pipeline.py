@@ -126,7 +126,13 @@ def test_sensor_materializes_a_wandb_project_and_follows_a_late_export(
         # the aggregates run on the WandB-sourced partitions too
         result = dg.materialize(
             ASSETS,
-            selection=["data_quality", "variance_table", "timescale_recommendations", "verdicts", "report"],
+            selection=[
+                "data_quality",
+                "variance_table",
+                "timescale_recommendations",
+                "verdicts",
+                "report",
+            ],
             instance=instance,
             resources=resources,
         )
