@@ -105,7 +105,8 @@ def two_pipelines(tmp_path_factory):
     clean = tmp_path_factory.mktemp("offline_clean")
     _epoch_only_runs(clean)
     dirty = tmp_path_factory.mktemp("offline_dirty")
-    shutil.copytree(clean, dirty, dirs_exist_ok=True)
+    # symlinks=True: wandb's `latest-run` link must stay a link, not become a second copy
+    shutil.copytree(clean, dirty, symlinks=True, dirs_exist_ok=True)
     _degenerate_run(dirty, "bob.assembly_lines.seed4", "assembly_lines", 200, stuck=True)
     _degenerate_run(dirty, "bob.fixed_maps.seed5", "fixed_maps", 6, stuck=False)
     out = {}
