@@ -476,6 +476,7 @@ EVIDENCE = pl.Struct(
         "finding": pl.String,
         "supports": pl.Boolean,  # for the proposal (true), against (false), cannot tell (null)
         "proposal": pl.String,
+        "config": pl.String,  # the configuration carrying the proposal (sweep / closed loop)
         "metric": pl.String,
         "estimate": pl.Float64,  # effect in `unit`
         "low": pl.Float64,  # its 95% interval (`method`, `n`)

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from rts_dagster.analysis import intervals, kalman
+from rts_dagster.analysis import intervals, kalman, lp_timescales
 from rts_dagster.analysis.lp import LPConfig, ZScoreLPConfig
 from rts_dagster.analysis.lp_replay import (
     DEFAULT_EVAL_POINTS,
@@ -89,15 +89,36 @@ CLOSED_LOOP_METRICS = ("time_to_competence", "final_reward", "competence_final")
 
 
 KALMAN_MATCHED = "kalman_matched"
+SEPARATION_MATCHED = "separation_matched"
+# Configurations whose settings are fitted per run (their table settings are geometric means)
+PER_RUN_CONFIGS = (KALMAN_MATCHED, SEPARATION_MATCHED)
 
 
-def default_sweep(n_labels: int, matched_gain: float | None = None) -> list[CurriculumConfig]:
+def default_sweep(
+    n_labels: int,
+    matched_gain: float | None = None,
+    separation: tuple[float, float] | None = None,
+) -> list[CurriculumConfig]:
     """The default experiments matrix for a task with `n_labels` labels. With
     `matched_gain` (see `matched_gain`), also Metta main LP with ema_timescale set to
-    the steady-state Kalman gain of the run's own rewards (`kalman_matched`)."""
+    the steady-state Kalman gain of the run's own rewards (`kalman_matched`); with
+    `separation` (see `separation_pair`), Metta main LP at the (ema_timescale,
+    slow_timescale_factor) pair that best separates learning from plateaued labels at the
+    run's measured noise, drift and slopes (`separation_matched`, `lp_timescales`)."""
     configs = [
         CurriculumConfig(name=METTA_DEFAULT, description="Metta main defaults"),
     ]
+    if separation is not None and all(math.isfinite(v) and v > 0 for v in separation):
+        ema, factor = separation
+        if ema <= 1.0:
+            configs.append(
+                CurriculumConfig(
+                    name=SEPARATION_MATCHED,
+                    main=LPConfig(ema_timescale=ema, slow_timescale_factor=factor),
+                    description=f"ema_timescale {ema:.3g}, slow_timescale_factor {factor:.3g}: "
+                    "the pair that best separates learning from plateaued labels",
+                )
+            )
     if matched_gain is not None and math.isfinite(matched_gain) and 0 < matched_gain <= 1:
         configs.append(
             CurriculumConfig(
@@ -177,6 +198,28 @@ def matched_gain(streams: pl.DataFrame, granularity: str) -> float | None:
         return None
     gain = float(kalman.steady_state_gain(q[ok].mean(), r[ok].mean()))
     return gain if math.isfinite(gain) and gain > 0 else None
+
+
+def separation_pair(streams: pl.DataFrame, granularity: str) -> tuple[float, float] | None:
+    """The run's separation-optimal (ema_timescale, slow_timescale_factor) from its
+    per-completion series (`lp_timescales.lp_separation_table`, all labels pooled). None for
+    epoch data: an EMA weight per epoch mean is not LP's per-completion weight."""
+    if granularity != GRANULARITY_COMPLETION:
+        return None
+    rows = streams.filter(pl.col("granularity") == GRANULARITY_COMPLETION)
+    if rows.height == 0:
+        return None
+    table = lp_timescales.lp_separation_table(kalman.estimate_local_level(rows))
+    pooled = table.filter((pl.col("label") == "*") & (pl.col("scope") == "pooled"))
+    if pooled.height == 0:
+        return None
+    ema, factor = (
+        pooled.row(0, named=True)["best_ema_timescale"],
+        pooled.row(0, named=True)["best_slow_factor"],
+    )
+    if ema is None or factor is None or not (math.isfinite(ema) and math.isfinite(factor)):
+        return None
+    return float(ema), float(factor)
 
 
 @dataclass(frozen=True)
@@ -467,7 +510,8 @@ def _config_stats(metrics: pl.DataFrame) -> pl.DataFrame:
         *keys, pl.col("lp_snr").alias("snr_default")
     )
     paired = metrics.sort(GROUP_KEYS).join(default, on=keys, how="left", maintain_order="left")
-    settings = [c for c in _SETTING_COLUMNS if c not in ("config", "ema_timescale")]
+    per_run = ("config", "ema_timescale", "slow_timescale_factor")
+    settings = [c for c in _SETTING_COLUMNS if c not in per_run]
     return paired.group_by([*GROUP_KEYS, "config"], maintain_order=True).agg(
         "lp_snr",
         "snr_default",
@@ -476,8 +520,9 @@ def _config_stats(metrics: pl.DataFrame) -> pl.DataFrame:
         "starved_fraction",
         pl.col("n_completions").median(),
         *(pl.col(c).first() for c in settings),
-        # kalman_matched has its own ema_timescale per run: their geometric mean
+        # kalman_matched / separation_matched have their own settings per run: geometric mean
         pl.col("ema_timescale").log().mean().exp(),
+        pl.col("slow_timescale_factor").log().mean().exp(),
     )
 
 
@@ -740,12 +785,13 @@ def closed_loop_candidates(
     open-loop reading alone would pick) and, when it was replayed on completions
     (`metrics`), `kalman_matched` (LP at the local-level gain the noise analysis
     recommends); each once, default excluded."""
-    matched_tasks = set()
+    replayed: dict[str, set[str]] = {KALMAN_MATCHED: set(), SEPARATION_MATCHED: set()}
     if metrics is not None and metrics.height:
-        matched = metrics.filter(
-            (pl.col("config") == KALMAN_MATCHED) & (pl.col("granularity") == GRANULARITY_COMPLETION)
-        )
-        matched_tasks = set(matched["task"].to_list())
+        for name, tasks in replayed.items():
+            matched = metrics.filter(
+                (pl.col("config") == name) & (pl.col("granularity") == GRANULARITY_COMPLETION)
+            )
+            tasks.update(matched["task"].to_list())
     out: dict[str, list[tuple[str, str]]] = {}
     rows = recommendations.filter(pl.col("granularity") == GRANULARITY_COMPLETION)
     for row in rows.iter_rows(named=True):
@@ -753,7 +799,9 @@ def closed_loop_candidates(
         wanted = [(row["replay_best"], "replay_best")]
         if row["actionable"]:
             wanted.insert(0, (row["config"], "recommended"))
-        if row["task"] in matched_tasks:
+        if row["task"] in replayed[SEPARATION_MATCHED]:
+            wanted.append((SEPARATION_MATCHED, "lp_separation"))
+        if row["task"] in replayed[KALMAN_MATCHED]:
             wanted.append((KALMAN_MATCHED, "local_level_gain"))
         for name, role in wanted:
             if name and name != METTA_DEFAULT and name not in (n for n, _ in pairs):

@@ -38,6 +38,7 @@ from typing import Literal
 import polars as pl
 from scipy import stats
 
+from rts_dagster.analysis.lp_sweep import SEPARATION_MATCHED
 from rts_dagster.schema import VERDICTS, conform
 
 Source = Literal["data", "noise", "replay", "closed_loop"]
@@ -60,7 +61,8 @@ class Evidence:
     source: Source
     finding: str  # short plain words, built from the numbers
     supports: bool | None
-    proposal: str | None = None  # configuration name or "setting=value"
+    proposal: str | None = None  # the change in words: "ema_timescale=0.003, ..."
+    config: str | None = None  # the sweep / closed-loop configuration that carries it
     metric: str | None = None
     estimate: float = math.nan
     low: float = math.nan
@@ -166,7 +168,7 @@ def decide(
 
     if replay:
         best = replay[0]
-        mine = [e for e in closed if e.proposal == best.proposal]
+        mine = [e for e in closed if e.config is not None and e.config == best.config]
         harmful = [e for e in mine if _harmful(e)]
         helpful = [e for e in mine if _helpful(e)]
         opposite = [
@@ -211,6 +213,43 @@ def decide(
 
     if noise:
         proposal = noise[0]
+        mine = [e for e in closed if e.config is not None and e.config == proposal.config]
+        harmful = [e for e in mine if _harmful(e)]
+        helpful = [e for e in mine if _helpful(e)]
+        if harmful:
+            return Verdict(
+                task,
+                "keep_default",
+                proposal.proposal,
+                "moderate",
+                True,
+                "3: noise analysis' pair harmful in the closed loop",
+                ev,
+                _experiment(
+                    default,
+                    proposal.proposal,
+                    harmful[0],
+                    "the noise analysis proposes it, the replay does not confirm it and the "
+                    "closed loop (simulator) finds it harmful; only real training can overrule "
+                    "that",
+                ),
+            )
+        if helpful:
+            return Verdict(
+                task,
+                "change",
+                proposal.proposal,
+                "moderate",
+                True,
+                "3: noise analysis' pair helpful in the closed loop, replay unconfirmed",
+                ev,
+                _experiment(
+                    default,
+                    proposal.proposal,
+                    helpful[0],
+                    "the closed loop favours it but the replay does not: confirm in training",
+                ),
+            )
         return Verdict(
             task,
             "keep_default",
@@ -219,11 +258,11 @@ def decide(
             True,
             "3: noise analysis not confirmed by replay",
             ev,
-            _experiment(
-                default,
-                proposal.proposal,
-                proposal,
-                "the noise analysis proposes it; the replay does not confirm it",
+            Experiment(
+                arms=(default, proposal.proposal),
+                seeds_per_arm=None,
+                reason="the noise analysis proposes it; the replay does not confirm it, and "
+                "its effect on training has not been measured",
             ),
         )
 
@@ -266,6 +305,12 @@ def setting_change(row: dict, default: dict) -> str:
         if k in row and row[k] is not None and not _same(row[k], default.get(k))
     ]
     return ", ".join(parts) or str(row.get("config"))
+
+
+def _default_settings() -> dict:
+    from rts_dagster.analysis.lp_replay import CurriculumConfig
+
+    return CurriculumConfig(name="metta_default").settings()
 
 
 def _ema_direction(ema: float | None, default_ema: float) -> int:
@@ -329,7 +374,8 @@ def replay_evidence(recommendation: dict | None, default_ema: float) -> list[Evi
                 f"{r['config']} raises LP's signal-to-noise ratio x{r['snr_ratio']:.3g} vs the "
                 "default, paired by run",
                 True,
-                proposal=r["config"],
+                proposal=setting_change(r, _default_settings()),
+                config=r["config"],
                 metric="snr_ratio",
                 estimate=math.log(r["snr_ratio"]),
                 low=math.log(r["snr_ratio_ci_low"]) if r["snr_ratio_ci_low"] > 0 else -math.inf,
@@ -379,7 +425,7 @@ def closed_loop_evidence(rows: list[dict]) -> list[Evidence]:
                 "closed_loop",
                 f"{r['config']} vs default, {metric.replace('_', ' ')}",
                 verdict,
-                proposal=r["config"],
+                config=r["config"],
                 metric=metric,
                 estimate=r["diff"],
                 low=low if low is not None else math.nan,
@@ -427,6 +473,7 @@ def noise_evidence(
             "its d' on held-out seeds vs the default's",
             supports if iv.defined else None,
             proposal=proposal,
+            config=SEPARATION_MATCHED,
             metric="separation_ratio",
             estimate=math.log(iv.estimate) if iv.estimate > 0 else math.nan,
             low=math.log(iv.low) if iv.defined and iv.low > 0 else math.nan,

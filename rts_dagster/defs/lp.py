@@ -68,7 +68,8 @@ def lp_replay(
     except ValueError as exc:
         raise dg.Failure(f"{part.path}: {exc}") from exc
     gain = lp_sweep.matched_gain(part.streams, stream.granularity)
-    configs = lp_sweep.default_sweep(len(stream.labels), matched_gain=gain)
+    separation = lp_sweep.separation_pair(part.streams, stream.granularity)
+    configs = lp_sweep.default_sweep(len(stream.labels), matched_gain=gain, separation=separation)
     started = time.perf_counter()
     metrics, trace = lp_sweep.sweep_run(
         stream,

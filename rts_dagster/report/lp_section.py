@@ -44,6 +44,7 @@ _ROLES = {
     "recommended": "passed every check",
     "replay_best": "highest replayed SNR",
     "local_level_gain": "LP at the local-level gain",
+    "lp_separation": "LP at the separation-optimal pair",
 }
 
 

@@ -29,6 +29,15 @@ def _num(value: float) -> str:
 def evidence_text(e: Evidence) -> str:
     """ "LP replay: <finding> (+0.12, 95% paired t interval, n=3: +0.02 to +0.22)"."""
     text = f"{_SOURCES[e.source]}: {e.finding}"
+    if math.isfinite(e.estimate) and e.unit.startswith("log "):  # a ratio: show it as one
+        ratio = e.unit.removeprefix("log ")
+        bounds = (
+            f"; 95% {e.method} interval, n={e.n}: x{_num(math.exp(e.low))} to "
+            f"x{_num(math.exp(e.high))}"
+            if math.isfinite(e.low) and math.isfinite(e.high)
+            else f"; no interval, n={e.n}"
+        )
+        return text + f" ({ratio} x{_num(math.exp(e.estimate))}{bounds})"
     if math.isfinite(e.estimate):
         unit = f" {e.unit}" if e.unit else ""
         if math.isfinite(e.low) and math.isfinite(e.high):

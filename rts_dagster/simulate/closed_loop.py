@@ -24,7 +24,12 @@ import numpy as np
 import polars as pl
 
 from rts_dagster.analysis.lp_replay import CurriculumConfig
-from rts_dagster.analysis.lp_sweep import KALMAN_MATCHED, METTA_DEFAULT, default_sweep
+from rts_dagster.analysis.lp_sweep import (
+    KALMAN_MATCHED,
+    METTA_DEFAULT,
+    SEPARATION_MATCHED,
+    default_sweep,
+)
 from rts_dagster.parallel import run_spawned
 from rts_dagster.schema import GRANULARITY_COMPLETION, LP_CLOSED_LOOP, conform, empty
 from rts_dagster.simulate.model import TASKS, SimulatedRun, simulate
@@ -65,8 +70,9 @@ def plan_closed_loop(
     `lp_sweep.closed_loop_candidates`) with Metta's default on `seeds` (each once), and one
     line per candidate or task left out (no simulator model of the task, or a name the
     simulator's sweep does not have: the runs logged another number of labels).
-    `kalman_matched` takes the geometric mean of the ema_timescale of its runs replayed per
-    completion (`metrics`; a gain fitted to epoch means is not a per-completion EMA weight)."""
+    `kalman_matched` and `separation_matched` take the geometric mean of the settings of
+    their runs replayed per completion (`metrics`; a weight fitted to epoch means is not a
+    per-completion EMA weight)."""
     jobs: list[Job] = []
     notes: list[str] = []
     for task, pairs in candidates.items():
@@ -79,7 +85,25 @@ def plan_closed_loop(
             & (pl.col("granularity") == GRANULARITY_COMPLETION)  # a gain per completion only
         )
         gain = math.exp(float(gains["ema_timescale"].log().mean())) if gains.height else None
-        sweep = {c.name: c for c in default_sweep(len(TASKS[task].labels), matched_gain=gain)}
+        pairs_run = metrics.filter(
+            (pl.col("task") == task)
+            & (pl.col("config") == SEPARATION_MATCHED)
+            & (pl.col("granularity") == GRANULARITY_COMPLETION)
+        )
+        separation = (
+            (
+                math.exp(float(pairs_run["ema_timescale"].log().mean())),
+                math.exp(float(pairs_run["slow_timescale_factor"].log().mean())),
+            )
+            if pairs_run.height
+            else None
+        )
+        sweep = {
+            c.name: c
+            for c in default_sweep(
+                len(TASKS[task].labels), matched_gain=gain, separation=separation
+            )
+        }
         missing = [name for name, _ in pairs if name not in sweep]
         if missing:
             notes.append(f"task {task!r}: {missing} not in the simulator's sweep: skipped")

@@ -28,7 +28,8 @@ def _replay(supports=True, direction=-1, est=0.2, low=0.05, high=0.35):
         "replay",
         "replay winner",
         supports,
-        proposal="main_ema_0.0003",
+        proposal="ema_timescale=0.0003",
+        config="main_ema_0.0003",
         metric="log_snr_ratio",
         estimate=est,
         low=low,
@@ -40,12 +41,12 @@ def _replay(supports=True, direction=-1, est=0.2, low=0.05, high=0.35):
     )
 
 
-def _closed(low, high, metric="final_reward"):
+def _closed(low, high, metric="final_reward", config="main_ema_0.0003"):
     return Evidence(
         "closed_loop",
         "closed loop",
         None,
-        proposal="main_ema_0.0003",
+        config=config,
         metric=metric,
         estimate=(low + high) / 2,
         low=low,
@@ -66,7 +67,7 @@ def test_epoch_only_data_never_changes_a_setting():
 def test_replay_winner_harmful_in_closed_loop_keeps_default_and_names_the_experiment():
     v = decide("t", [_replay(), _closed(-0.07, -0.001)], n_runs=3)
     assert v.action == "keep_default" and v.conflict
-    assert v.settle_with.arms == ("metta_default", "main_ema_0.0003")
+    assert v.settle_with.arms == ("metta_default", "ema_timescale=0.0003")
     assert v.settle_with.seeds_per_arm == seeds_needed(-0.0355, 0.02)
 
 
@@ -82,13 +83,37 @@ def test_replay_winner_without_closed_loop_is_moderate_and_opposite_noise_lowers
     assert (v.action, v.confidence, v.conflict) == ("change", "low", True)
 
 
-def test_noise_proposal_alone_is_a_conflict_not_a_change():
-    noise = Evidence(
-        "noise", "faster pair", True, proposal="ema_timescale=0.03", estimate=0.4, sd=0.3
+def _noise():
+    return Evidence(
+        "noise",
+        "faster pair",
+        True,
+        proposal="ema_timescale=0.03",
+        config="separation_matched",
+        estimate=0.4,
+        sd=0.3,
     )
-    v = decide("t", [_replay(supports=False), noise], n_runs=3)
+
+
+def test_noise_proposal_alone_is_a_conflict_not_a_change():
+    v = decide("t", [_replay(supports=False), _noise()], n_runs=3)
     assert v.action == "keep_default" and v.conflict and v.proposal == "ema_timescale=0.03"
-    assert v.settle_with.seeds_per_arm == seeds_needed(0.4, 0.3)
+    # a d' ratio says nothing about a training outcome: no seed count from it
+    assert v.settle_with.seeds_per_arm is None
+
+
+def test_noise_proposal_is_settled_by_its_own_closed_loop():
+    harmful = _closed(-0.05, -0.01, config="separation_matched")
+    v = decide("t", [_replay(supports=False), _noise(), harmful], n_runs=3)
+    assert (v.action, v.confidence, v.conflict) == ("keep_default", "moderate", True)
+    assert v.settle_with.seeds_per_arm == seeds_needed(-0.03, 0.02)
+    helpful = _closed(0.01, 0.05, config="separation_matched")
+    v = decide("t", [_replay(supports=False), _noise(), helpful], n_runs=3)
+    assert (v.action, v.proposal) == ("change", "ema_timescale=0.03")
+    # another configuration's closed loop does not bear on the noise analysis' pair
+    other = _closed(-0.05, -0.01, config="kalman_matched")
+    v = decide("t", [_replay(supports=False), _noise(), other], n_runs=3)
+    assert (v.action, v.confidence) == ("keep_default", "low")
 
 
 def test_nothing_supports_a_change():
