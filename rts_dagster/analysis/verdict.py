@@ -250,6 +250,25 @@ def decide(
                     "the closed loop favours it but the replay does not: confirm in training",
                 ),
             )
+        if mine:  # measured in the closed loop, inconclusive: size an experiment on it
+            sized = [e for e in mine if seeds_needed(e.estimate, e.sd) is not None]
+            basis = min(sized, key=lambda e: seeds_needed(e.estimate, e.sd), default=None)
+            return Verdict(
+                task,
+                "keep_default",
+                proposal.proposal,
+                "low",
+                True,
+                "3: noise analysis not confirmed by replay or closed loop",
+                ev,
+                _experiment(
+                    default,
+                    proposal.proposal,
+                    basis,
+                    "the noise analysis proposes it; neither the replay nor the closed loop "
+                    "(simulator) can tell it from the default",
+                ),
+            )
         return Verdict(
             task,
             "keep_default",

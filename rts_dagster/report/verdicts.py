@@ -70,7 +70,8 @@ def headline(v: Verdict) -> str:
             seeds = (
                 f"{exp.seeds_per_arm} seeds per arm for 80% power at the observed effect"
                 if exp.seeds_per_arm
-                else "seeds per arm unknown (effect too small or unmeasured)"
+                else "seeds per arm unknown: no training outcome measured, or an effect too "
+                "small for 50 seeds"
             )
             text += f" To settle it: run {' vs '.join(exp.arms)} ({seeds}); {exp.reason}."
         else:

@@ -135,3 +135,11 @@ def test_verdicts_survive_the_table_round_trip():
     ]
     assert back[0].settle_with == verdicts[0].settle_with
     assert back[0].evidence[1].low == -0.07 and back[0].evidence[1].metric == "final_reward"
+
+
+def test_an_inconclusive_closed_loop_sizes_the_experiment():
+    tiny = _closed(-0.02, 0.02, metric="final_reward", config="separation_matched")
+    wide = _closed(-1.0, 3.0, metric="time_to_competence", config="separation_matched")
+    v = decide("t", [_replay(supports=False), _noise(), tiny, wide], n_runs=3)
+    assert (v.action, v.confidence, v.conflict) == ("keep_default", "low", True)
+    assert v.settle_with.seeds_per_arm == seeds_needed(1.0, 0.02)
