@@ -469,6 +469,32 @@ RUN_QUALITY = pl.Schema(
 )
 
 
+# === What the epoch means can tell (analysis.epoch_view) =======================================
+EPOCH_VIEW = pl.Schema(
+    {
+        "task": pl.String,
+        "seed": pl.Int64,
+        "run_id": pl.String,
+        "label": pl.String,
+        "n_epochs": pl.Int64,  # epochs used: the second half of the run
+        "drift_per_epoch": pl.Float64,  # OLS slope, reward per epoch
+        "epoch_noise": pl.Float64,  # sqrt(Var(diff) / 2) of the epoch series, reward units
+        "lam": pl.Float64,  # held-value renewal rate per epoch (c / N); NaN: not told
+        "lag_epochs": pl.Float64,  # 1 / lam: how old a held value is, epochs
+        "note": pl.String,  # why lam is not told; "" when it is
+        "scale_source": pl.String,  # recorded stream | run config | user | none
+        "label_per_epoch": pl.Float64,  # c: completions of the label per epoch (given or implied)
+        "total_per_epoch": pl.Float64,  # C: completions of all labels per epoch
+        "n_envs": pl.Float64,  # N: environments (given or implied)
+        "sigma_per_completion": pl.Float64,  # converted per-completion sd; NaN: cannot tell
+        "drift_per_completion": pl.Float64,  # drift per completion of the label
+        "conversion": pl.String,  # the formula and numbers used, or why none could be
+        "sigma_stream": pl.Float64,  # the recorded stream's own noise (same epochs); NaN: none
+        "sigma_ratio": pl.Float64,  # sigma_per_completion / sigma_stream
+    }
+)
+
+
 # === One verdict per task (analysis.verdict) =====================================================
 EVIDENCE = pl.Struct(
     {

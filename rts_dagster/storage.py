@@ -113,6 +113,10 @@ def lp_timescales_path(data_dir: Path) -> Path:
     return metrics_dir(data_dir) / "lp_timescales.parquet"
 
 
+def epoch_view_path(data_dir: Path) -> Path:
+    return metrics_dir(data_dir) / "epoch_view.parquet"
+
+
 def verdicts_path(data_dir: Path) -> Path:
     return data_dir / "verdicts.parquet"
 

@@ -9,13 +9,14 @@ import dagster as dg
 import polars as pl
 
 from rts_dagster import storage
-from rts_dagster.analysis import kalman, lp_timescales, metrics, quality, variance
+from rts_dagster.analysis import epoch_view, kalman, lp_timescales, metrics, quality, variance
 from rts_dagster.defs.partitions import runs_partitions
 from rts_dagster.defs.resources import RtsStorage
 from rts_dagster.defs.runs import load_partition_streams, read_discovered, reward_streams
 from rts_dagster.discovery import row_files
 from rts_dagster.escape import md, md_table
 from rts_dagster.schema import (
+    EPOCH_VIEW,
     LP_TIMESCALES,
     NOISE_BY_PROGRESS,
     REWARD_STREAMS,
@@ -246,6 +247,30 @@ def variance_table(
     )
 
 
+class TimescaleConfig(dg.Config):
+    """A scale for converting epoch means to per-completion figures when a run has no
+    recorded stream and its config names no environment count."""
+
+    completions_per_epoch: float | None = None  # all labels, per epoch (C)
+
+
+def _n_envs_by_run(rts_storage: RtsStorage) -> dict[str, float]:
+    """Run id -> environments per run from its config (`training_env.num_envs`), if any."""
+    out: dict[str, float] = {}
+    root = rts_storage.root()
+    for row in _matched_rows(rts_storage):
+        folder, stem = row_files(row)
+        meta_path = storage.stream_paths(root, folder, stem)[1]
+        try:
+            env = storage.read_json(meta_path).get("env_config") or {}
+            value = float((env.get("training_env") or {}).get("num_envs"))
+        except (OSError, ValueError, TypeError, AttributeError):
+            continue
+        if value > 0:
+            out[row["run_id"]] = value
+    return out
+
+
 @dg.asset(
     group_name="analysis",
     deps=[series_metrics, data_quality],
@@ -254,10 +279,12 @@ def variance_table(
     "learning, plateau) from a local-level fit, in the series' unit (completions or epochs), "
     "with t-on-logs intervals over seeds; and LP's own objective: the fast/slow EMA pair that "
     "best separates learning from plateaued labels (completion units only). Files: "
-    "metrics/timescale_recommendations.parquet, metrics/lp_timescales.parquet.",
+    "metrics/timescale_recommendations.parquet, metrics/lp_timescales.parquet; and what each "
+    "epoch series can tell under Metta's held-value logging, converted to per-completion "
+    "units where a scale is known: metrics/epoch_view.parquet.",
 )
 def timescale_recommendations(
-    context: dg.AssetExecutionContext, rts_storage: RtsStorage
+    context: dg.AssetExecutionContext, config: TimescaleConfig, rts_storage: RtsStorage
 ) -> dg.MaterializeResult:
     tables = load_all(rts_storage, context)
     series_q = read_quality(rts_storage)["series"]
@@ -269,6 +296,12 @@ def timescale_recommendations(
         lp_timescales.lp_separation_table(per_series), LP_TIMESCALES, "lp_timescales"
     )
     storage.write_parquet(separation, storage.lp_timescales_path(rts_storage.root()))
+    view = conform(
+        epoch_view.epoch_view(streams, _n_envs_by_run(rts_storage), config.completions_per_epoch),
+        EPOCH_VIEW,
+        "epoch_view",
+    )
+    storage.write_parquet(view, storage.epoch_view_path(rts_storage.root()))
     path = storage.write_parquet(table, storage.timescales_path(rts_storage.root()))
     return dg.MaterializeResult(
         metadata={

@@ -49,6 +49,9 @@ def report(context: dg.AssetExecutionContext, rts_storage: RtsStorage) -> dg.Mat
         lp=lp_tables(root, _matched_rows(rts_storage)),
         verdicts=verdicts_from_table(pl.read_parquet(storage.verdicts_path(root))),
         series_quality=read_quality(rts_storage)["series"],
+        epoch_views=pl.read_parquet(storage.epoch_view_path(root))
+        if storage.epoch_view_path(root).exists()
+        else None,
     )
     written = write_report(doc, storage.report_dir(root))
     if written["note"]:

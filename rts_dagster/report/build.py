@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 import polars as pl
 
-from rts_dagster.analysis import quality
+from rts_dagster.analysis import epoch_view, quality
 from rts_dagster.analysis.verdict import Verdict
 from rts_dagster.report import figures
 from rts_dagster.report.document import Bullets, Figure, Heading, Paragraph, Report, Table
@@ -163,6 +163,101 @@ def _data_section(report: Report, series_quality: pl.DataFrame, granularity: str
     )
 
 
+def _g(value: object) -> str:
+    if value is None or not isinstance(value, int | float) or not math.isfinite(value):
+        return "n/a"
+    return f"{value:.3g}"
+
+
+def _epoch_section(report: Report, view: pl.DataFrame | None) -> None:
+    """What Metta's epoch means can tell, and (where a run recorded its stream) how their
+    converted per-completion noise compares with the stream's own."""
+    report.add(Heading("What the epoch means can tell"))
+    report.add(
+        Paragraph(
+            [
+                "Metta's epoch value of a label is the mean, over every episode end of the "
+                "epoch, of each environment's last reward of that label (held values). Held "
+                "values are renewed at lambda = c / N per epoch (c completions of the label per "
+                "epoch, N environments), so a held value is on average 1/lambda epochs old and "
+                "the epoch noise is far below the per-completion noise. In epoch units a "
+                "series tells its drift per epoch, its epoch noise and, when resolved, lambda; "
+                "a per-completion figure needs a scale: c and C from a recorded stream, N from "
+                "the run config (training_env.num_envs), or C given in the "
+                "timescale_recommendations config (completions_per_epoch). Figures use the "
+                "second half of each run (rts_dagster/analysis/epoch_model.py)."
+            ]
+        )
+    )
+    if view is None or view.height == 0:
+        report.add(Paragraph(["No usable epoch series."]))
+        return
+    summary = epoch_view.summarise_by_task(view)
+    report.add(
+        Table(
+            [
+                "task",
+                "runs",
+                "series",
+                "epoch noise (reward)",
+                "lambda resolved",
+                "median held-value age (epochs)",
+                "per-completion sd from epoch means",
+                "per-completion sd of the stream",
+                "converted / stream",
+                "scale",
+            ],
+            [
+                [
+                    r["task"],
+                    r["n_runs"],
+                    r["n_series"],
+                    r["epoch_noise"],
+                    f"{r['n_lambda_told']} of {r['n_series']}",
+                    r["lag_epochs"],
+                    r["sigma_per_completion"],
+                    r["sigma_stream"],
+                    r["sigma_ratio"],
+                    r["scale_sources"],
+                ]
+                for r in summary.iter_rows(named=True)
+            ],
+            caption="Medians over the task's epoch series. Epoch noise: sqrt(Var(diff)/2) of "
+            "the epoch values; per-completion sd from epoch means: the held-value model's "
+            "conversion (an upper bound when lambda is not resolved); of the stream: "
+            "std(diff)/sqrt2 of the recorded completions over the same epochs.",
+        )
+    )
+    lines = []
+    for r in summary.iter_rows(named=True):
+        task = r["task"]
+        stream, converted, noise = r["sigma_stream"], r["sigma_per_completion"], r["epoch_noise"]
+        if stream is not None and math.isfinite(stream) and noise:
+            text = (
+                f"{task}: the epoch means' noise ({_g(noise)} reward, median over "
+                f"{r['n_series']} series) is {_g(stream / noise)}x below the per-completion "
+                f"noise of the recorded stream ({_g(stream)})"
+            )
+            if converted is not None and math.isfinite(converted):
+                text += (
+                    f"; converted through the held-value model the epoch series give "
+                    f"{_g(converted)} ({_g(r['sigma_ratio'])}x the stream's)"
+                )
+            lines.append(text + f"; lambda resolved for {r['n_lambda_told']} of {r['n_series']}.")
+        elif converted is not None and math.isfinite(converted):
+            lines.append(
+                f"{task}: per-completion sd ~{_g(converted)} from the epoch means "
+                f"(scale: {r['scale_sources']}); no recorded stream to check it against."
+            )
+        else:
+            lines.append(
+                f"{task}: epoch noise {_g(noise)} reward per epoch; the per-completion noise "
+                "cannot be told from these data (no recorded stream, no environment count in "
+                "the run config, no completions_per_epoch given)."
+            )
+    report.add(Bullets(lines))
+
+
 def _not_shown(series_quality: pl.DataFrame | None, granularity: str) -> str:
     """A sentence naming the runs that have no usable series of `granularity`."""
     if series_quality is None or series_quality.height == 0:
@@ -191,6 +286,7 @@ def build_report(
     lp: dict[str, pl.DataFrame] | None = None,
     verdicts: list[Verdict] | None = None,
     series_quality: pl.DataFrame | None = None,
+    epoch_views: pl.DataFrame | None = None,
 ) -> Report:
     """The whole report. `findings`: descriptive sentences of the timescale analysis;
     `lp_configs`: task -> LP config found in its runs' config; `lp`: the lp_recommendations
@@ -219,6 +315,7 @@ def build_report(
 
     report.add(Heading("What the streams show"))
     report.add(Bullets(findings or ["Nothing to describe: too few usable samples."]))
+    _epoch_section(report, epoch_views)
     if lp is not None:
         add_lp_section(report, lp)
 
