@@ -258,6 +258,43 @@ def _epoch_section(report: Report, view: pl.DataFrame | None) -> None:
     report.add(Bullets(lines))
 
 
+METHOD_NOTES = (
+    "Intervals (rts_dagster/analysis/intervals.py), all 95% and valid with 2-5 seeds; each "
+    "printed with its method and n, none formed from one seed: Student t of a mean over "
+    "seeds; paired t of differences over runs or seeds shared by two configurations; t on "
+    "logs for ratios and timescales (geometric means); Welch t on logs for two tasks with "
+    "different seeds; Bonferroni-adjusted t for the best of K configurations (it holds "
+    "whichever was picked); exact F for the random-effects ICC and the variance ratio "
+    "(1 - ICC) / ICC; chi-square for Var(seed). Coverage at 3 seeds is tested on "
+    "synthetic data with a known truth (rts_dagster_tests/analysis/test_coverage.py and the "
+    "kalman / lp_sweep / verdict tests).",
+    "Data quality (analysis/quality.py): a series is constant (every finite value equal, e.g. "
+    "a task solved at exactly 1.0: not stale), mostly_stale (>= 90% of its epoch rows repeat "
+    "the previous value exactly), too_short (< 10 usable samples) or no_finite; reward "
+    "levels use ok and constant series, noise, drift, timescales and LP use ok series only; "
+    "everything left out is listed in 'Data used and left out'.",
+    "Epoch means (analysis/epoch_model.py): the held-value model of Metta's logging; epoch "
+    "figures stay in epoch units unless a scale converts them (see 'What the epoch means "
+    "can tell'). An LP ema_timescale is never compared with or proposed from an epoch count.",
+    "Timescales (analysis/kalman.py): local-level fits per regime (learning / plateau, a "
+    "two-segment line accepted by BIC); fits shorter than 100 samples or at the search bound "
+    "are left out and counted; Ljung-Box p < 0.01 on the one-step errors flags a poor fit. "
+    "LP's objective (analysis/lp_timescales.py): d' of F - S between a learning and a "
+    "plateaued label, closed forms; the pair is chosen on the other seeds and scored on each "
+    "held-out seed.",
+    "Verdict (analysis/verdict.py): the only advice; replay winners must carry signal of "
+    "their own, beat the default after the selection adjustment and pass the lag, churn and "
+    "starvation guards; the closed loop (the simulator) can veto or confirm; conflicts are "
+    "named with the experiment that would settle them (seeds per arm from a noncentral-t "
+    "power calculation on a measured training outcome, never on a d' ratio).",
+)
+
+
+def _methods_section(report: Report) -> None:
+    report.add(Heading("Methods and limits"))
+    report.add(Bullets(list(METHOD_NOTES)))
+
+
 def _not_shown(series_quality: pl.DataFrame | None, granularity: str) -> str:
     """A sentence naming the runs that have no usable series of `granularity`."""
     if series_quality is None or series_quality.height == 0:
@@ -297,6 +334,11 @@ def build_report(
     tasks = sorted(streams["task"].unique().to_list())
     if series_quality is None:
         series_quality = quality.series_quality(streams)
+    # what each section may use (data_quality): levels keep constant series, dynamics not
+    streams = quality.keep_usable(streams, series_quality, quality.PURPOSE_LEVEL)
+    series = quality.keep_usable(series, series_quality, quality.PURPOSE_LEVEL)
+    rolling = quality.keep_usable(rolling, series_quality, quality.PURPOSE_DYNAMICS)
+    progress = quality.keep_usable(progress, series_quality, quality.PURPOSE_DYNAMICS)
     report = Report(title="Reward streams and LP settings")
     report.add(
         Paragraph(
@@ -375,7 +417,8 @@ def build_report(
             figures.noise_distribution(
                 sel, "noise_diff", "trend-robust noise std(diff)/sqrt(2) (reward units)"
             ),
-            "Trend-robust noise of every (label, seed) series, per task.",
+            f"Trend-robust noise of every (label, seed) series, per task ({granularity} stream)."
+            + _not_shown(series_quality, granularity),
         )
     )
     per_label = (
@@ -407,7 +450,8 @@ def build_report(
                 "corr(SPS, reward)",
             ],
             [list(r) for r in per_label.iter_rows()],
-            caption=f"Per-label metrics ({granularity} stream), averaged over seeds.",
+            caption=f"Per-label metrics ({granularity} stream), averaged over seeds."
+            + _not_shown(series_quality, granularity),
         )
     )
 
@@ -578,6 +622,12 @@ def build_report(
                     ),
                 )
             )
+    _lp_config_paragraphs(report, lp_configs)
+    _methods_section(report)
+    return report
+
+
+def _lp_config_paragraphs(report: Report, lp_configs: dict[str, dict]) -> None:
     for task, cfg in sorted(lp_configs.items()):
         if cfg:
             report.add(
@@ -588,4 +638,3 @@ def build_report(
                     ]
                 )
             )
-    return report
