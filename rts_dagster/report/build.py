@@ -214,7 +214,7 @@ def _epoch_section(report: Report, view: pl.DataFrame | None) -> None:
                     r["n_series"],
                     r["epoch_noise"],
                     f"{r['n_lambda_told']} of {r['n_series']}",
-                    r["lag_epochs"],
+                    r["lag_epochs"] if r["lag_epochs"] is not None else "not resolved",
                     r["sigma_per_completion"],
                     r["sigma_stream"],
                     r["sigma_ratio"],
