@@ -220,6 +220,7 @@ TIMESCALE_RECOMMENDATIONS = pl.Schema(
         "n_excluded": pl.Int64,  # series rows left out of the pooled numbers
         "excluded_reason": pl.String,  # counted reasons ("2 gain at a grid bound ..."); "" if none
         "n_fit_not_ok": pl.Int64,  # usable fits with Ljung-Box p < 0.01 (kept)
+        "n_seeds_epoch_only": pl.Int64,  # seeds of the group whose run has no completion stream
         "noise_std": pl.Float64,  # sqrt(r), reward units: geometric mean over seeds
         "drift_std": pl.Float64,  # sqrt(q), reward per `unit`: geometric mean over seeds
         "gain": pl.Float64,  # 1 / timescale: tracking-optimal EMA weight per `unit`
@@ -229,10 +230,13 @@ TIMESCALE_RECOMMENDATIONS = pl.Schema(
         "ci_method": pl.String,  # "t on logs"
         "ci_n": pl.Int64,  # seeds behind the interval (< 2: bounds NaN)
         "ci_level": pl.Float64,  # 0.95
-        # LP comparison: only where unit == "completions" (null otherwise, see lp_comparison)
-        "lp_ema_timescale": pl.Float64,  # LP config's `ema_timescale` (an EMA weight)
-        "lp_timescale": pl.Float64,  # 1 / lp_ema_timescale, completions of one task
-        "timescale_ratio": pl.Float64,  # timescale / lp_timescale
+        # LP config: only where unit == "completions" (null otherwise, see lp_comparison)
+        "lp_ema_timescale": pl.Float64,  # LP config's `ema_timescale` (weight per completion
+        # of one task instance)
+        "lp_timescale": pl.Float64,  # 1 / lp_ema_timescale, completions of one task instance
+        # always null: a label timescale (completions of the label) and LP's per-instance
+        # timescale need instances per label to compare (lp_comparison)
+        "timescale_ratio": pl.Float64,
         "lp_comparison": pl.String,  # what the comparison means, or why it is null
         "note": pl.String,
         # Noise vs the quietest label of the same (task, unit, regime) (label rows) or the

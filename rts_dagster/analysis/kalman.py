@@ -59,7 +59,19 @@ On true local-level series
 gain is fitted and the start is diffuse).
 
 LP's `ema_timescale` (Metta main default 0.001) is an EMA *weight* applied once per
-completion of one task: its timescale is 1/0.001 = 1000 completions of that task.
+completion of one task *instance*: its timescale is 1/0.001 = 1000 completions of that
+instance. A label's stream pools all its instances (e.g. 1500 active instances over 10
+labels: ~150 per label, each seeing ~1/150 of the label's completions), so LP's EMA spans
+about (instances per label) / ema_timescale completions of the label. The instance count
+is not in these tables, so no ratio of a label timescale to LP's is formed
+(`timescale_ratio` is always null). (Nor is the tracking optimum itself a linear rescaling:
+a subsampled local level with a shared level has drift m q per instance completion, and
+K ~ sqrt(q / r) for small K.)
+
+Epoch rows (unit "epochs") fit the local-level model to epoch means of held values, which
+add an autoregressive component the model lacks: they describe the epoch stream and are
+not a per-completion timescale; their noise depends on completions per epoch and on the
+held-value lag, so noise comparisons of epoch rows carry that caveat.
 """
 
 from __future__ import annotations
@@ -579,9 +591,18 @@ def estimate_local_level(
 CI_METHOD_LOG_T = "t on logs"
 CI_METHOD_PAIRED = "paired t on log ratios"
 CI_METHOD_WELCH = "Welch t on log ratios"
+EPOCH_CAVEAT = "epoch means of held values: a description, not a per-completion timescale"
+EPOCH_NOISE_CAVEAT = "epoch means: depends on completions per epoch and the held-value lag"
 LP_NOT_COMPARABLE = (
     "epoch means: timescale in epochs, not comparable with LP's per-completion "
-    "ema_timescale (convert with completions per epoch, or record the per-completion stream)"
+    "ema_timescale (a scale needs completions per epoch, or the per-completion stream); "
+    + EPOCH_CAVEAT
+)
+LP_PER_INSTANCE = (
+    "timescale in completions of the label; LP's ema_timescale is a weight per completion "
+    "of one task instance, and a label with m active instances spans about m / "
+    "ema_timescale label completions of LP's EMA: m is not known here, so timescale_ratio "
+    "is null"
 )
 
 
@@ -661,12 +682,16 @@ def recommend_timescales(
     geometric mean with a t interval on logs (`intervals.log_t_interval`; `ci_method`,
     `ci_n` = seeds). Fits with `at_bound`, shorter than MIN_FIT_SAMPLES, absent regimes
     and constant series are left out and counted (`n_excluded`, `excluded_reason`);
-    fits failing Ljung-Box stay in and are counted (`n_fit_not_ok`).
+    usable fits with Ljung-Box p < FIT_OK_P stay in and are counted (`n_fit_not_ok`).
+    `n_seeds_epoch_only`: seeds of the group whose run has no completion stream of the
+    task (what an epoch row adds beyond the task's completion rows).
 
-    The LP comparison (`lp_ema_timescale` from `lp_config` or `lp_configs_by_task[task]`,
-    default Metta main's 0.001; `lp_timescale` = 1 / it; `timescale_ratio`) is formed only
-    on rows whose unit is "completions"; other rows get nulls and the reason in
-    `lp_comparison`. Noise vs the quietest label of the same (task, unit, regime): per seed
+    The LP config (`lp_ema_timescale` from `lp_config` or `lp_configs_by_task[task]`,
+    default Metta main's 0.001; `lp_timescale` = 1 / it, completions of one task instance)
+    is shown only on rows whose unit is "completions"; `timescale_ratio` is always null: a
+    label pools many task instances and their count is unknown here (module doc,
+    `lp_comparison`). Epoch rows carry the held-value caveat in `lp_comparison` and
+    `note`. Noise vs the quietest label of the same (task, unit, regime): per seed
     log ratios, paired t (`noise_ratio_ci_method`); pooled rows vs the quietest task:
     Welch t on logs (different runs). Columns: `schema.TIMESCALE_RECOMMENDATIONS`."""
     by_task = dict(lp_configs_by_task or {})
@@ -682,6 +707,18 @@ def recommend_timescales(
         pl.concat_str([pl.col("seed").cast(pl.String), pl.col("run_id")], separator="|")
         .fill_null("?")
         .alias("_unit_seed"),
+    )
+    with_completions = (
+        df.filter(pl.col("granularity") == GRANULARITY_COMPLETION)
+        .select(pl.concat_str([pl.col("task"), pl.col("_unit_seed")], separator="|"))
+        .to_series()
+        .unique()
+        .to_list()
+    )
+    df = df.with_columns(
+        ~pl.concat_str([pl.col("task"), pl.col("_unit_seed")], separator="|")
+        .is_in(with_completions)
+        .alias("_epoch_only")
     )
     rows: list[dict[str, Any]] = []
     seed_noise: dict[tuple[str, str, str, str, str], dict[str, float]] = {}
@@ -704,7 +741,7 @@ def recommend_timescales(
         ts[i, k] = 1.0 / use["gain"].to_numpy()
         noise[i, k] = np.sqrt(use["r"].to_numpy())
         drift[i, k] = np.sqrt(use["q"].to_numpy())
-        not_ok[i, k] = ~use["fit_ok"].fill_null(False).to_numpy()
+        not_ok[i, k] = (use["ljung_box_p"].fill_null(math.nan) < FIT_OK_P).to_numpy()
         with warnings.catch_warnings():  # all-NaN seeds are meant to give NaN
             warnings.simplefilter("ignore", RuntimeWarning)
             pooled_seed = {
@@ -727,6 +764,7 @@ def recommend_timescales(
                 n_bad = int(not_ok.sum())
             interval = log_t_interval(t_seed, method=CI_METHOD_LOG_T)
             n_excl, why = _exclusions(members)
+            epoch_only = members.filter(pl.col("_epoch_only"))["_unit_seed"].n_unique()
             seed_noise[(task, granularity, unit, regime, label)] = dict(
                 zip(seeds, n_seed, strict=True)
             )
@@ -744,6 +782,7 @@ def recommend_timescales(
                     "n_excluded": n_excl,
                     "excluded_reason": why,
                     "n_fit_not_ok": n_bad,
+                    "n_seeds_epoch_only": epoch_only,
                     "noise_std": _geomean(n_seed),
                     "drift_std": _geomean(d_seed),
                     "gain": 1.0 / estimate if estimate > 0 else math.nan,
@@ -755,21 +794,17 @@ def recommend_timescales(
                     "ci_level": interval.level,
                     "lp_ema_timescale": lp_weight if comparable else None,
                     "lp_timescale": 1.0 / lp_weight if comparable else None,
-                    "timescale_ratio": estimate * lp_weight if comparable else None,
-                    "lp_comparison": (
-                        "timescale in completions of the label; LP's EMA runs per task instance"
-                        if comparable
-                        else LP_NOT_COMPARABLE
-                    ),
-                    "note": _rec_note(interval.n, n_excl, n_bad),
+                    "timescale_ratio": None,
+                    "lp_comparison": LP_PER_INSTANCE if comparable else LP_NOT_COMPARABLE,
+                    "note": _rec_note(interval.n, n_excl, n_bad, comparable),
                 }
             )
     table = pl.DataFrame(rows, infer_schema_length=None)
     return _add_references(table, seed_noise)
 
 
-def _rec_note(n_seeds: int, n_excluded: int, n_not_ok: int) -> str:
-    parts = []
+def _rec_note(n_seeds: int, n_excluded: int, n_not_ok: int, completions: bool = True) -> str:
+    parts = [] if completions else [EPOCH_CAVEAT]
     if n_seeds == 0:
         parts.append("no usable fit")
     elif n_seeds < 2:
@@ -882,81 +917,121 @@ def _interval_text(lo: float | None, hi: float | None, method: str, n: int, leve
 
 RECORD_STREAM_SENTENCE = (
     "epoch means average many completions and held values, so these figures are in "
-    "epochs: record the per-completion stream (RewardStreamRecorder) for an absolute "
-    "ema_timescale"
+    f"epochs ({EPOCH_CAVEAT}); a per-completion stream (RewardStreamRecorder) gives "
+    "figures in completions"
 )
 
 
+def _described_groups(rows: pl.DataFrame) -> list[tuple[str, str]]:
+    """(granularity, unit) pairs of one task's rows to describe: completion-stream rows,
+    and epoch-stream rows when the task has no completion rows or some of its epoch seeds
+    come from runs without a completion stream (`n_seeds_epoch_only`)."""
+    pairs = rows.select("granularity", "unit").unique(maintain_order=True).rows()
+    has_completion = any(g == GRANULARITY_COMPLETION for g, _ in pairs)
+    out = []
+    for granularity, unit in pairs:
+        part = rows.filter((pl.col("granularity") == granularity) & (pl.col("unit") == unit))
+        epoch_only = (
+            int(part["n_seeds_epoch_only"].fill_null(0).max() or 0)
+            if "n_seeds_epoch_only" in part.columns
+            else 0
+        )
+        if granularity == GRANULARITY_COMPLETION or not has_completion or epoch_only > 0:
+            out.append((granularity, unit))
+    order = {UNIT_COMPLETIONS: 0, UNIT_EPOCHS: 1}
+    return sorted(out, key=lambda gu: (gu[0] != GRANULARITY_COMPLETION, order.get(gu[1], 2)))
+
+
+def _regime_sentence(task: str, p: dict[str, Any]) -> str:
+    """One pooled (task, granularity, unit, regime) row in plain words."""
+    unit, regime = p["unit"], p["regime"]
+    singular = unit[:-1]
+    head = f"{task}, {regime} {'series' if regime == REGIME_WHOLE else 'regime'}"
+    if p["granularity"] != GRANULARITY_COMPLETION and unit == UNIT_COMPLETIONS:
+        head += " (epoch stream converted to completions"
+    else:
+        head += f" ({unit}"
+    epoch_only = p.get("n_seeds_epoch_only") or 0
+    if p["granularity"] != GRANULARITY_COMPLETION and epoch_only:
+        head += f"; {epoch_only} of {p['n_seeds']} seeds from runs without a completion stream"
+    head += ")"
+    extra = ""
+    if p["n_excluded"]:
+        extra += f"; {p['n_excluded']} of {p['n_series']} fits left out ({p['excluded_reason']})"
+    if p["n_fit_not_ok"]:
+        n_usable = p["n_series"] - (p["n_excluded"] or 0)
+        extra += (
+            f"; {p['n_fit_not_ok']} of {n_usable} usable fits fail Ljung-Box (p < "
+            f"{FIT_OK_P:g}: one-step errors autocorrelated, the local-level model misses "
+            "structure there)"
+        )
+    if not math.isfinite(p["timescale"]):
+        return f"{head}: no timescale could be estimated{extra}."
+    text = (
+        f"{head}: noise sd {p['noise_std']:.3g}, drift sd {p['drift_std']:.3g} per "
+        f"{singular}; tracking-optimal EMA timescale (steady-state Kalman 1/K) "
+        f"~{_fmt(p['timescale'])} {unit} ("
+        + _interval_text(
+            p["timescale_ci_low"], p["timescale_ci_high"], p["ci_method"], p["ci_n"], p["ci_level"]
+        )
+        + ")"
+    )
+    if unit == UNIT_COMPLETIONS and p["lp_ema_timescale"] is not None and regime == REGIME_WHOLE:
+        weight = p["lp_ema_timescale"]
+        text += (
+            f"; LP's ema_timescale {weight:g} is a weight per completion of one task "
+            f"instance ({_fmt(p['lp_timescale'])} completions of that instance); with m "
+            f"instances of a label active, LP's EMA spans about m x {_fmt(p['lp_timescale'])}"
+            " completions of the label"
+        )
+    if p["granularity"] != GRANULARITY_COMPLETION or unit != UNIT_COMPLETIONS:
+        text += f"; {RECORD_STREAM_SENTENCE}"
+    return text + extra + "."
+
+
 def describe_recommendations(table: pl.DataFrame) -> list[str]:
-    """Descriptive plain-words findings from `recommend_timescales` (no advice): per task
-    and regime, noise, drift and the tracking-optimal timescale with its unit, interval,
-    method and n; the LP ema_timescale beside it only in completion units; and each
-    task's noisiest label vs its quietest (whole series). Completion rows are used when a
-    task has them, else epoch rows (with the note that they are not in completions)."""
+    """Descriptive plain-words findings from `recommend_timescales` (no advice): per task,
+    stream granularity and regime, noise, drift and the tracking-optimal timescale with its
+    unit, interval, method and n, the fits left out and those failing Ljung-Box; LP's
+    ema_timescale beside it in completion units as a per-instance weight (no ratio: a label
+    pools many instances); and each task's noisiest label vs its quietest (whole series).
+    Completion-stream rows are always described; epoch-stream rows when the task has no
+    completion rows or some epoch seeds come from runs without a completion stream. Epoch
+    noise comparisons carry the held-value caveat."""
     if table.height == 0:
         return []
     out: list[str] = []
     for task in table["task"].unique(maintain_order=True).to_list():
-        rows = table.filter(pl.col("task") == task)
-        unit = UNIT_COMPLETIONS if (rows["unit"] == UNIT_COMPLETIONS).any() else UNIT_EPOCHS
-        rows = rows.filter(pl.col("unit") == unit)
-        singular = unit[:-1]
-        for regime in (REGIME_WHOLE, REGIME_LEARNING, REGIME_PLATEAU):
-            pooled = rows.filter((pl.col("group") == "pooled") & (pl.col("regime") == regime))
-            if pooled.height == 0:
-                continue
-            p = pooled.row(0, named=True)
-            head = f"{task}, {regime} {'series' if regime == REGIME_WHOLE else 'regime'}"
-            left = (
-                f"; {p['n_excluded']} of {p['n_series']} fits left out ({p['excluded_reason']})"
-                if p["n_excluded"]
-                else ""
+        task_rows = table.filter(pl.col("task") == task)
+        for granularity, unit in _described_groups(task_rows):
+            rows = task_rows.filter(
+                (pl.col("granularity") == granularity) & (pl.col("unit") == unit)
             )
-            if not math.isfinite(p["timescale"]):
-                out.append(f"{head} ({unit}): no timescale could be estimated{left}.")
-                continue
-            text = (
-                f"{head} ({unit}): noise sd {p['noise_std']:.3g}, drift sd "
-                f"{p['drift_std']:.3g} per {singular}; tracking-optimal EMA timescale "
-                f"(steady-state Kalman 1/K) ~{_fmt(p['timescale'])} {unit} ("
-                + _interval_text(
-                    p["timescale_ci_low"],
-                    p["timescale_ci_high"],
-                    p["ci_method"],
-                    p["ci_n"],
-                    p["ci_level"],
-                )
-                + ")"
+            for regime in (REGIME_WHOLE, REGIME_LEARNING, REGIME_PLATEAU):
+                pooled = rows.filter((pl.col("group") == "pooled") & (pl.col("regime") == regime))
+                if pooled.height:
+                    out.append(_regime_sentence(task, pooled.row(0, named=True)))
+            labels = rows.filter(
+                (pl.col("group") == "label")
+                & (pl.col("regime") == REGIME_WHOLE)
+                & pl.col("noise_ratio").is_finite()
             )
-            if unit == UNIT_COMPLETIONS and p["lp_ema_timescale"] is not None:
-                text += (
-                    f"; LP's ema_timescale {p['lp_ema_timescale']:g} is a timescale of "
-                    f"{_fmt(p['lp_timescale'])} completions of a task instance (ratio "
-                    f"{_fmt(p['timescale_ratio'])})"
-                )
-            else:
-                text += f"; {RECORD_STREAM_SENTENCE}"
-            out.append(text + left + ".")
-        labels = rows.filter(
-            (pl.col("group") == "label")
-            & (pl.col("regime") == REGIME_WHOLE)
-            & pl.col("noise_ratio").is_finite()
-        )
-        if labels.height >= 2:
-            top = labels.sort("noise_ratio", descending=True).row(0, named=True)
-            if top["noise_ratio"] > 1.0:
-                out.append(
-                    _noise_sentence(
-                        f"{task}/{top['label']}", f"{task}/{top['reference_label']}", top
+            if labels.height >= 2:
+                top = labels.sort("noise_ratio", descending=True).row(0, named=True)
+                if top["noise_ratio"] > 1.0:
+                    out.append(
+                        _noise_sentence(
+                            f"{task}/{top['label']}", f"{task}/{top['reference_label']}", top
+                        )
                     )
-                )
     pooled = table.filter(
         (pl.col("group") == "pooled")
         & (pl.col("regime") == REGIME_WHOLE)
         & pl.col("noise_ratio").is_finite()
     )
-    for unit in (UNIT_COMPLETIONS, UNIT_EPOCHS):
-        part = pooled.filter(pl.col("unit") == unit)
+    pairs = pooled.select("granularity", "unit").unique().rows()
+    for granularity, unit in sorted(pairs, key=lambda gu: (gu[0] != GRANULARITY_COMPLETION, gu)):
+        part = pooled.filter((pl.col("granularity") == granularity) & (pl.col("unit") == unit))
         if part.height >= 2:
             top = part.sort("noise_ratio", descending=True).row(0, named=True)
             if top["noise_ratio"] > 1.0:
@@ -977,7 +1052,9 @@ def _noise_sentence(name: str, reference: str, row: dict[str, Any]) -> str:
         row["noise_ratio_n"],
         row["ci_level"],
     )
+    epoch = row["unit"] != UNIT_COMPLETIONS or row["granularity"] != GRANULARITY_COMPLETION
+    caveat = f"; {EPOCH_NOISE_CAVEAT}" if epoch else ""
     return (
         f"{name} is {_fmt(row['noise_ratio'])}x as noisy as {reference} "
-        f"(whole series, {row['unit']}; {ci}); {ts_text}."
+        f"(whole series, {row['unit']}{caveat}; {ci}); {ts_text}."
     )

@@ -364,6 +364,9 @@ def summarise_sweep(metrics: pl.DataFrame) -> pl.DataFrame:
         default = group.filter(pl.col("config") == METTA_DEFAULT)
         for _, per_config in group.group_by(["config"], maintain_order=True):
             settings = per_config.select(_SETTING_COLUMNS).row(0, named=True)
+            if settings["config"] in PER_RUN_CONFIGS:  # fitted per run: geometric means
+                for name in ("ema_timescale", "slow_timescale_factor"):
+                    settings[name] = float(np.exp(np.log(per_config[name].to_numpy()).mean()))
             paired = per_config.join(default, on=["seed", "run_id"], suffix="_default", how="left")
             for metric in SUMMARY_METRICS:
                 values = per_config[metric].to_numpy()

@@ -34,10 +34,25 @@ for a learning regime of L completions) / sd_plateau. A larger sigma^2 / q penal
 pairs (noise passes), a larger q penalises slow ones (drift accumulates), and a shorter
 learning phase needs a faster pair to move in time.
 
+d' is model-based: these closed forms evaluated at the measured inputs (`score_method`),
+not a separation measured on the stream. It is scale-free: as f -> 1, F - S shrinks like
+(1 - f) on the ramp and on the plateau alike, so d' tends to a finite limit (the d' of the
+derivative of the EMA with respect to its weight), not to 0, and on measured inputs it is
+flat in f above ~0.5 (within ~1%). `limit_score` is that f -> 1 limit (at the best a for
+it): `best_score / limit_score` near 1 says f is not pinned down by d'. In LP itself the
+absolute size of F - S matters on main (the exploration floor and the lp_gain term), which
+d' does not see.
+
 Inputs, per (task, seed, label), from `kalman.estimate_local_level` rows in completion
 units only: plateau regime r (sigma^2) and q, learning regime OLS slope and duration.
+The same fits as `kalman.recommend_timescales` pools are used: a plateau fit flagged
+`at_bound`, a plateau or learning regime shorter than `kalman.MIN_FIT_SAMPLES`, an absent
+regime, a constant plateau or an undefined slope leaves the unit out, counted per row
+(`n_excluded`, `excluded_reason`). (The learning regime gives only its OLS slope and
+length, so its own local-level fit flags do not matter.)
 A pair is chosen by maximising the mean of log d' over the units in scope (seeds of one
-label, or seeds x labels of a task) on the grid a in 1e-4..0.5 (log), f in 0.05..0.5.
+label, or seeds x labels of a task) on the grid a in 1e-4..0.5 (log), f in 0.05..0.99;
+an optimum on the grid's edge is flagged (`best_on_grid_edge`).
 Per seed, the pair is also chosen on the *other* seeds and scored on this one
 (`loo_*`), so that ratios to Metta's default (a = 0.001, f = 0.2) are not inflated by
 picking the best of the grid on the same seed: t intervals on log `loo_ratio` over seeds
@@ -52,13 +67,23 @@ import math
 import numpy as np
 import polars as pl
 
-from rts_dagster.analysis.kalman import REGIME_LEARNING, REGIME_PLATEAU, UNIT_COMPLETIONS
+from rts_dagster.analysis.kalman import (
+    MIN_FIT_SAMPLES,
+    REGIME_LEARNING,
+    REGIME_PLATEAU,
+    UNIT_COMPLETIONS,
+)
 from rts_dagster.schema import LP_TIMESCALES, conform
 
 METTA_DEFAULT_EMA = 0.001
 METTA_DEFAULT_SLOW_FACTOR = 0.2
 EMA_GRID = np.geomspace(1e-4, 0.5, 60)
-SLOW_FACTOR_GRID = np.linspace(0.05, 0.5, 10)
+SLOW_FACTOR_GRID = np.r_[np.linspace(0.05, 0.95, 19), 0.99]
+SLOW_FACTOR_LIMIT = 1.0 - 1e-6  # f -> 1: d' at its finite limit (module doc)
+SCORE_METHOD = (
+    "model: closed-form d' at the measured plateau noise/drift and learning slope/duration "
+    "(not measured on the stream)"
+)
 
 
 def ramp_separation(
@@ -146,9 +171,17 @@ def _best(log_grid: np.ndarray) -> tuple[float, float, float, bool]:
     return float(EMA_GRID[i]), float(SLOW_FACTOR_GRID[k]), float(mean[i, k]), bool(edge)
 
 
-def _inputs(local_level: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _log_limit_scores(units: pl.DataFrame) -> np.ndarray:
+    """log d' as f -> 1 on the a grid, (units, len(EMA_GRID))."""
+    cols = [units[c].to_numpy()[:, None] for c in ("slope", "duration", "r", "q")]
+    with np.errstate(divide="ignore"):
+        return np.log(separation_score(*cols, EMA_GRID[None, :], SLOW_FACTOR_LIMIT))
+
+
+def _inputs(local_level: pl.DataFrame) -> pl.DataFrame:
     """Per (task, seed, run_id, label): plateau r, q, tracking timescale; learning slope,
-    duration. Returns (usable units, left-out units with the reason)."""
+    duration; and `reason` ("" for a usable unit, else why it is left out: the exclusions
+    `kalman.recommend_timescales` applies to the fits used here)."""
     keys = ["task", "seed", "run_id", "label"]
     ll = local_level.filter(pl.col("unit") == UNIT_COMPLETIONS)
     plateau = ll.filter(pl.col("regime") == REGIME_PLATEAU).select(
@@ -165,21 +198,37 @@ def _inputs(local_level: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         pl.col("n_samples").alias("duration"),
     )
     units = plateau.join(learning, on=keys, how="full", coalesce=True, nulls_equal=True)
+    plateau_n = pl.col("plateau_n").fill_null(0)
+    duration = pl.col("duration").fill_null(0)
     reason = (
-        pl.when(pl.col("plateau_n").fill_null(0) == 0)
+        pl.when(plateau_n == 0)
         .then(pl.lit("no plateau regime"))
+        .when(plateau_n < MIN_FIT_SAMPLES)
+        .then(pl.lit(f"plateau shorter than {MIN_FIT_SAMPLES} completions"))
         .when(~pl.col("r").is_finite() | ~pl.col("q").is_finite())
-        .then(pl.lit("plateau too short or constant for a local-level fit"))
-        .when(pl.col("duration").fill_null(0) == 0)
+        .then(pl.lit("plateau constant (no local-level fit)"))
+        .when(pl.col("plateau_at_bound").fill_null(True))
+        .then(pl.lit("plateau gain at a grid bound or 1/K longer than the regime"))
+        .when(duration == 0)
         .then(pl.lit("no learning regime"))
+        .when(duration < MIN_FIT_SAMPLES)
+        .then(pl.lit(f"learning regime shorter than {MIN_FIT_SAMPLES} completions"))
         .when(~pl.col("slope").is_finite() | (pl.col("slope") == 0))
         .then(pl.lit("learning slope undefined"))
         .otherwise(pl.lit(""))
     )
-    units = units.with_columns(
+    return units.with_columns(
         reason.alias("reason"), pl.col(pl.Float64).fill_null(float("nan"))
     ).sort(keys)
-    return units.filter(pl.col("reason") == ""), units.filter(pl.col("reason") != "")
+
+
+def _exclusions(part: pl.DataFrame) -> tuple[int, str]:
+    """Units of a scope left out, and the counted reasons ("3 no plateau regime, ...")."""
+    left = part.filter(pl.col("reason") != "")
+    if left.height == 0:
+        return 0, ""
+    counts = left.group_by("reason").len().sort(["len", "reason"], descending=[True, False])
+    return left.height, ", ".join(f"{n} {why}" for why, n in counts.rows())
 
 
 def _row(

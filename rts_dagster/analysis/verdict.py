@@ -2,42 +2,53 @@
 
 The analysis has three sources of advice, and they can disagree:
 - `noise`: the measured noise, drift and learning slopes per label, turned into the EMA
-  pair that best separates a learning label from a plateaued one (`lp_timescales`);
-  absolute only in completion units;
-- `replay`: the recorded stream replayed through each LP configuration (`lp_sweep`), the
-  winner paired by seed against Metta's default with a selection-adjusted interval;
+  pair that best separates a learning label from a plateaued one (`lp_timescales`, closed
+  forms: model-based, not a measurement); each run's own pair is also replayed and run in
+  the closed loop as `separation_matched`;
+- `replay`: the recorded stream replayed through each LP configuration (`lp_sweep`): the
+  selected winner paired by run against Metta's default with a Bonferroni interval over
+  the K configurations compared, and the pre-declared `separation_matched` with a plain
+  paired interval (it was not selected by the replay);
 - `closed_loop`: the simulator trained under a candidate and under the default on fresh
-  seeds (only for tasks the simulator models).
-Plus `data`: what the data can tell at all (epoch means only, runs left out).
+  seeds (only for tasks the simulator models). Primary outcomes: final competence and time
+  to competence; final reward is secondary (it depends on what the curriculum samples).
+Plus `data`: what the data can tell at all (granularity, runs left out, the runs' own LP
+settings, task instances per label).
 
-`decide` turns them into one `Verdict`: keep the default, or change one setting, with a
-confidence and, when the sources conflict or cannot decide, the experiment that would
-settle it. Every section of the report describes evidence; only the verdict advises, so no
-two sections can give opposite advice. Rules (in order):
+`decide` turns them into one `Verdict`. Reading a candidate's closed loop (an outcome is
+better / worse when its interval is wholly on that side of zero): `helpful` if a primary
+outcome is better and none is worse; `mixed` if a primary outcome is better and another
+outcome is worse; `harmful` if a primary outcome is worse and none is better;
+`inconclusive` otherwise. Rules, in order:
 1. no usable completion-granularity evidence -> keep the default, confidence "none": an
    epoch mean averages held values over environments, so no absolute `ema_timescale`
    follows from it; the way forward is recording the per-completion stream;
-2. a confident, actionable replay winner:
-   - the closed loop finds it harmful (an interval wholly on the bad side) -> keep the
-     default, conflict, settle with an experiment of the two arms;
-   - the closed loop finds it helpful and nothing harmful -> change, "high";
-   - otherwise (no closed loop, or inconclusive) -> change, "moderate", to be confirmed
-     by an experiment; "low" when the noise analysis points the other way;
-3. no replay winner but the noise analysis proposes a pair -> keep the default, conflict:
-   name the noise analysis' proposal and the experiment that would settle it;
+2. a replay winner (it passed every replay check) -> closed loop harmful: keep the default,
+   "low", conflict; helpful: change, "high"; mixed: change, "low", conflict; none or
+   inconclusive: change, "moderate" (to be confirmed in training);
+3. no replay winner, the noise analysis proposes a pair -> its own replay check and closed
+   loop decide: replay check significantly worse or closed loop harmful: keep the
+   default, "low", conflict; replay check better and closed loop not harmful, or closed loop
+   helpful: change, "moderate"; otherwise keep the default, "low" (the evidence cannot
+   decide; conflict only if some source points the other way);
 4. otherwise keep the default: "moderate" with 3 or more runs, else "low".
-Pure: structured inputs in, a structured decision out; sentences live in `report/`.
+A conflict always means confidence "low". Seeds per arm of the settling experiment come
+from a noncentral-t power calculation on the closed loop's primary outcome (final
+competence), never on a d' or SNR ratio; simulator pairs share random draws, so real runs
+need at least as many. Pure: structured inputs in, a structured decision out; sentences
+live in `report/`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 import polars as pl
 from scipy import stats
 
+from rts_dagster.analysis.intervals import log_t_interval
 from rts_dagster.analysis.lp_sweep import SEPARATION_MATCHED
 from rts_dagster.schema import VERDICTS, conform
 
@@ -45,6 +56,7 @@ Source = Literal["data", "noise", "replay", "closed_loop"]
 Action = Literal["keep_default", "change"]
 Confidence = Literal["high", "moderate", "low", "none"]
 
+METTA_MAIN_EMA = 0.001
 POWER = 0.8
 ALPHA = 0.05
 MAX_SEEDS = 50  # beyond this an experiment is not a practical way to settle it
@@ -116,22 +128,50 @@ def seeds_needed(
     return None
 
 
-def _experiment(default: str, proposal: str, basis: Evidence | None, reason: str) -> Experiment:
-    seeds = seeds_needed(basis.estimate, basis.sd) if basis is not None else None
-    return Experiment(arms=(default, proposal), seeds_per_arm=seeds, reason=reason)
+PRIMARY = ("competence_final", "time_to_competence")  # closed-loop outcomes that decide
+SECONDARY = ("final_reward",)  # depends on what the curriculum sampled
+SIZING_METRIC = "competence_final"  # the pre-declared outcome an experiment is sized on
 
 
-def _harmful(e: Evidence) -> bool:
+def _bad(e: Evidence) -> bool:
     """An interval wholly on the bad side of zero."""
     if not (math.isfinite(e.low) and math.isfinite(e.high)) or e.better == 0:
         return False
     return e.high < 0 if e.better > 0 else e.low > 0
 
 
-def _helpful(e: Evidence) -> bool:
+def _good(e: Evidence) -> bool:
     if not (math.isfinite(e.low) and math.isfinite(e.high)) or e.better == 0:
         return False
     return e.low > 0 if e.better > 0 else e.high < 0
+
+
+def closed_loop_reading(rows: list[Evidence]) -> str | None:
+    """harmful | helpful | mixed | inconclusive for one candidate's closed-loop rows, or
+    None when it was not run (rules in the module docstring)."""
+    if not rows:
+        return None
+    primary = [e for e in rows if e.metric in PRIMARY]
+    good = any(_good(e) for e in primary)
+    bad_primary = any(_bad(e) for e in primary)
+    bad_any = bad_primary or any(_bad(e) for e in rows if e.metric in SECONDARY)
+    if good:
+        return "mixed" if bad_any else "helpful"
+    return "harmful" if bad_primary else "inconclusive"
+
+
+def mixed_text(rows: list[Evidence]) -> str:
+    """ "final competence better; time to competence, final reward worse"."""
+    better = [e.metric.replace("_", " ") for e in rows if _good(e)]
+    worse = [e.metric.replace("_", " ") for e in rows if _bad(e)]
+    return f"{', '.join(better) or 'nothing'} better; {', '.join(worse) or 'nothing'} worse"
+
+
+def _experiment(default: str, proposal: str, closed: list[Evidence], reason: str) -> Experiment:
+    """The two arms, sized on the closed loop's final competence when it was run."""
+    basis = next((e for e in closed if e.metric == SIZING_METRIC), None)
+    seeds = seeds_needed(basis.estimate, basis.sd) if basis is not None else None
+    return Experiment(arms=(default, proposal), seeds_per_arm=seeds, reason=reason)
 
 
 def decide(
@@ -147,17 +187,18 @@ def decide(
     noise = [e for e in ev if e.source == "noise" and e.supports and e.proposal]
     closed = [e for e in ev if e.source == "closed_loop"]
 
-    if any(e.supports is None and e.metric == "granularity" for e in data) and not (
-        replay or noise
-    ):
+    def verdict(action, proposal, confidence, conflict, rule, settle=None) -> Verdict:
         return Verdict(
-            task,
+            task, action, proposal, "low" if conflict else confidence, conflict, rule, ev, settle
+        )
+
+    if any(e.metric == "granularity" for e in data) and not (replay or noise):
+        return verdict(
             "keep_default",
             None,
             "none",
             False,
             "1: epoch means only",
-            ev,
             Experiment(
                 arms=(default,),
                 seeds_per_arm=None,
@@ -169,130 +210,98 @@ def decide(
     if replay:
         best = replay[0]
         mine = [e for e in closed if e.config is not None and e.config == best.config]
-        harmful = [e for e in mine if _harmful(e)]
-        helpful = [e for e in mine if _helpful(e)]
-        opposite = [
-            e for e in noise if e.direction and best.direction and e.direction != best.direction
-        ]
-        if harmful:
-            return Verdict(
-                task,
+        reading = closed_loop_reading(mine)
+        opposite = any(
+            e.direction and best.direction and e.direction != best.direction for e in noise
+        )
+        exp = _experiment(default, best.proposal, mine, "")
+        if reading == "harmful":
+            return verdict(
                 "keep_default",
                 best.proposal,
                 "low",
                 True,
                 "2: replay winner harmful in the closed loop",
-                ev,
-                _experiment(
-                    default,
-                    best.proposal,
-                    harmful[0],
-                    "the replay favours it but the closed loop finds it harmful",
+                Experiment(
+                    exp.arms,
+                    exp.seeds_per_arm,
+                    "the replay favours it; the closed loop (simulator) finds it harmful",
                 ),
             )
-        if helpful and not opposite:
-            return Verdict(
-                task, "change", best.proposal, "high", False, "2: replay winner confirmed", ev
-            )
-        return Verdict(
-            task,
+        if reading == "helpful" and not opposite:
+            return verdict("change", best.proposal, "high", False, "2: replay winner confirmed")
+        return verdict(
             "change",
             best.proposal,
-            "low" if opposite else "moderate",
-            bool(opposite),
+            "moderate",
+            reading == "mixed" or opposite,
             "2: replay winner",
-            ev,
-            _experiment(
-                default,
-                best.proposal,
-                best,
+            Experiment(
+                exp.arms,
+                exp.seeds_per_arm,
                 "replay is open-loop: confirm in training"
+                + (f"; the closed loop is mixed ({mixed_text(mine)})" if reading == "mixed" else "")
                 + ("; the noise analysis points the other way" if opposite else ""),
             ),
         )
 
     if noise:
         proposal = noise[0]
-        mine = [e for e in closed if e.config is not None and e.config == proposal.config]
-        harmful = [e for e in mine if _harmful(e)]
-        helpful = [e for e in mine if _helpful(e)]
-        if harmful:
-            return Verdict(
-                task,
-                "keep_default",
-                proposal.proposal,
-                "moderate",
-                True,
-                "3: noise analysis' pair harmful in the closed loop",
-                ev,
-                _experiment(
-                    default,
-                    proposal.proposal,
-                    harmful[0],
-                    "the noise analysis proposes it, the replay does not confirm it and the "
-                    "closed loop (simulator) finds it harmful; only real training can overrule "
-                    "that",
-                ),
-            )
-        if helpful:
-            return Verdict(
-                task,
-                "change",
-                proposal.proposal,
-                "moderate",
-                True,
-                "3: noise analysis' pair helpful in the closed loop, replay unconfirmed",
-                ev,
-                _experiment(
-                    default,
-                    proposal.proposal,
-                    helpful[0],
-                    "the closed loop favours it but the replay does not: confirm in training",
-                ),
-            )
-        if mine:  # measured in the closed loop, inconclusive: size an experiment on it
-            sized = [e for e in mine if seeds_needed(e.estimate, e.sd) is not None]
-            basis = min(sized, key=lambda e: seeds_needed(e.estimate, e.sd), default=None)
-            return Verdict(
-                task,
+        key = proposal.config
+        mine = [e for e in closed if e.config is not None and e.config == key]
+        checks = [
+            e for e in ev if e.source == "replay" and e.config == key and e.metric == "snr_check"
+        ]
+        replay_check = checks[0].supports if checks else None
+        reading = closed_loop_reading(mine)
+        exp = _experiment(default, proposal.proposal, mine, "")
+
+        def settle(reason: str) -> Experiment:
+            return Experiment(exp.arms, exp.seeds_per_arm, reason)
+
+        if replay_check is False or reading == "harmful":
+            against = "the replay" if replay_check is False else "the closed loop (simulator)"
+            return verdict(
                 "keep_default",
                 proposal.proposal,
                 "low",
                 True,
-                "3: noise analysis not confirmed by replay or closed loop",
-                ev,
-                _experiment(
-                    default,
-                    proposal.proposal,
-                    basis,
-                    "the noise analysis proposes it; neither the replay nor the closed loop "
-                    "(simulator) can tell it from the default",
+                "3: noise analysis' pair contradicted",
+                settle(f"the noise analysis proposes it; {against} finds it worse"),
+            )
+        if (replay_check is True and reading != "mixed") or reading == "helpful":
+            return verdict(
+                "change",
+                proposal.proposal,
+                "moderate",
+                False,
+                "3: noise analysis' pair supported",
+                settle(
+                    "supported by the model and the "
+                    + ("replay" if replay_check else "closed loop (simulator)")
+                    + ": confirm in training"
                 ),
             )
-        return Verdict(
-            task,
+        return verdict(
             "keep_default",
             proposal.proposal,
             "low",
-            True,
-            "3: noise analysis not confirmed by replay",
-            ev,
-            Experiment(
-                arms=(default, proposal.proposal),
-                seeds_per_arm=None,
-                reason="the noise analysis proposes it; the replay does not confirm it, and "
-                "its effect on training has not been measured",
+            reading == "mixed",
+            "3: noise analysis not confirmed",
+            settle(
+                "the noise analysis proposes it; "
+                + (
+                    f"the closed loop (simulator) is mixed: {mixed_text(mine)}"
+                    if reading == "mixed"
+                    else "neither the replay nor the closed loop can tell it from the default"
+                    if reading
+                    else "the replay cannot tell it from the default and no closed loop ran"
+                )
             ),
         )
 
-    return Verdict(
-        task,
-        "keep_default",
-        None,
-        "moderate" if n_runs >= 3 else "low",
-        False,
-        "4: no change supported",
-        ev,
+    return verdict(
+        "keep_default", None, "moderate" if n_runs >= 3 else "low", False, "4: no change supported"
     )
 
 
@@ -338,8 +347,14 @@ def _ema_direction(ema: float | None, default_ema: float) -> int:
     return 1 if ema > default_ema else -1
 
 
-def data_evidence(granularity_runs: list[dict], left_out: list[dict]) -> list[Evidence]:
-    """What the data can tell: which granularities feed the task, what was left out.
+def data_evidence(
+    granularity_runs: list[dict],
+    left_out: list[dict],
+    runs_ema: float = METTA_MAIN_EMA,
+    instances_per_label: float | None = None,
+) -> list[Evidence]:
+    """What the data can tell: which granularities feed the task, what was left out, the
+    LP setting the runs trained with, and how many task instances share a label.
     `granularity_runs`: rows of `quality.granularity_runs` for the task; `left_out`: rows
     of `quality.left_out` (whole runs, label '*') for the task."""
     out = []
@@ -367,6 +382,30 @@ def data_evidence(granularity_runs: list[dict], left_out: list[dict]) -> list[Ev
                 n=grans["completion"]["n_runs"],
             )
         )
+    if math.isfinite(runs_ema) and not math.isclose(runs_ema, METTA_MAIN_EMA, rel_tol=1e-9):
+        out.append(
+            Evidence(
+                "data",
+                f"these runs trained with ema_timescale={runs_ema:g}; every comparison here is "
+                f"against Metta's default ({METTA_MAIN_EMA:g}), and main_ema_{runs_ema:g} is a "
+                "replayed candidate when it is on the grid",
+                None,
+                metric="runs_config",
+            )
+        )
+    if instances_per_label is not None and math.isfinite(instances_per_label):
+        out.append(
+            Evidence(
+                "data",
+                f"LP's EMAs run per task instance, ~{instances_per_label:.3g} active instances "
+                "per label here: the replay and the simulator run LP per label, so an "
+                "ema_timescale a found here is per label completion, ~"
+                f"{instances_per_label:.3g} x a per instance completion",
+                None,
+                metric="units",
+                estimate=instances_per_label,
+            )
+        )
     for row in left_out:
         out.append(
             Evidence(
@@ -379,31 +418,54 @@ def data_evidence(granularity_runs: list[dict], left_out: list[dict]) -> list[Ev
     return out
 
 
+def _log_interval_evidence(
+    source: Source,
+    finding: str,
+    supports: bool | None,
+    ratio: float,
+    low: float,
+    high: float,
+    **kw,
+) -> Evidence:
+    """An Evidence on a ratio, stored on the log scale (the report shows it as a ratio)."""
+
+    def log(v: float | None) -> float:
+        return math.log(v) if v is not None and math.isfinite(v) and v > 0 else math.nan
+
+    return Evidence(
+        source, finding, supports, estimate=log(ratio), low=log(low), high=log(high), **kw
+    )
+
+
 def replay_evidence(recommendation: dict | None, default_ema: float) -> list[Evidence]:
-    """The LP replay's finding for the task (an `LP_RECOMMENDATIONS` row of completion
-    granularity; epoch rows never carry a setting that transfers)."""
+    """The LP replay's findings for the task (an `LP_RECOMMENDATIONS` row of completion
+    granularity; epoch rows never carry a setting that transfers): the winner if one
+    passed every check, else what the best-replaying candidate failed; and the default's
+    own signal-to-noise ratio (below 1: it favours plateaued labels over improving ones)."""
     if recommendation is None:
         return []
     r = recommendation
-    n = int(r.get("n_pairs") or 0)
+    out = []
     if r.get("actionable"):
-        return [
-            Evidence(
+        n = int(r.get("n_pairs") or 0)
+        low = r["snr_ratio_ci_low"]
+        out.append(
+            _log_interval_evidence(
                 "replay",
-                f"{r['config']} raises LP's signal-to-noise ratio x{r['snr_ratio']:.3g} vs the "
-                "default, paired by run",
+                f"{r['config']} raises LP's signal-to-noise ratio vs the default, paired by run "
+                "(interval adjusted for the configurations compared)",
                 True,
+                r["snr_ratio"],
+                low,
+                r["snr_ratio_ci_high"],
                 proposal=setting_change(r, _default_settings()),
                 config=r["config"],
                 metric="snr_ratio",
-                estimate=math.log(r["snr_ratio"]),
-                low=math.log(r["snr_ratio_ci_low"]) if r["snr_ratio_ci_low"] > 0 else -math.inf,
-                high=math.log(r["snr_ratio_ci_high"]),
                 method=r.get("ci_method") or "",
                 n=n,
                 unit="log SNR ratio",
                 sd=sd_from_interval(
-                    math.log(max(r["snr_ratio_ci_low"], 1e-300)),
+                    math.log(max(low, 1e-300)),
                     math.log(r["snr_ratio_ci_high"]),
                     n,
                     int(r.get("n_compared") or 1),
@@ -411,14 +473,85 @@ def replay_evidence(recommendation: dict | None, default_ema: float) -> list[Evi
                 better=1,
                 direction=_ema_direction(r.get("ema_timescale"), default_ema),
             )
-        ]
-    best = r.get("replay_best")
-    n = int(r.get("replay_best_n_pairs") or r.get("signal_n") or n)
-    finding = "no configuration beat the default on every check"
-    if best:
+        )
+    else:
+        best = r.get("replay_best")
+        finding = (
+            f"no configuration passed every check (K={r.get('n_compared') or 0} compared, "
+            "intervals adjusted for that)"
+        )
         reason = r.get("replay_best_reason") or ""
-        finding += f"; the highest replayed ratio, {best}, failed: {reason}" if reason else ""
-    return [Evidence("replay", finding, False, metric="snr_ratio", n=n)]
+        if best and reason:
+            finding += f"; the highest replayed ratio, {best}, failed: {reason}"
+        out.append(
+            _log_interval_evidence(
+                "replay",
+                finding,
+                None,
+                r.get("replay_best_snr_ratio") or math.nan,
+                r.get("replay_best_ci_low") or math.nan,
+                r.get("replay_best_ci_high") or math.nan,
+                config=best,
+                metric="snr_ratio",
+                method=r.get("ci_method") or "t, Bonferroni",
+                n=int(r.get("replay_best_n_pairs") or 0),
+                unit="log SNR ratio",
+            )
+        )
+    snr, lo, hi = r.get("snr_default"), r.get("signal_ci_low"), r.get("signal_ci_high")
+    if r.get("config") == "metta_default" and snr is not None and math.isfinite(snr):
+        side = (
+            "below 1: LP at the default gives plateaued labels more probability than improving ones"
+            if hi is not None and hi < 1
+            else "above 1: the default favours improving labels"
+            if lo is not None and lo > 1
+            else "not distinguishable from 1"
+        )
+        out.append(
+            _log_interval_evidence(
+                "replay",
+                f"Metta's default's own signal-to-noise ratio is {side}",
+                None,
+                snr,
+                lo if lo is not None else math.nan,
+                hi if hi is not None else math.nan,
+                metric="default_snr",
+                method=r.get("signal_ci_method") or "t on logs",
+                n=int(r.get("signal_n") or 0),
+                unit="log SNR",
+            )
+        )
+    return out
+
+
+def replay_check_evidence(row: dict | None) -> list[Evidence]:
+    """The replay of the noise analysis' own pair (`separation_matched`, pre-declared, so a
+    plain paired interval): an `LP_SWEEP_SUMMARY` row of metric lp_snr."""
+    if row is None:
+        return []
+    low, high = row.get("diff_ci_low"), row.get("diff_ci_high")
+    supports = None
+    if low is not None and high is not None and math.isfinite(low) and math.isfinite(high):
+        supports = True if low > 0 else False if high < 0 else None
+    return [
+        Evidence(
+            "replay",
+            "the noise analysis' pair replayed on the recorded streams (each run its own "
+            "pair), SNR vs the default, paired by run",
+            supports,
+            config=SEPARATION_MATCHED,
+            metric="snr_check",
+            estimate=row.get("diff_vs_default")
+            if row.get("diff_vs_default") is not None
+            else math.nan,
+            low=low if low is not None else math.nan,
+            high=high if high is not None else math.nan,
+            method=row.get("diff_ci_method") or "paired t on logs",
+            n=int(row.get("n_pairs") or 0),
+            unit="log SNR ratio",
+            better=1,
+        )
+    ]
 
 
 def closed_loop_evidence(rows: list[dict]) -> list[Evidence]:
@@ -433,46 +566,47 @@ def closed_loop_evidence(rows: list[dict]) -> list[Evidence]:
         defined = (
             low is not None and high is not None and math.isfinite(low) and math.isfinite(high)
         )
-        verdict: bool | None = None
-        if defined and good:
-            if (good > 0 and low > 0) or (good < 0 and high < 0):
-                verdict = True
-            elif (good > 0 and high < 0) or (good < 0 and low > 0):
-                verdict = False
-        out.append(
-            Evidence(
-                "closed_loop",
-                f"{r['config']} vs default, {metric.replace('_', ' ')}",
-                verdict,
-                config=r["config"],
-                metric=metric,
-                estimate=r["diff"],
-                low=low if low is not None else math.nan,
-                high=high if high is not None else math.nan,
-                method=r.get("ci_method") or "paired t",
-                n=int(r.get("n_pairs") or r.get("n_seeds") or 0),
-                unit=units.get(metric, ""),
-                sd=sd_from_interval(
-                    low if defined else math.nan,
-                    high if defined else math.nan,
-                    int(r.get("n_pairs") or r.get("n_seeds") or 0),
-                ),
-                better=good,
-            )
+        e = Evidence(
+            "closed_loop",
+            f"{r['config']} vs default, {metric.replace('_', ' ')}"
+            + (
+                " (secondary: depends on what the curriculum samples)"
+                if metric in SECONDARY
+                else ""
+            ),
+            None,
+            config=r["config"],
+            metric=metric,
+            estimate=r["diff"],
+            low=low if defined else math.nan,
+            high=high if defined else math.nan,
+            method=r.get("ci_method") or "paired t",
+            n=int(r.get("n_pairs") or r.get("n_seeds") or 0),
+            unit=units.get(metric, ""),
+            sd=sd_from_interval(
+                low if defined else math.nan,
+                high if defined else math.nan,
+                int(r.get("n_pairs") or r.get("n_seeds") or 0),
+            ),
+            better=good,
         )
+        out.append(replace(e, supports=True if _good(e) else False if _bad(e) else None))
     return out
 
 
 def noise_evidence(
-    pooled: dict | None, loo_ratios: list[float], default_ema: float
+    pooled: dict | None,
+    loo_ratios: list[float],
+    default_ema: float,
+    replayed: dict | None = None,
 ) -> list[Evidence]:
-    """LP's separation objective (`lp_timescales`): the pair chosen on the other seeds vs
-    Metta's default on each held-out seed (t on log ratios over seeds). Supports a change
-    only when that interval excludes 1 from above."""
+    """LP's separation objective (`lp_timescales`, closed forms at the measured inputs):
+    the pair chosen on the other seeds vs Metta's default on each held-out seed (t on log
+    ratios over seeds). `replayed`: the `separation_matched` sweep-summary row, whose
+    settings (geometric means of the runs' own pairs) are what the replay and the closed
+    loop ran; the proposal names those."""
     if pooled is None:
         return []
-    from rts_dagster.analysis.intervals import log_t_interval
-
     iv = log_t_interval(loo_ratios)
     a, f = pooled.get("best_ema_timescale"), pooled.get("best_slow_factor")
     if a is None or not math.isfinite(a):
@@ -483,20 +617,24 @@ def noise_evidence(
                 None,
             )
         ]
+    if replayed is not None:
+        a, f = replayed["ema_timescale"], replayed["slow_timescale_factor"]
     proposal = f"ema_timescale={a:.3g}, slow_timescale_factor={f:.3g}"
+    edge = " (the optimum sits on the grid's edge)" if pooled.get("best_on_grid_edge") else ""
     supports = iv.defined and iv.low > 1.0
     return [
-        Evidence(
+        _log_interval_evidence(
             "noise",
-            f"the EMA pair that best separates learning from plateaued labels is {proposal}; "
-            "its d' on held-out seeds vs the default's",
+            f"model-based (closed forms at the measured noise, drift and slopes): the EMA pair "
+            f"that best separates learning from plateaued labels is {proposal}{edge}; its d' "
+            "on held-out seeds vs the default's",
             supports if iv.defined else None,
+            iv.estimate,
+            iv.low,
+            iv.high,
             proposal=proposal,
             config=SEPARATION_MATCHED,
             metric="separation_ratio",
-            estimate=math.log(iv.estimate) if iv.estimate > 0 else math.nan,
-            low=math.log(iv.low) if iv.defined and iv.low > 0 else math.nan,
-            high=math.log(iv.high) if iv.defined else math.nan,
             method=iv.method,
             n=iv.n,
             unit="log d' ratio",
@@ -530,37 +668,49 @@ def decide_all(
     lp_recommendations: pl.DataFrame,
     closed_loop: pl.DataFrame,
     lp_timescales: pl.DataFrame,
-    default_ema: dict[str, float] | None = None,
+    runs_ema: dict[str, float] | None = None,
+    sweep_summary: pl.DataFrame | None = None,
+    instances_per_label: dict[str, float] | None = None,
 ) -> list[Verdict]:
     """One verdict per task that has runs. Inputs: `quality.granularity_runs` and
-    `quality.left_out` (whole runs), LP_RECOMMENDATIONS, LP_CLOSED_LOOP_SUMMARY and
-    LP_TIMESCALES tables (any may be empty). `default_ema`: task -> the LP ema_timescale its
-    runs used (Metta main's 0.001 when absent), for the direction of a proposed change."""
-    default_ema = default_ema or {}
+    `quality.left_out` (whole runs), LP_RECOMMENDATIONS, LP_CLOSED_LOOP_SUMMARY,
+    LP_TIMESCALES and LP_SWEEP_SUMMARY tables (any may be empty). `runs_ema`: task -> the
+    ema_timescale its runs trained with; `instances_per_label`: task -> active task
+    instances per label (num_active_tasks / labels), for the unit of a proposed weight."""
+    runs_ema = runs_ema or {}
+    instances_per_label = instances_per_label or {}
     tasks = sorted(set(granularity_runs["task"].to_list()))
     out = []
     for task in tasks:
-        ema0 = default_ema.get(task, 0.001)
         runs = granularity_runs.filter(pl.col("task") == task)
         whole = left_out.filter((pl.col("task") == task) & (pl.col("label") == "*"))
         evidence = data_evidence(
-            list(runs.iter_rows(named=True)), list(whole.iter_rows(named=True))
+            list(runs.iter_rows(named=True)),
+            list(whole.iter_rows(named=True)),
+            runs_ema.get(task, METTA_MAIN_EMA),
+            instances_per_label.get(task),
         )
-        rec = lp_recommendations.filter(
-            (pl.col("task") == task) & (pl.col("granularity") == "completion")
-        )
-        evidence += replay_evidence(rec.row(0, named=True) if rec.height else None, ema0)
-        pooled = lp_timescales.filter(
-            (pl.col("task") == task) & (pl.col("label") == "*") & (pl.col("scope") == "pooled")
-        )
-        seeds = lp_timescales.filter(
-            (pl.col("task") == task) & (pl.col("label") == "*") & (pl.col("scope") == "seed")
-        )
+        completion = (pl.col("task") == task) & (pl.col("granularity") == "completion")
+        rec = lp_recommendations.filter(completion)
+        evidence += replay_evidence(rec.row(0, named=True) if rec.height else None, METTA_MAIN_EMA)
+        replayed = None
+        if sweep_summary is not None and sweep_summary.height:
+            check = sweep_summary.filter(
+                completion
+                & (pl.col("config") == SEPARATION_MATCHED)
+                & (pl.col("metric") == "lp_snr")
+            )
+            replayed = check.row(0, named=True) if check.height else None
+        star = (pl.col("task") == task) & (pl.col("label") == "*")
+        pooled = lp_timescales.filter(star & (pl.col("scope") == "pooled"))
+        seeds = lp_timescales.filter(star & (pl.col("scope") == "seed"))
         evidence += noise_evidence(
             pooled.row(0, named=True) if pooled.height else None,
             seeds["loo_ratio"].to_list() if seeds.height else [],
-            ema0,
+            METTA_MAIN_EMA,
+            replayed,
         )
+        evidence += replay_check_evidence(replayed)
         evidence += closed_loop_evidence(
             list(closed_loop.filter(pl.col("task") == task).iter_rows(named=True))
         )

@@ -21,6 +21,7 @@ from rts_dagster.escape import md
 from rts_dagster.schema import (
     LP_CLOSED_LOOP_SUMMARY,
     LP_RECOMMENDATIONS,
+    LP_SWEEP_SUMMARY,
     LP_TIMESCALES,
     VERDICTS,
     conform,
@@ -36,16 +37,28 @@ def _read(path, schema: pl.Schema, name: str) -> pl.DataFrame:
     return conform(pl.read_parquet(path), schema, name)
 
 
-def default_ema_by_task(rts_storage: RtsStorage) -> dict[str, float]:
-    """Task -> the ema_timescale its runs were trained with (Metta main's when unknown)."""
-    out = {}
+def _positive(value: object) -> float | None:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) and number > 0 else None
+
+
+def runs_settings(
+    rts_storage: RtsStorage, series_q: pl.DataFrame
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Task -> the ema_timescale its runs trained with (Metta main's when unknown), and
+    task -> active task instances per label (num_active_tasks / labels seen), when known."""
+    labels = series_q.group_by("task").agg(pl.col("label").n_unique())
+    n_labels = dict(zip(labels["task"].to_list(), labels["label"].to_list(), strict=True))
+    ema, instances = {}, {}
     for task, cfg in _lp_configs(rts_storage).items():
-        try:
-            value = float(cfg.get("ema_timescale", 0.001))
-        except (TypeError, ValueError):
-            value = math.nan
-        out[task] = value if math.isfinite(value) and value > 0 else 0.001
-    return out
+        ema[task] = _positive(cfg.get("ema_timescale", 0.001)) or 0.001
+        active = _positive(cfg.get("num_active_tasks"))
+        if active and n_labels.get(task):
+            instances[task] = active / n_labels[task]
+    return ema, instances
 
 
 @dg.asset(
@@ -60,13 +73,16 @@ def verdicts(context: dg.AssetExecutionContext, rts_storage: RtsStorage) -> dg.M
     root = rts_storage.root()
     series_q = read_quality(rts_storage)["series"]
     lp_paths = storage.lp_aggregate_paths(root)
+    ema, instances = runs_settings(rts_storage, series_q)
     decided = verdict.decide_all(
         quality.granularity_runs(series_q),
         quality.left_out(series_q, quality.PURPOSE_DYNAMICS),
         _read(lp_paths["recommendations"], LP_RECOMMENDATIONS, "lp recommendations"),
         _read(lp_paths["closed_loop"], LP_CLOSED_LOOP_SUMMARY, "closed loop summary"),
         _read(storage.lp_timescales_path(root), LP_TIMESCALES, "lp timescales"),
-        default_ema_by_task(rts_storage),
+        ema,
+        _read(lp_paths["summary"], LP_SWEEP_SUMMARY, "lp sweep summary"),
+        instances,
     )
     table = conform(verdict.verdicts_table(decided), VERDICTS, "verdicts")
     path = storage.write_parquet(table, storage.verdicts_path(root))

@@ -202,7 +202,7 @@ def _epoch_section(report: Report, view: pl.DataFrame | None) -> None:
                 "epoch noise (reward)",
                 "lambda resolved",
                 "median held-value age (epochs)",
-                "per-completion sd from epoch means",
+                "per-completion sd from epoch means (upper bound unless lambda resolved)",
                 "per-completion sd of the stream",
                 "converted / stream",
                 "scale",
@@ -347,8 +347,9 @@ def build_report(
                 f"{len(tasks)} tasks ({', '.join(tasks)}). Figures use the {granularity} "
                 "stream (the per-completion rewards LP consumes when recorded; Metta's epoch "
                 "means otherwise). An epoch mean is an average over environments of each "
-                "one's last reward of the label (held values), so its noise and drift are in "
-                "epoch units and far below the per-completion figures."
+                "one's last reward of the label (held values): its noise is far below the "
+                "per-completion noise, its drift is per epoch (c completions of the label per "
+                "epoch make it ~c times the drift per completion), and it lags the stream."
             ]
         )
     )
@@ -367,8 +368,8 @@ def build_report(
         Figure(
             "reward_curves",
             figures.reward_curves(reward_curve_table(streams, granularity), granularity),
-            "Mean reward over labels vs sample index, one colour per seed (smoothed over 25 "
-            "samples)." + _not_shown(series_quality, granularity),
+            f"Mean reward over labels vs sample index ({granularity} stream), one colour per "
+            "seed (smoothed over 25 samples)." + _not_shown(series_quality, granularity),
         )
     )
 
@@ -383,8 +384,9 @@ def build_report(
                 "Rate of change: median over labels, p10-p90 band",
                 granularity,
             ),
-            "Rolling OLS slope of reward over the last 25 samples, averaged per label within "
-            "each sample-index bin; line = median over labels, band = p10-p90 over labels.",
+            f"Rolling OLS slope of reward over the last 25 samples ({granularity} stream), "
+            "averaged per label within each sample-index bin; line = median over labels, band "
+            "= p10-p90 over labels.",
         ),
         Figure(
             "noise_bands",
@@ -394,8 +396,9 @@ def build_report(
                 "Sampling noise: median over labels, p10-p90 band",
                 granularity,
             ),
-            "Rolling standard deviation of reward over the last 10 samples, averaged per label "
-            "within each sample-index bin; line = median over labels, band = p10-p90.",
+            f"Rolling standard deviation of reward over the last 10 samples ({granularity} "
+            "stream), averaged per label within each sample-index bin; line = median over "
+            "labels, band = p10-p90.",
         ),
     )
 
@@ -405,8 +408,8 @@ def build_report(
             Figure(
                 "noise_vs_progress",
                 figures.noise_vs_progress(noise_bins),
-                "Noise within each tenth of every label's series; line = median over "
-                "(label, seed) series, band = p10-p90.",
+                f"Noise within each tenth of every label's series ({granularity} stream); "
+                "line = median over (label, seed) series, band = p10-p90.",
             )
         )
 
@@ -527,7 +530,8 @@ def build_report(
             Figure(
                 "sps_vs_noise",
                 figures.sps_vs_noise(sps_points),
-                "Mean rolling reward std per SPS bin: a falling line means SPS dips come with noisier rewards.",
+                f"Mean rolling reward std per SPS bin ({granularity} stream): a falling line "
+                "means SPS dips come with noisier rewards.",
             )
         )
     corr = (

@@ -29,6 +29,8 @@ def _num(value: float) -> str:
 def evidence_text(e: Evidence) -> str:
     """ "LP replay: <finding> (+0.12, 95% paired t interval, n=3: +0.02 to +0.22)"."""
     text = f"{_SOURCES[e.source]}: {e.finding}"
+    if e.source == "data":  # facts about the data; their numbers are in the finding
+        return text
     if math.isfinite(e.estimate) and e.unit.startswith("log "):  # a ratio: show it as one
         ratio = e.unit.removeprefix("log ")
         bounds = (
@@ -50,28 +52,51 @@ def evidence_text(e: Evidence) -> str:
     return text
 
 
+def _data(v: Verdict, metric: str) -> Evidence | None:
+    return next((e for e in v.evidence if e.source == "data" and e.metric == metric), None)
+
+
 def headline(v: Verdict) -> str:
-    """The verdict in one sentence."""
+    """The verdict in one sentence (plus the experiment that would settle it)."""
+    proposal = v.proposal
+    units = _data(v, "units")
+    if proposal and "ema_timescale" in proposal:
+        proposal += " (per label completion, as replayed"
+        if units is not None and math.isfinite(units.estimate):
+            proposal += (
+                f"; Metta's LP keeps its EMAs per task instance, ~{units.estimate:.3g} "
+                "instances per label here"
+            )
+        proposal += ")"
     if v.action == "change":
-        lead = f"{v.task}: change to {v.proposal}"
+        lead = f"{v.task}: change to {proposal}"
     elif v.confidence == "none":
         lead = f"{v.task}: keep Metta's default LP settings; these data cannot tell more"
-    elif v.conflict and v.proposal:
+    elif v.proposal and v.conflict:
         lead = (
-            f"{v.task}: keep Metta's default LP settings for now; the evidence conflicts "
-            f"about {v.proposal}"
+            f"{v.task}: keep Metta's default LP settings; the evidence conflicts about {proposal}"
+        )
+    elif v.proposal:
+        lead = (
+            f"{v.task}: keep Metta's default LP settings; the evidence cannot yet decide "
+            f"about {proposal}"
         )
     else:
         lead = f"{v.task}: keep Metta's default LP settings"
     text = f"{lead} (confidence: {v.confidence})."
-    if v.settle_with is not None:
+    runs = _data(v, "runs_config")
+    if runs is not None:
+        text += f" Note: {runs.finding}."
+    if v.settle_with is not None and v.settle_with.reason:
         exp = v.settle_with
         if len(exp.arms) >= 2:
             seeds = (
-                f"{exp.seeds_per_arm} seeds per arm for 80% power at the observed effect"
+                f"{exp.seeds_per_arm} seeds per arm for 80% power at the simulator's "
+                "difference in final competence (simulator pairs share random draws: real "
+                "runs need at least as many)"
                 if exp.seeds_per_arm
-                else "seeds per arm unknown: no training outcome measured, or an effect too "
-                "small for 50 seeds"
+                else "seeds per arm unknown: no training outcome measured, or a difference "
+                "too small for 50 seeds"
             )
             text += f" To settle it: run {' vs '.join(exp.arms)} ({seeds}); {exp.reason}."
         else:
@@ -89,8 +114,12 @@ def add_verdict_section(report: Report, verdicts: list[Verdict]) -> None:
         Paragraph(
             [
                 "The only advice in this report. Every section below describes evidence; the "
-                "verdict weighs it (rules: rts_dagster/analysis/verdict.py). Confidence 'none' "
-                "means the data cannot answer the question; 'low' that the sources conflict."
+                "verdict weighs it (rules: rts_dagster/analysis/verdict.py). Confidence: 'high' "
+                "= the replay and the closed loop agree; 'moderate' = one direct test supports "
+                "it and nothing contradicts it; 'low' = the sources conflict or cannot decide; "
+                "'none' = the data cannot answer the question. Closed-loop outcomes: final "
+                "competence and time to competence decide; final reward is secondary (it "
+                "depends on what the curriculum samples)."
             ]
         )
     )
