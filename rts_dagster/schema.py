@@ -260,8 +260,11 @@ LP_TIMESCALES = pl.Schema(
         "seed": pl.Int64,  # null on pooled rows
         "run_id": pl.String,  # null on pooled rows
         "scope": pl.String,  # "seed" | "pooled" (over seeds)
-        "n_seeds": pl.Int64,
-        "n_labels": pl.Int64,
+        "n_seeds": pl.Int64,  # seeds with a usable unit (behind the scores)
+        "n_labels": pl.Int64,  # labels with a usable unit
+        "n_excluded": pl.Int64,  # (seed, label) units of the scope left out (kalman's exclusions)
+        "excluded_reason": pl.String,  # counted reasons ("3 no plateau regime, ..."); "" if none
+        "score_method": pl.String,  # d' is model-based: closed forms at the measured inputs
         "plateau_noise_std": pl.Float64,  # sqrt(r) of the plateau regime, reward units
         "plateau_drift_std": pl.Float64,  # sqrt(q), reward per completion
         "learning_slope": pl.Float64,  # |OLS slope| of the learning regime, reward per completion
@@ -274,6 +277,7 @@ LP_TIMESCALES = pl.Schema(
         "default_score": pl.Float64,  # d' of Metta's default (a = 0.001, f = 0.2)
         "score_ratio": pl.Float64,  # best / default, in-sample (optimistic)
         "best_on_grid_edge": pl.Boolean,  # the optimum sits on the grid's edge
+        "limit_score": pl.Float64,  # d' as slow_timescale_factor -> 1 (finite: d' is scale-free)
         "loo_ema_timescale": pl.Float64,  # seed rows: pair chosen on the other seeds
         "loo_slow_factor": pl.Float64,
         "loo_score": pl.Float64,  # d' of that pair on this seed

@@ -231,6 +231,19 @@ def _exclusions(part: pl.DataFrame) -> tuple[int, str]:
     return left.height, ", ".join(f"{n} {why}" for why, n in counts.rows())
 
 
+def _edge_note(a: float, f: float, best: float, limit: float) -> str:
+    """Which grid edge the optimum sits on; for the f edge, how far d' is from its f -> 1
+    limit."""
+    parts = []
+    if a in (EMA_GRID[0], EMA_GRID[-1]):
+        parts.append(f"optimum on the ema_timescale grid edge ({a:.3g})")
+    if f in (SLOW_FACTOR_GRID[0], SLOW_FACTOR_GRID[-1]):
+        parts.append(f"optimum on the slow_timescale_factor grid edge ({f:g})")
+    if f == SLOW_FACTOR_GRID[-1] and math.isfinite(limit):
+        parts.append(f"d' as f -> 1 is {math.exp(limit - best):.3f}x the grid best")
+    return "; ".join(parts)
+
+
 def _row(
     task: str,
     label: str,
@@ -239,25 +252,43 @@ def _row(
     part: pl.DataFrame,
     log_grid: np.ndarray,
     log_default: np.ndarray,
+    log_limit: np.ndarray,
     loo: tuple[float, float, float] | None,
-    note: str,
+    notes: list[str],
 ) -> dict:
-    a, f, best, edge = _best(log_grid)
-    default = float(log_default.mean())
-
-    def gm(col: str) -> float:
-        x = np.abs(part[col].to_numpy())
-        x = x[np.isfinite(x) & (x > 0)]
-        return float(np.exp(np.log(x).mean())) if x.size else math.nan
-
-    row = {
+    """One row from the usable units `part` (with their log d' arrays) and the scope's
+    exclusions (`part` holds left-out units too, with a non-empty `reason`)."""
+    n_excluded, why = _exclusions(part)
+    usable = part.filter(pl.col("reason") == "")
+    base = {
         "task": task,
         "label": label,
         "seed": seed,
         "run_id": run_id,
         "scope": "seed" if seed is not None else "pooled",
-        "n_seeds": part.select("seed", "run_id").unique().height,
-        "n_labels": part["label"].n_unique(),
+        "n_seeds": usable.select("seed", "run_id").unique().height,
+        "n_labels": usable["label"].n_unique(),
+        "n_excluded": n_excluded,
+        "excluded_reason": why,
+        "score_method": SCORE_METHOD,
+    }
+    if usable.height == 0:
+        what = "left out" if part.height == 1 else f"all {part.height} units left out"
+        return base | {"note": "; ".join([f"{what}: {why}", *notes])}
+    a, f, best, edge = _best(log_grid)
+    default = float(log_default.mean())
+    limit = float(np.max(log_limit.mean(axis=0)))
+
+    def gm(col: str) -> float:
+        x = np.abs(usable[col].to_numpy())
+        x = x[np.isfinite(x) & (x > 0)]
+        return float(np.exp(np.log(x).mean())) if x.size else math.nan
+
+    if n_excluded:
+        notes = [*notes, f"{n_excluded} of {part.height} units left out (excluded_reason)"]
+    if edge:
+        notes = [*notes, _edge_note(a, f, best, limit)]
+    return base | {
         "plateau_noise_std": gm("r") ** 0.5,
         "plateau_drift_std": gm("q") ** 0.5,
         "learning_slope": gm("slope"),
@@ -270,13 +301,13 @@ def _row(
         "default_score": math.exp(default),
         "score_ratio": math.exp(best - default),
         "best_on_grid_edge": edge,
+        "limit_score": math.exp(limit),
         "loo_ema_timescale": loo[0] if loo else None,
         "loo_slow_factor": loo[1] if loo else None,
         "loo_score": math.exp(loo[2]) if loo else None,
         "loo_ratio": math.exp(loo[2] - default) if loo else None,
-        "note": note,
+        "note": "; ".join(notes),
     }
-    return row
 
 
 def lp_separation_table(local_level: pl.DataFrame) -> pl.DataFrame:
@@ -284,75 +315,68 @@ def lp_separation_table(local_level: pl.DataFrame) -> pl.DataFrame:
     and per task ("*"), pooled over seeds and per seed, with Metta's default pair's score
     and leave-one-seed-out choices (module doc). `local_level`: the
     `kalman.estimate_local_level` table (only unit == "completions" rows are used; epoch
-    rows converted to completion units elsewhere may be passed with that unit). Scores of
-    task rows are geometric means of d' over labels. Columns: `schema.LP_TIMESCALES`."""
-    units, dropped = _inputs(local_level)
+    rows converted to completion units elsewhere may be passed with that unit). Units
+    whose fits `kalman.recommend_timescales` would leave out are left out and counted per
+    row (`n_excluded`, `excluded_reason`); a scope with none usable gets a row of nulls
+    with the reason in `note`. Scores are model-based (`score_method`); scores of task
+    rows are geometric means of d' over labels. Columns: `schema.LP_TIMESCALES`."""
+    units = _inputs(local_level).with_row_index("_i")
+    usable_mask = (units["reason"] == "").to_numpy()
+    # log d' arrays for every unit (NaN-free only on usable units; others never indexed)
+    safe = units.with_columns(
+        pl.when(pl.col("reason") == "").then(pl.col(c)).otherwise(1.0).alias(c)
+        for c in ("slope", "duration", "r", "q")
+    )
+    log_grid, log_default = _log_scores(safe)
+    log_limit = _log_limit_scores(safe)
+    seed_key = units.select(
+        pl.concat_str([pl.col("seed").cast(pl.String), pl.col("run_id")], separator="|")
+        .fill_null("?")
+    ).to_series().to_numpy()
     rows: list[dict] = []
-    if units.height:
-        log_grid, log_default = _log_scores(units)
-        seed_key = units.select(
-            pl.concat_str([pl.col("seed").cast(pl.String), pl.col("run_id")], separator="|")
-        ).to_series()
-        for (task,), t_part in units.with_row_index("_i").group_by("task", maintain_order=True):
-            scopes = [
-                (lab, t_part.filter(pl.col("label") == lab))
-                for lab in sorted(t_part["label"].unique().to_list())
-            ]
-            scopes.append(("*", t_part))
-            for label, part in scopes:
-                idx = part["_i"].to_numpy()
-                keys = seed_key.gather(idx).to_numpy()
+    for (task,), t_part in units.group_by("task", maintain_order=True):
+        scopes = [
+            (lab, t_part.filter(pl.col("label") == lab))
+            for lab in sorted(t_part["label"].unique().to_list())
+        ]
+        scopes.append(("*", t_part))
+        for label, part in scopes:
+            idx = part["_i"].to_numpy()
+            ok = idx[usable_mask[idx]]
+            rows.append(
+                _row(
+                    str(task), label, None, None, part,
+                    log_grid[ok], log_default[ok], log_limit[ok], None, [],
+                )
+            )
+            keys = seed_key[idx]
+            for key in np.unique(keys):  # a handful of seeds
+                mine = ok[seed_key[ok] == key]
+                others = ok[seed_key[ok] != key]
+                loo = None
+                notes: list[str] = []
+                if mine.size and others.size:
+                    la, lf, _, _ = _best(log_grid[others])
+                    i = int(np.argmin(np.abs(EMA_GRID - la)))
+                    k = int(np.argmin(np.abs(SLOW_FACTOR_GRID - lf)))
+                    loo = (la, lf, float(log_grid[mine, i, k].mean()))
+                elif mine.size:
+                    notes.append("one usable seed: no leave-one-out choice")
+                seed_part = part.filter(pl.Series(keys == key))
                 rows.append(
                     _row(
                         str(task),
                         label,
-                        None,
-                        None,
-                        part,
-                        log_grid[idx],
-                        log_default[idx],
-                        None,
-                        "",
+                        None if seed_part["seed"][0] is None else int(seed_part["seed"][0]),
+                        str(seed_part["run_id"][0]),
+                        seed_part,
+                        log_grid[mine],
+                        log_default[mine],
+                        log_limit[mine],
+                        loo,
+                        notes,
                     )
                 )
-                for key in np.unique(keys):  # a handful of seeds
-                    mine, others = idx[keys == key], idx[keys != key]
-                    loo = None
-                    note = ""
-                    if others.size:
-                        la, lf, _, _ = _best(log_grid[others])
-                        i = int(np.argmin(np.abs(EMA_GRID - la)))
-                        k = int(np.argmin(np.abs(SLOW_FACTOR_GRID - lf)))
-                        loo = (la, lf, float(log_grid[mine, i, k].mean()))
-                    else:
-                        note = "one seed: no leave-one-out choice"
-                    seed_part = part.filter(pl.Series(keys == key))
-                    rows.append(
-                        _row(
-                            str(task),
-                            label,
-                            int(seed_part["seed"][0]),
-                            str(seed_part["run_id"][0]),
-                            seed_part,
-                            log_grid[mine],
-                            log_default[mine],
-                            loo,
-                            note,
-                        )
-                    )
-    for d in dropped.iter_rows(named=True):
-        rows.append(
-            {
-                "task": d["task"],
-                "label": d["label"],
-                "seed": d["seed"],
-                "run_id": d["run_id"],
-                "scope": "seed",
-                "n_seeds": 1,
-                "n_labels": 1,
-                "note": f"left out: {d['reason']}",
-            }
-        )
     if not rows:
         return pl.DataFrame(schema=LP_TIMESCALES)
     out = pl.DataFrame(rows, schema_overrides=dict(LP_TIMESCALES), infer_schema_length=None)

@@ -322,9 +322,11 @@ def test_recommendations_units_intervals_and_sentences(rng: np.random.Generator)
     assert ep["timescale_ratio"].is_null().all() and ep["lp_ema_timescale"].is_null().all()
     assert ep["lp_comparison"].str.contains("not comparable").all()
     assert ep["timescale"].is_finite().all()
+    # A label pools many task instances: no table compares its timescale with LP's weight.
+    assert table["timescale_ratio"].is_null().all()
+    assert comp["lp_comparison"].str.contains("per completion of one task instance").all()
     for row in comp.iter_rows(named=True):
         assert row["lp_timescale"] == pytest.approx(100.0)
-        assert row["timescale_ratio"] == pytest.approx(row["timescale"] / 100.0)
         assert row["ci_method"] == "t on logs" and row["ci_n"] == 4
     fm = comp.filter(pl.col("task") == "fixed_maps")
     quiet = fm.filter(pl.col("label") == "quiet").row(0, named=True)
@@ -344,7 +346,9 @@ def test_recommendations_units_intervals_and_sentences(rng: np.random.Generator)
 
     sentences = describe_recommendations(table)
     text = " ".join(sentences)
-    assert not re.search(r"\bset\b|\bshould\b|\brecommend", text)
+    assert not re.search(r"\b(set|use|should|keep)\b|\brecommend", text)
+    assert "ratio 0" not in text and "(ratio" not in text
+    assert "weight per completion of one task instance" in text
     epoch_sentence = next(x for x in sentences if x.startswith("epoch_task"))
     assert " epochs (" in epoch_sentence and "RewardStreamRecorder" in epoch_sentence
     assert "ema_timescale 0.01" not in epoch_sentence
@@ -401,3 +405,78 @@ def test_recommendations_default_lp_and_degenerate_inputs(rng: np.random.Generat
     assert empty.height == 0 and describe_recommendations(empty) == []
     by_task = recommend_timescales(per_series, None, {"assembly": {"ema_timescale": 0.1}})
     assert (by_task.filter(pl.col("task") == "assembly")["lp_timescale"] == 10.0).all()
+
+
+def test_epoch_only_runs_of_a_mixed_task_are_described(rng: np.random.Generator) -> None:
+    """A task with completion streams for seeds 0-2 and epoch means for seeds 0-4: the
+    epoch rows of seeds 3-4 (no completion stream) appear in the sentences; a task whose
+    epoch runs all have a completion stream is described from completions only."""
+    completions = streams(
+        [(t, s, "l", local_level(rng, 1500, 1e-4, 0.04)) for t in ("mixed", "covered") for s in range(3)]
+    )
+    epochs = streams(
+        [("mixed", s, "l", local_level(rng, 300, 1e-3, 0.01)) for s in range(5)]
+        + [("covered", s, "l", local_level(rng, 300, 1e-3, 0.01)) for s in range(3)],
+        granularity="epoch",
+    )
+    table = recommend_timescales(
+        estimate_local_level(pl.concat([completions, epochs]), regimes=False)
+    )
+    by = {
+        (r["task"], r["unit"]): r["n_seeds_epoch_only"]
+        for r in table.filter(pl.col("group") == "pooled").iter_rows(named=True)
+    }
+    assert by == {
+        ("mixed", "completions"): 0,
+        ("mixed", "epochs"): 2,
+        ("covered", "completions"): 0,
+        ("covered", "epochs"): 0,
+    }
+    sentences = describe_recommendations(table)
+    assert any(x.startswith("mixed, whole series (completions)") for x in sentences)
+    mixed_epoch = [x for x in sentences if x.startswith("mixed, whole series (epochs")]
+    assert len(mixed_epoch) == 1
+    assert "2 of 5 seeds from runs without a completion stream" in mixed_epoch[0]
+    assert "a description, not a per-completion timescale" in mixed_epoch[0]
+    assert not any(x.startswith("covered, whole series (epochs") for x in sentences)
+    text = " ".join(sentences)
+    assert not re.search(r"\b(set|use|should|keep)\b|\brecommend", text)
+
+
+def test_epoch_rows_carry_the_held_value_caveat(rng: np.random.Generator) -> None:
+    parts = [
+        (task, s, lab, local_level(rng, 400, 1e-3, sd**2))
+        for task, scale in (("quiet", 1.0), ("loud", 3.0))
+        for s in range(3)
+        for lab, sd in (("a", 0.05 * scale), ("b", 0.1 * scale))
+    ]
+    table = recommend_timescales(estimate_local_level(streams(parts, "epoch"), regimes=False))
+    assert table["lp_comparison"].str.contains("held values: a description").all()
+    assert table["note"].str.contains("not a per-completion timescale").all()
+    noise = [x for x in describe_recommendations(table) if " as noisy as " in x]
+    # within-task (label) and cross-task (pooled) comparisons, both qualified
+    assert any(x.startswith("loud/b is") for x in noise) and any(x.startswith("loud is") for x in noise)
+    for x in noise:
+        assert "epoch means: depends on completions per epoch and the held-value lag" in x
+
+
+def test_ljung_box_failures_are_counted_and_said(rng: np.random.Generator) -> None:
+    """Series with an AR(1) component (not a local level) fail Ljung-Box; n_fit_not_ok is
+    the count of usable fits with p < 0.01 (independent count from the per-series table)
+    and the sentences say it."""
+    n = 2000
+    parts = [("t", s, "white", local_level(rng, n, 1e-4, 0.04)) for s in range(3)]
+    for s in range(3):
+        ar = lfilter([1.0], [1.0, -0.8], rng.normal(0, 0.2, n))
+        parts.append(("t", s, "ar", local_level(rng, n, 1e-4, 0.01) + ar))
+    per_series = estimate_local_level(streams(parts), regimes=False)
+    usable = per_series.filter(pl.col("gain").is_finite() & ~pl.col("at_bound"))
+    table = recommend_timescales(per_series)
+    for row in table.iter_rows(named=True):
+        scope = usable if row["label"] == "*" else usable.filter(pl.col("label") == row["label"])
+        assert row["n_fit_not_ok"] == int((scope["ljung_box_p"] < 0.01).sum())
+    pooled = table.filter(pl.col("label") == "*").row(0, named=True)
+    assert pooled["n_fit_not_ok"] >= 3  # the AR series
+    n_usable = pooled["n_series"] - pooled["n_excluded"]
+    sentence = next(x for x in describe_recommendations(table) if x.startswith("t, whole"))
+    assert f"{pooled['n_fit_not_ok']} of {n_usable} usable fits fail Ljung-Box" in sentence
