@@ -329,10 +329,15 @@ def lp_separation_table(local_level: pl.DataFrame) -> pl.DataFrame:
     )
     log_grid, log_default = _log_scores(safe)
     log_limit = _log_limit_scores(safe)
-    seed_key = units.select(
-        pl.concat_str([pl.col("seed").cast(pl.String), pl.col("run_id")], separator="|")
-        .fill_null("?")
-    ).to_series().to_numpy()
+    seed_key = (
+        units.select(
+            pl.concat_str(
+                [pl.col("seed").cast(pl.String), pl.col("run_id")], separator="|"
+            ).fill_null("?")
+        )
+        .to_series()
+        .to_numpy()
+    )
     rows: list[dict] = []
     for (task,), t_part in units.group_by("task", maintain_order=True):
         scopes = [
@@ -345,8 +350,16 @@ def lp_separation_table(local_level: pl.DataFrame) -> pl.DataFrame:
             ok = idx[usable_mask[idx]]
             rows.append(
                 _row(
-                    str(task), label, None, None, part,
-                    log_grid[ok], log_default[ok], log_limit[ok], None, [],
+                    str(task),
+                    label,
+                    None,
+                    None,
+                    part,
+                    log_grid[ok],
+                    log_default[ok],
+                    log_limit[ok],
+                    None,
+                    [],
                 )
             )
             keys = seed_key[idx]

@@ -621,6 +621,9 @@ def noise_evidence(
         a, f = replayed["ema_timescale"], replayed["slow_timescale_factor"]
     proposal = f"ema_timescale={a:.3g}, slow_timescale_factor={f:.3g}"
     edge = " (the optimum sits on the grid's edge)" if pooled.get("best_on_grid_edge") else ""
+    best, limit = pooled.get("best_score"), pooled.get("limit_score")
+    if best and limit and math.isfinite(best) and math.isfinite(limit) and limit >= 0.98 * best:
+        edge += "; d' is flat in slow_timescale_factor near 1, so that factor is weakly determined"
     supports = iv.defined and iv.low > 1.0
     return [
         _log_interval_evidence(

@@ -578,7 +578,7 @@ def build_report(
                     "timescale 1/K [95% CI]",
                     "interval",
                     "left out",
-                    "LP timescale (completions)",
+                    "LP timescale (completions of one task instance)",
                     "vs LP",
                 ],
                 [

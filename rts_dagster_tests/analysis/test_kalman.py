@@ -10,7 +10,9 @@ import warnings
 import numpy as np
 import polars as pl
 import pytest
+from scipy.signal import lfilter
 
+from rts_dagster.analysis import kalman
 from rts_dagster.analysis.intervals import log_t_interval
 from rts_dagster.analysis.kalman import (
     METTA_MAIN_EMA_TIMESCALE,
@@ -270,8 +272,9 @@ def test_timescale_interval_covers_the_task_truth_at_3_seeds() -> None:
 
 
 def test_noise_ratio_interval_covers_at_3_seeds() -> None:
-    """Two labels per task, the noisy one with a per-seed noise ratio drawn around 2:
-    the paired t on log ratios over 3 seeds covers 2 at >= 0.93."""
+    """Two labels per task, the noisy one with a per-seed noise ratio drawn around 2: its
+    ratio to the task's typical label (per-seed geometric mean of the two, so sqrt(2) in
+    truth) has a paired t interval on logs over 3 seeds that covers at >= 0.93."""
     rng = np.random.default_rng(8)
     tasks, seeds, n = 300, 3, 600
     ratio = np.exp(math.log(2.0) + rng.normal(0, 0.2, (tasks, seeds)))
@@ -290,11 +293,11 @@ def test_noise_ratio_interval_covers_at_3_seeds() -> None:
     per_series = estimate_local_level(streams(parts), regimes=False)
     table = recommend_timescales(per_series)
     noisy = table.filter(pl.col("label") == "noisy")
-    assert (
-        noisy.height == tasks and (noisy["noise_ratio_ci_method"] == "paired t on log ratios").all()
-    )
+    assert noisy.height == tasks
+    assert (noisy["noise_ratio_ci_method"] == kalman.CI_METHOD_TYPICAL).all()
     lo, hi = noisy["noise_ratio_ci_low"].to_numpy(), noisy["noise_ratio_ci_high"].to_numpy()
-    assert np.mean((lo <= 2.0) & (hi >= 2.0)) >= 0.93
+    truth = math.sqrt(2.0)
+    assert np.mean((lo <= truth) & (hi >= truth)) >= 0.93
 
 
 def recommendation_streams(rng: np.random.Generator, seeds: int = 4) -> pl.DataFrame:
@@ -337,12 +340,14 @@ def test_recommendations_units_intervals_and_sentences(rng: np.random.Generator)
     half = scipy_t(3) * logs.std(ddof=1) / 2.0
     assert quiet["timescale_ci_low"] == pytest.approx(math.exp(logs.mean() - half), rel=1e-9)
     assert quiet["timescale"] == pytest.approx(1.0 / float(steady_state_gain(1e-4, 0.01)), rel=0.15)
-    # Twice the noise sd, same drift: noise ratio ~2, timescale ~sqrt(r/q) ~2x longer.
-    assert noisy["noise_ratio"] == pytest.approx(2.0, rel=0.1)
-    assert noisy["noise_ratio_ci_low"] < 2.0 < noisy["noise_ratio_ci_high"]
-    assert noisy["noise_ratio_ci_method"] == "paired t on log ratios"
-    assert noisy["reference_label"] == "quiet" and quiet["noise_ratio"] == pytest.approx(1.0)
-    assert noisy["timescale_vs_reference"] == pytest.approx(2.0, rel=0.25)
+    # Twice the noise sd, same drift: vs the typical label (geometric mean of the two)
+    # the noise ratio is ~sqrt 2 and the quiet one ~1/sqrt 2; timescales likewise.
+    assert noisy["noise_ratio"] == pytest.approx(math.sqrt(2.0), rel=0.1)
+    assert quiet["noise_ratio"] == pytest.approx(1 / math.sqrt(2.0), rel=0.1)
+    assert noisy["noise_ratio_ci_low"] < math.sqrt(2.0) < noisy["noise_ratio_ci_high"]
+    assert noisy["noise_ratio_ci_method"] == kalman.CI_METHOD_TYPICAL
+    assert noisy["reference_label"] == "the typical label (geometric mean of 2)"
+    assert noisy["timescale_vs_reference"] == pytest.approx(math.sqrt(2.0), rel=0.25)
 
     sentences = describe_recommendations(table)
     text = " ".join(sentences)
@@ -354,13 +359,23 @@ def test_recommendations_units_intervals_and_sentences(rng: np.random.Generator)
     assert "ema_timescale 0.01" not in epoch_sentence
     label_sentence = next(x for x in sentences if x.startswith("fixed_maps/noisy is "))
     m = re.match(
-        r"fixed_maps/noisy is ([\d.]+)x as noisy as fixed_maps/quiet \(whole series, "
-        r"completions; 95% paired t on log ratios interval ([\d.]+)-([\d.]+), n=4\)",
+        r"fixed_maps/noisy is ([\d.]+)x as noisy as fixed_maps's the typical label "
+        r"\(geometric mean of 2\) \(whole series, completions; 95% paired t on log ratios "
+        r"to the seed's geometric-mean label, Bonferroni over 2 labels interval "
+        r"([\d.]+)-([\d.]+), n=4\)",
         label_sentence,
     )
     assert m, label_sentence
     said = [float(v) for v in m.groups()]
-    expected = [noisy[c] for c in ("noise_ratio", "noise_ratio_ci_low", "noise_ratio_ci_high")]
+    # the sentence names the noisier of 2 labels: its interval is widened for that pick
+    logs = np.log([noisy["noise_ratio_ci_low"], noisy["noise_ratio_ci_high"]])
+    widen = scipy_t(3, 1 - 0.05 / 4) / scipy_t(3)
+    centre, half = logs.mean(), (logs[1] - logs[0]) / 2
+    expected = [
+        noisy["noise_ratio"],
+        math.exp(centre - widen * half),
+        math.exp(centre + widen * half),
+    ]
     assert said == pytest.approx(expected, rel=0.05)
     pooled = comp.filter((pl.col("task") == "assembly") & (pl.col("group") == "pooled"))
     summary = next(x for x in sentences if x.startswith("assembly, whole series"))
@@ -369,10 +384,10 @@ def test_recommendations_units_intervals_and_sentences(rng: np.random.Generator)
     assert "95% t on logs interval" in summary and "n=4" in summary
 
 
-def scipy_t(df: int) -> float:
+def scipy_t(df: int, q: float = 0.975) -> float:
     from scipy import stats
 
-    return float(stats.t.ppf(0.975, df))
+    return float(stats.t.ppf(q, df))
 
 
 def test_bound_fits_are_left_out_and_counted(rng: np.random.Generator) -> None:
@@ -412,7 +427,11 @@ def test_epoch_only_runs_of_a_mixed_task_are_described(rng: np.random.Generator)
     epoch rows of seeds 3-4 (no completion stream) appear in the sentences; a task whose
     epoch runs all have a completion stream is described from completions only."""
     completions = streams(
-        [(t, s, "l", local_level(rng, 1500, 1e-4, 0.04)) for t in ("mixed", "covered") for s in range(3)]
+        [
+            (t, s, "l", local_level(rng, 1500, 1e-4, 0.04))
+            for t in ("mixed", "covered")
+            for s in range(3)
+        ]
     )
     epochs = streams(
         [("mixed", s, "l", local_level(rng, 300, 1e-3, 0.01)) for s in range(5)]
@@ -455,7 +474,9 @@ def test_epoch_rows_carry_the_held_value_caveat(rng: np.random.Generator) -> Non
     assert table["note"].str.contains("not a per-completion timescale").all()
     noise = [x for x in describe_recommendations(table) if " as noisy as " in x]
     # within-task (label) and cross-task (pooled) comparisons, both qualified
-    assert any(x.startswith("loud/b is") for x in noise) and any(x.startswith("loud is") for x in noise)
+    assert any(x.startswith("loud/b is") for x in noise) and any(
+        x.startswith("loud is") for x in noise
+    )
     for x in noise:
         assert "epoch means: depends on completions per epoch and the held-value lag" in x
 
