@@ -8,43 +8,27 @@ import polars as pl
 import pytest
 
 from rts_dagster.definitions import ASSETS
-from rts_dagster.defs.resources import OfflineRunsSource, RtsStorage
 from rts_dagster.escape import md as md_escape
 from rts_dagster.report.document import find_browser
 from rts_dagster_tests.conftest import TINY_SEEDS, TINY_TASKS
+from rts_dagster_tests.defs.pipeline import materialized
 
 
 @pytest.fixture(scope="module")
 def pipeline(tiny_offline_dir, tmp_path_factory):
     data = tmp_path_factory.mktemp("data")
-    resources = {
-        "run_source": OfflineRunsSource(directory=str(tiny_offline_dir)),
-        "rts_storage": RtsStorage(data_dir=str(data)),
-    }
-    with dg.instance_for_test() as instance:
-        assert dg.materialize(
-            ASSETS, selection=["discovered_runs"], instance=instance, resources=resources
-        ).success
-        for key in instance.get_dynamic_partitions("runs"):
-            assert dg.materialize(
-                ASSETS,
-                selection=["reward_streams", "series_metrics"],
-                partition_key=key,
-                instance=instance,
-                resources=resources,
-            ).success
-        assert dg.materialize(
-            ASSETS,
-            selection=[
-                "data_quality",
-                "variance_table",
-                "timescale_recommendations",
-                "verdicts",
-                "report",
-            ],
-            instance=instance,
-            resources=resources,
-        ).success
+    with materialized(
+        tiny_offline_dir,
+        data,
+        per_run=["reward_streams", "series_metrics"],
+        aggregates=[
+            "data_quality",
+            "variance_table",
+            "timescale_recommendations",
+            "verdicts",
+            "report",
+        ],
+    ) as (instance, resources):
         yield data, instance, resources
 
 

@@ -15,36 +15,18 @@ import re
 import shutil
 from pathlib import Path
 
-import dagster as dg
 import polars as pl
 import pytest
 
 from rts_dagster import storage
-from rts_dagster.definitions import ASSETS
-from rts_dagster.defs.resources import OfflineRunsSource, RtsStorage
 from rts_dagster.recorder import STREAM_DIRNAME
 from rts_dagster.simulate.model import TASKS
 from rts_dagster.simulate.writer import simulate_run
+from rts_dagster_tests.defs.pipeline import FAST_CLOSED_LOOP, materialized
 
 EPOCHS = 120
 TASK_NAMES = ("fixed_maps", "assembly_lines")
 SEEDS = (1, 2, 3)
-FAST_CLOSED_LOOP = {
-    "ops": {
-        "lp_recommendations": {
-            "config": {"closed_loop_epochs": 20, "closed_loop_seeds": [1], "workers": 1}
-        }
-    }
-}
-PER_RUN = ["reward_streams", "series_metrics", "lp_replay"]
-AGGREGATES = [
-    "data_quality",
-    "variance_table",
-    "timescale_recommendations",
-    "lp_recommendations",
-    "verdicts",
-    "report",
-]
 
 
 def _epoch_only_runs(root: Path) -> None:
@@ -78,25 +60,8 @@ def _degenerate_run(root: Path, name: str, task: str, epochs: int, stuck: bool) 
 
 
 def _pipeline(offline: Path, data: Path) -> None:
-    resources = {
-        "run_source": OfflineRunsSource(directory=str(offline)),
-        "rts_storage": RtsStorage(data_dir=str(data)),
-    }
-    with dg.instance_for_test() as instance:
-        assert dg.materialize(
-            ASSETS, selection=["discovered_runs"], instance=instance, resources=resources
-        ).success
-        for key in instance.get_dynamic_partitions("runs"):
-            assert dg.materialize(
-                ASSETS, selection=PER_RUN, partition_key=key, instance=instance, resources=resources
-            ).success
-        assert dg.materialize(
-            ASSETS,
-            selection=AGGREGATES,
-            instance=instance,
-            resources=resources,
-            run_config=FAST_CLOSED_LOOP,
-        ).success
+    with materialized(offline, data, run_config=FAST_CLOSED_LOOP):
+        pass
 
 
 @pytest.fixture(scope="module")

@@ -9,45 +9,20 @@ import pytest
 from rts_dagster import storage
 from rts_dagster.analysis.lp_sweep import KALMAN_MATCHED, METTA_DEFAULT, default_sweep
 from rts_dagster.definitions import ASSETS
-from rts_dagster.defs.resources import OfflineRunsSource, RtsStorage
 from rts_dagster.schema import LP_RECOMMENDATIONS, LP_REPLAY_METRICS
 from rts_dagster_tests.conftest import TINY_SEEDS, TINY_TASKS
-
-FAST_CLOSED_LOOP = {
-    "ops": {
-        "lp_recommendations": {
-            "config": {"closed_loop_epochs": 20, "closed_loop_seeds": [1], "workers": 1}
-        }
-    }
-}
+from rts_dagster_tests.defs.pipeline import FAST_CLOSED_LOOP, materialized
 
 
 @pytest.fixture(scope="module")
 def lp_pipeline(tiny_offline_dir, tmp_path_factory):
     data = tmp_path_factory.mktemp("data")
-    resources = {
-        "run_source": OfflineRunsSource(directory=str(tiny_offline_dir)),
-        "rts_storage": RtsStorage(data_dir=str(data)),
-    }
-    with dg.instance_for_test() as instance:
-        assert dg.materialize(
-            ASSETS, selection=["discovered_runs"], instance=instance, resources=resources
-        ).success
-        for key in instance.get_dynamic_partitions("runs"):
-            assert dg.materialize(
-                ASSETS,
-                selection=["reward_streams", "series_metrics", "lp_replay"],
-                partition_key=key,
-                instance=instance,
-                resources=resources,
-            ).success
-        assert dg.materialize(
-            ASSETS,
-            selection=["data_quality", "lp_recommendations"],
-            instance=instance,
-            resources=resources,
-            run_config=FAST_CLOSED_LOOP,
-        ).success
+    with materialized(
+        tiny_offline_dir,
+        data,
+        aggregates=["data_quality", "lp_recommendations"],
+        run_config=FAST_CLOSED_LOOP,
+    ) as (instance, resources):
         yield data, instance, resources
 
 

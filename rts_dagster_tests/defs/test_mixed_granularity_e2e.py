@@ -7,16 +7,13 @@ from __future__ import annotations
 import re
 import shutil
 
-import dagster as dg
 import polars as pl
 import pytest
 
 from rts_dagster import storage
-from rts_dagster.definitions import ASSETS
-from rts_dagster.defs.resources import OfflineRunsSource, RtsStorage
 from rts_dagster.recorder import STREAM_DIRNAME
 from rts_dagster.simulate.writer import run_id, simulate_run
-from rts_dagster_tests.defs.test_epoch_only_e2e import AGGREGATES, FAST_CLOSED_LOOP, PER_RUN
+from rts_dagster_tests.defs.pipeline import FAST_CLOSED_LOOP, materialized
 
 EPOCHS = 120
 TASK = "assembly_lines"
@@ -36,25 +33,8 @@ def mixed(tmp_path_factory):
         if seed == 3:
             shutil.rmtree(path.parent / "files" / STREAM_DIRNAME)
     data = tmp_path_factory.mktemp("data_mixed")
-    resources = {
-        "run_source": OfflineRunsSource(directory=str(offline)),
-        "rts_storage": RtsStorage(data_dir=str(data)),
-    }
-    with dg.instance_for_test() as instance:
-        assert dg.materialize(
-            ASSETS, selection=["discovered_runs"], instance=instance, resources=resources
-        ).success
-        for key in instance.get_dynamic_partitions("runs"):
-            assert dg.materialize(
-                ASSETS, selection=PER_RUN, partition_key=key, instance=instance, resources=resources
-            ).success
-        assert dg.materialize(
-            ASSETS,
-            selection=AGGREGATES,
-            instance=instance,
-            resources=resources,
-            run_config=FAST_CLOSED_LOOP,
-        ).success
+    with materialized(offline, data, run_config=FAST_CLOSED_LOOP):
+        pass
     return data
 
 
