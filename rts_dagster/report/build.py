@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 import polars as pl
 
-from rts_dagster.analysis import epoch_view, quality
+from rts_dagster.analysis import epoch_view, quality, summaries
 from rts_dagster.analysis.verdict import Verdict
 from rts_dagster.report import figures
 from rts_dagster.report.document import Bullets, Figure, Heading, Paragraph, Report, Table
@@ -290,6 +290,46 @@ METHOD_NOTES = (
 )
 
 
+def _interval(row: dict) -> str:
+    if row["low"] is None or not math.isfinite(row["low"]):
+        return f"no interval, n={row['n']}"
+    return f"95% {row['method']} interval {_g(row['low'])} to {_g(row['high'])}, n={row['n']} seeds"
+
+
+def noise_trend_sentences(table: pl.DataFrame) -> list[str]:
+    """Does noise shrink as a label is learned? One sentence per (task, granularity)."""
+    out = []
+    for r in table.iter_rows(named=True):
+        if r["high"] is not None and math.isfinite(r["high"]) and r["high"] < 1:
+            verdict = "shrinks as the labels are learned"
+        elif r["low"] is not None and math.isfinite(r["low"]) and r["low"] > 1:
+            verdict = "grows as the labels are learned"
+        else:
+            verdict = "does not clearly change over training"
+        out.append(
+            f"{r['task']} ({r['granularity']}): noise {verdict}: last tenth / first tenth = "
+            f"x{_g(r['estimate'])} ({_interval(r)}; geometric mean over {r['n_series']} series)."
+        )
+    return out
+
+
+def sps_noise_sentences(table: pl.DataFrame) -> list[str]:
+    """Do SPS dips come with noisier rewards? One sentence per (task, granularity)."""
+    out = []
+    for r in table.iter_rows(named=True):
+        if r["high"] is not None and math.isfinite(r["high"]) and r["high"] < 0:
+            verdict = "SPS dips come with noisier rewards"
+        elif r["low"] is not None and math.isfinite(r["low"]) and r["low"] > 0:
+            verdict = "noise is higher when SPS is higher"
+        else:
+            verdict = "no clear link between SPS and reward noise"
+        out.append(
+            f"{r['task']} ({r['granularity']}): {verdict}: corr(SPS, rolling std) = "
+            f"{_g(r['estimate'])} ({_interval(r)}; mean over {r['n_series']} series)."
+        )
+    return out
+
+
 def _methods_section(report: Report) -> None:
     report.add(Heading("Methods and limits"))
     report.add(Bullets(list(METHOD_NOTES)))
@@ -413,6 +453,10 @@ def build_report(
             )
         )
 
+    trend = summaries.noise_trend(progress)
+    if trend.height:
+        report.add(Bullets(noise_trend_sentences(trend)))
+
     report.add(Heading("Noise across tasks"))
     report.add(
         Figure(
@@ -534,6 +578,9 @@ def build_report(
                 "means SPS dips come with noisier rewards.",
             )
         )
+    sps = summaries.sps_noise(series)
+    if sps.height:
+        report.add(Bullets(sps_noise_sentences(sps)))
     corr = (
         sel.group_by("task")
         .agg(pl.col("sps_reward_corr").mean(), pl.col("sps_noise_corr").mean())

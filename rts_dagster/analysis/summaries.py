@@ -1,0 +1,81 @@
+"""Answers to two questions the report asks, per task, with intervals over seeds.
+
+- Does noise shrink as a label is learned? Per series, the trend-robust noise of the last
+  tenth of the series over that of the first tenth (`noise_by_progress`); per seed the
+  geometric mean over its labels; across seeds the t interval on logs (each seed counts once,
+  so n = seeds and the interval holds at 3).
+- Do SPS dips come with noisier rewards? Per series, the Pearson correlation of SPS with the
+  rolling reward std (`series_metrics.sps_noise_corr`); per seed the mean over its labels;
+  across seeds the t interval.
+Pure polars; the sentences are written in report/.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from rts_dagster.analysis.intervals import log_t_interval, t_interval
+
+SUMMARY_COLUMNS = {
+    "task": pl.String,
+    "granularity": pl.String,
+    "estimate": pl.Float64,
+    "low": pl.Float64,
+    "high": pl.Float64,
+    "method": pl.String,
+    "n": pl.Int64,
+    "n_series": pl.Int64,
+}
+
+
+def _by_seed(per_series: pl.DataFrame, value: str, geometric: bool) -> pl.DataFrame:
+    """One row per (task, granularity) with the interval over seeds of the per-seed
+    aggregate of `value` (geometric mean over labels for ratios, else the mean)."""
+    finite = per_series.filter(
+        pl.col(value).is_finite() & (pl.col(value) > 0 if geometric else True)
+    )
+    agg = pl.col(value).log().mean().exp() if geometric else pl.col(value).mean()
+    seeds = finite.group_by("task", "granularity", "seed", "run_id").agg(
+        agg.alias("v"), pl.len().alias("k")
+    )
+    rows = []
+    for (task, gran), part in seeds.group_by("task", "granularity", maintain_order=True):
+        values = part["v"].to_numpy()
+        iv = log_t_interval(values) if geometric else t_interval(values)
+        rows.append(
+            {
+                "task": task,
+                "granularity": gran,
+                "estimate": iv.estimate,
+                "low": iv.low,
+                "high": iv.high,
+                "method": iv.method,
+                "n": iv.n,
+                "n_series": int(part["k"].sum()),
+            }
+        )
+    return pl.DataFrame(rows, schema=SUMMARY_COLUMNS).sort("task", "granularity")
+
+
+def noise_trend(progress: pl.DataFrame) -> pl.DataFrame:
+    """Last-tenth over first-tenth noise per (task, granularity), geometric mean over
+    labels per seed, t interval on logs over seeds (< 1: noise shrinks as it is learned).
+    `progress`: the NOISE_BY_PROGRESS table."""
+    last_bin = pl.col("bin").max().over("task", "seed", "run_id", "label", "granularity")
+    ends = progress.filter(
+        pl.col("noise_diff").is_finite() & ((pl.col("bin") == 0) | (pl.col("bin") == last_bin))
+    )
+    ratio = ends.group_by("task", "seed", "run_id", "label", "granularity").agg(
+        (
+            pl.col("noise_diff").filter(pl.col("bin") > 0).first()
+            / pl.col("noise_diff").filter(pl.col("bin") == 0).first()
+        ).alias("ratio")
+    )
+    return _by_seed(ratio.drop_nulls("ratio"), "ratio", geometric=True)
+
+
+def sps_noise(series: pl.DataFrame) -> pl.DataFrame:
+    """Correlation of SPS with the rolling reward std per (task, granularity): mean over
+    labels per seed, t interval over seeds (< 0: SPS dips come with noisier rewards).
+    `series`: the SERIES_METRICS table."""
+    return _by_seed(series, "sps_noise_corr", geometric=False)
