@@ -30,11 +30,54 @@ def html_text(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
+# C0 and C1 controls, DEL, line/paragraph separators and the bidi embeddings, overrides,
+# isolates and marks: invisible or reordering characters a label must not smuggle into a
+# figure or a terminal (plotly.js fails on C0 controls, a terminal obeys ESC sequences,
+# U+202E reverses the text that follows it).
+_CONTROLS = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+)
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+# Longest label drawn in a figure before it is cut with an ellipsis (the full text stays
+# in the hover text): a 300-character label would squeeze the plot to a sliver.
+MAX_PLOT_LABEL = 60
+
+
+def visible_controls(text: object) -> str:
+    """`text` with every control or bidi character replaced by a visible escape
+    (`\\n`, `\\x1b`, `\\u202e`), so it is shown, never obeyed, and never dropped silently."""
+
+    def escape(m: re.Match[str]) -> str:
+        ch = m[0]
+        if ch in _NAMED:
+            return _NAMED[ch]
+        code = ord(ch)
+        return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+    return _CONTROLS.sub(escape, str(text))
+
+
+def terminal_text(text: object) -> str:
+    """Untrusted text safe to print to a terminal: no control character reaches it raw."""
+    return visible_controls(text)
+
+
 def plot_text(text: object) -> str:
-    """Untrusted text as plotly draws it literally: plotly reads a subset of HTML tags and
-    entities in every string it renders (ticks, titles, legend, hover), so `&`, `<` and `>`
-    are written as entities, which it decodes back for display."""
-    return html.escape(str(text), quote=False)
+    """Untrusted text as plotly draws it literally: control and bidi characters made
+    visible (plotly.js fails to render a figure with a C0 control in it), and `&`, `<`
+    and `>` written as entities, since plotly reads a subset of HTML tags and entities in
+    every string it renders (ticks, titles, legend, hover) and decodes entities back."""
+    return html.escape(visible_controls(text), quote=False)
+
+
+def plot_label(text: object, max_chars: int = MAX_PLOT_LABEL) -> str:
+    """`plot_text` of `text` cut to `max_chars` characters with an ellipsis, for ticks,
+    legends and subplot titles; pass `plot_text` of the full text as hover text."""
+    visible = visible_controls(text)
+    if len(visible) > max_chars:
+        visible = visible[: max_chars - 1].rstrip() + "\u2026"
+    return html.escape(visible, quote=False)
 
 
 def md_table(header: list[str], rows: list[list[object]]) -> str:

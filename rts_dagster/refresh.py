@@ -3,11 +3,20 @@
 Each step is a real Dagster run in `$DAGSTER_HOME` (so `make ui` shows the history):
 discovered_runs, then one run per new or changed partition (reward_streams and its
 partitioned downstream), then one run for the unpartitioned aggregates.
+
+The aggregates are rebuilt whenever what they were built from (the partitions' runs and
+fingerprints, and the code) differs from the manifest written after their last complete
+build, so a failed or killed aggregate step is redone by the next refresh. Every untrusted
+string printed (run names, keys, errors) has its control characters escaped.
 """
 
 from __future__ import annotations
 
+import hashlib
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +29,103 @@ from rts_dagster.defs.partitions import runs_partitions
 from rts_dagster.defs.resources import RtsStorage
 from rts_dagster.defs.runs import partition_is_current
 from rts_dagster.discovery import row_files
+from rts_dagster.escape import terminal_text as tt
 from rts_dagster.schema import RUN_STATUS_MATCHED
 
 _QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
+# Seconds between "still running" lines while one Dagster run is in progress.
+HEARTBEAT_S = 10.0
+_MANIFEST_VERSION = 1
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def code_fingerprint() -> str:
+    """sha256 of every module of the package (schemas, analysis, report): the aggregates
+    built by other code are out of date."""
+    digest = hashlib.sha256()
+    for path in sorted(_PACKAGE_DIR.rglob("*.py")):
+        digest.update(path.relative_to(_PACKAGE_DIR).as_posix().encode())
+        digest.update(b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def aggregate_inputs(matched: pl.DataFrame) -> dict[str, Any]:
+    """What the aggregates are built from: each matched partition's key, run id and
+    fingerprint, and the code version."""
+    partitions = sorted(
+        [row["partition_key"], row["run_id"], row["fingerprint"]]
+        for row in matched.select("partition_key", "run_id", "fingerprint").iter_rows(named=True)
+    )
+    return {"version": _MANIFEST_VERSION, "code": code_fingerprint(), "partitions": partitions}
+
+
+def aggregates_current(data_dir: Path, inputs: dict[str, Any]) -> bool:
+    """True if the last complete aggregate build was from exactly `inputs` and its report
+    is still there."""
+    if not (storage.report_dir(data_dir) / "report.md").exists():
+        return False
+    try:
+        return storage.read_json(storage.aggregates_manifest_path(data_dir)) == inputs
+    except (OSError, ValueError):
+        return False
+
+
+def _running_steps(instance: dg.DagsterInstance, run_id: str | None) -> list[str]:
+    """Steps of the Dagster run `run_id` that started and have not ended yet."""
+    if run_id is None:
+        return []
+    from dagster import DagsterEventType
+
+    started: dict[str, None] = {}
+    ended: set[str] = set()
+    for record in instance.all_logs(run_id):
+        event = record.dagster_event
+        if event is None or event.step_key is None:
+            continue
+        if event.event_type == DagsterEventType.STEP_START:
+            started[event.step_key] = None
+        elif event.event_type in (DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE):
+            ended.add(event.step_key)
+    return [step for step in started if step not in ended]
+
+
+@contextmanager
+def _heartbeat(
+    say: Callable[[str], None], what: str, instance: dg.DagsterInstance | None
+) -> Iterator[None]:
+    """Print a line every `HEARTBEAT_S` seconds while the block runs, naming the steps
+    (assets) of the newest Dagster run that are running."""
+    stop = threading.Event()
+    started = time.perf_counter()
+    before = _newest_run_id(instance)
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            run_id = _newest_run_id(instance)
+            try:
+                steps = _running_steps(instance, run_id) if run_id != before else []
+            except Exception:  # progress is best effort, never a failure
+                steps = []
+            running = f" (running: {', '.join(steps)})" if steps else ""
+            say(f"  ... {what}: still running after {time.perf_counter() - started:.0f}s{running}")
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _newest_run_id(instance: dg.DagsterInstance | None) -> str | None:
+    if instance is None:
+        return None
+    try:
+        runs = instance.get_runs(limit=1)
+    except Exception:  # progress is best effort
+        return None
+    return runs[0].run_id if runs else None
 
 
 def _partitioned_and_aggregate_keys(
@@ -78,23 +181,30 @@ def refresh(force: bool = False, quiet: bool = False) -> int:
         if not quiet:
             print(msg, flush=True)
 
+    def shout(msg: str) -> None:
+        print(msg, flush=True)
+
     started = time.perf_counter()
     instance = dg.DagsterInstance.get()
     data_dir = RtsStorage().root()
     partitioned, aggregates = _partitioned_and_aggregate_keys(defs)
 
-    say(f"rts refresh: instance {instance.root_directory}, data {data_dir}")
+    say(f"rts refresh: instance {tt(instance.root_directory)}, data {tt(data_dir)}")
     say("[discover] materializing discovered_runs ...")
-    ok, error = _materialize(instance, [dg.AssetKey("discovered_runs")])
+    with _heartbeat(say, "discovered_runs", instance):
+        ok, error = _materialize(instance, [dg.AssetKey("discovered_runs")])
     if not ok:
-        print(f"rts refresh: discovered_runs failed: {error}")
+        shout(f"rts refresh: discovered_runs failed: {tt(error)}")
         return 1
     discovered = pl.read_parquet(storage.discovered_runs_path(data_dir))
     matched = discovered.filter(pl.col("status") == RUN_STATUS_MATCHED).sort("partition_key")
     others = discovered.filter(pl.col("status") != RUN_STATUS_MATCHED)
     say(f"[discover] {discovered.height} runs: {matched.height} matched, {others.height} not")
     for row in others.iter_rows(named=True):
-        print(f"  ! {row['status']}: {row['run_name'] or row['location']}: {row['reason']}")
+        shout(
+            f"  ! {tt(row['status'])}: {tt(row['run_name'] or row['location'])}: "
+            f"{tt(row['reason'])}"
+        )
 
     failures: list[tuple[str, str]] = []
     written: list[Path] = []
@@ -109,27 +219,36 @@ def refresh(force: bool = False, quiet: bool = False) -> int:
     for i, (row, parquet_path) in enumerate(todo, 1):
         key = row["partition_key"]
         t0 = time.perf_counter()
-        ok, error = _materialize(instance, partitioned, partition_key=key)
+        with _heartbeat(say, f"[{i}/{len(todo)}] {tt(key)}", instance):
+            ok, error = _materialize(instance, partitioned, partition_key=key)
         if ok:
             written.append(parquet_path)
             say(
-                f"  [{i}/{len(todo)}] {key}: ok in {time.perf_counter() - t0:.1f}s -> {parquet_path}"
+                f"  [{i}/{len(todo)}] {tt(key)}: ok in {time.perf_counter() - t0:.1f}s"
+                f" -> {tt(parquet_path)}"
             )
         else:
             failures.append((key, error))
-            print(f"  [{i}/{len(todo)}] {key}: FAILED: {error}", flush=True)
+            shout(f"  [{i}/{len(todo)}] {tt(key)}: FAILED: {tt(error)}")
 
-    if aggregates and (todo or force or not _aggregates_exist(data_dir)):
+    inputs = aggregate_inputs(matched)
+    if aggregates and (todo or force or not aggregates_current(data_dir, inputs)):
         say(f"[aggregate] materializing {', '.join(k.to_user_string() for k in aggregates)} ...")
-        ok, error = _materialize(instance, aggregates)
+        # no manifest while they are rebuilt: a kill or a failure leaves them out of date
+        storage.aggregates_manifest_path(data_dir).unlink(missing_ok=True)
+        with _heartbeat(say, "[aggregate]", instance):
+            ok, error = _materialize(instance, aggregates)
         if not ok:
             failures.append(("aggregates", error))
-            print(f"  aggregates FAILED: {error}")
+            shout(f"  aggregates FAILED: {tt(error)}")
+        elif not failures:
+            # built from every current partition: record from what
+            storage.write_json(inputs, storage.aggregates_manifest_path(data_dir))
 
     print(f"\nrts refresh: done in {time.perf_counter() - started:.1f}s")
     print(f"reward_streams partitions ({len(written)}):")
     for path in sorted(written):
-        print(f"  {path}")
+        print(f"  {tt(path)}")
     verdicts_file = storage.verdicts_path(data_dir)
     if verdicts_file.exists():
         from rts_dagster.analysis.verdict import verdicts_from_table
@@ -137,20 +256,16 @@ def refresh(force: bool = False, quiet: bool = False) -> int:
 
         print("verdicts:")
         for v in verdicts_from_table(pl.read_parquet(verdicts_file)):
-            print(f"  {headline(v)}")
+            print(f"  {tt(headline(v))}")
     report = storage.report_dir(data_dir) / "report.md"
     if report.exists():
-        print(f"report: {report}")
-        print(f"        {report.with_suffix('.html')}")
+        print(f"report: {tt(report)}")
+        print(f"        {tt(report.with_suffix('.html'))}")
     lp_recs = storage.lp_aggregate_paths(data_dir)["recommendations"]
     if lp_recs.exists():
         n_tasks = pl.read_parquet(lp_recs, columns=["task"])["task"].n_unique()
-        print(f"LP recommendations ({n_tasks} tasks, with evidence in the report): {lp_recs}")
+        print(f"LP recommendations ({n_tasks} tasks, with evidence in the report): {tt(lp_recs)}")
     if failures:
-        print(f"{len(failures)} FAILED: " + ", ".join(k for k, _ in failures))
+        print(f"{len(failures)} FAILED: " + ", ".join(tt(k) for k, _ in failures))
         return 1
     return 0
-
-
-def _aggregates_exist(data_dir: Path) -> bool:
-    return (storage.report_dir(data_dir) / "report.md").exists()

@@ -23,11 +23,21 @@ for the same (state, data) and to never miss one, across restarts. It holds:
   to its end time and makes its run eligible even outside the window; it is dropped once
   its run is processed, or after `pending_timeout`. `jobs` remembers which ended jobs
   were already taken (with a watermark of their end times) so a job is tracked once.
+- `requested`: per partition, the sensor's last request and how many times it was made.
+  A request whose Dagster run failed, was canceled, or never started within
+  `launch_timeout` is made again (new run_key `<run_key>:retry<n>`) up to `max_attempts`
+  times in all, then given up with a warning; it is dropped once a run of the partition
+  created after the request succeeded. A new request for the partition starts over.
+
+Eligibility does not depend on how old a run's own clock is when the source says the run
+is new to it (`late_data`, e.g. a finished offline run copied in hours later): what
+matters is whether the sensor has processed the run's (state, marker) yet.
 
 JSON form (timestamps ISO 8601 with offset):
 `{"version": 1, "heartbeat": ..., "processed": [[run_id, state, marker, heartbeat], ...],
 "pending": [[job_id, run_name, status, end_at], ...], "jobs": {"end_at": ..., "seen":
-[[job_id, end_at], ...]}}`
+[[job_id, end_at], ...]}, "requested": [[partition_key, run_key, state, attempts,
+requested_at], ...]}` (a cursor without `requested` reads as tracking none).
 """
 
 from __future__ import annotations
@@ -48,6 +58,17 @@ DEFAULT_OVERLAP = timedelta(minutes=10)
 DEFAULT_MAX_PIN = timedelta(days=1)
 # How long a SkyPilot job that ended waits for its run to show up terminal in the source.
 DEFAULT_PENDING_TIMEOUT = timedelta(hours=24)
+# Requests of one partition in all (the first + retries) before the sensor gives up.
+DEFAULT_MAX_ATTEMPTS = 3
+# A request with no Dagster run this long after it was made was never launched.
+DEFAULT_LAUNCH_TIMEOUT = timedelta(minutes=30)
+
+# What became of the latest Dagster run of a requested partition (see `plan_retries`).
+OUTCOME_SUCCEEDED = "succeeded"
+OUTCOME_IN_PROGRESS = "in progress"
+OUTCOME_FAILED = "failed"
+OUTCOME_CANCELED = "canceled"
+OUTCOME_NO_RUN = "no run"
 
 Entry = tuple[str, str, str]  # (run_id, state, marker)
 
@@ -89,12 +110,29 @@ class EndedJob:
 
 
 @dataclass(frozen=True)
+class Requested:
+    """The sensor's latest request of one partition (made `attempts` times so far)."""
+
+    partition_key: str
+    run_key: str  # of the first request; retries append `:retry<n>`
+    state: str
+    attempts: int
+    requested_at: datetime
+
+    @property
+    def current_run_key(self) -> str:
+        """The run_key of the latest attempt (Dagster skips a run_key it has seen)."""
+        return self.run_key if self.attempts <= 1 else f"{self.run_key}:retry{self.attempts - 1}"
+
+
+@dataclass(frozen=True)
 class SensorCursor:
     heartbeat: datetime | None = None
     processed: dict[Entry, datetime | None] = field(default_factory=dict)
     pending: dict[int, EndedJob] = field(default_factory=dict)
     jobs_end_at: datetime | None = None
     jobs_seen: dict[int, datetime] = field(default_factory=dict)
+    requested: dict[str, Requested] = field(default_factory=dict)
 
 
 def run_key(run: RunView) -> str:
@@ -158,6 +196,12 @@ def parse_cursor(text: str | None) -> SensorCursor:
             pending[job.job_id] = job
         jobs = raw.get("jobs") or {}
         seen = {int(j): _required_time(end, "job end") for j, end in jobs.get("seen", [])}
+        requested = {}
+        for key, key_of_run, state, attempts, at in raw.get("requested", []):
+            req = Requested(
+                str(key), str(key_of_run), str(state), int(attempts), _required_time(at, "request")
+            )
+            requested[req.partition_key] = req
     except (TypeError, ValueError) as exc:  # wrong arity or types
         if isinstance(exc, CursorError):
             raise
@@ -168,6 +212,7 @@ def parse_cursor(text: str | None) -> SensorCursor:
         pending=pending,
         jobs_end_at=_time(jobs.get("end_at"), "jobs end_at"),
         jobs_seen=seen,
+        requested=requested,
     )
 
 
@@ -186,6 +231,10 @@ def serialize_cursor(cursor: SensorCursor) -> str:
                 "end_at": _iso(cursor.jobs_end_at),
                 "seen": [[j, _iso(end)] for j, end in sorted(cursor.jobs_seen.items())],
             },
+            "requested": [
+                [r.partition_key, r.run_key, r.state, r.attempts, _iso(r.requested_at)]
+                for _, r in sorted(cursor.requested.items())
+            ],
         },
         separators=(",", ":"),
     )
@@ -329,3 +378,51 @@ def advance(
         resolved=resolved,
         expired=expired,
     )
+
+
+# --- requests that did not complete ------------------------------------------------------------
+def record_requests(cursor: SensorCursor, requests: Iterable[Requested]) -> SensorCursor:
+    """Track `requests` (first attempts or retries); a partition's newer request replaces
+    the older one."""
+    return replace(cursor, requested={**cursor.requested, **{r.partition_key: r for r in requests}})
+
+
+@dataclass(frozen=True)
+class Retries:
+    cursor: SensorCursor  # without the succeeded and given-up requests; retries not yet in
+    retry: list[tuple[Requested, str]]  # to request again now (attempts counted), outcome
+    succeeded: list[Requested]
+    given_up: list[tuple[Requested, str]]  # with the outcome of the last attempt
+
+
+def plan_retries(
+    cursor: SensorCursor,
+    outcomes: dict[str, str],
+    now: datetime,
+    *,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    launch_timeout: timedelta = DEFAULT_LAUNCH_TIMEOUT,
+) -> Retries:
+    """Which tracked requests to make again. `outcomes[partition_key]` is what became of
+    the latest Dagster run of the partition created since its request (an `OUTCOME_*`;
+    missing means no run). A failed or canceled run, or none within `launch_timeout`, is
+    retried while fewer than `max_attempts` requests were made, else given up."""
+    kept: dict[str, Requested] = {}
+    retry: list[tuple[Requested, str]] = []
+    succeeded: list[Requested] = []
+    given_up: list[tuple[Requested, str]] = []
+    for key, req in cursor.requested.items():
+        outcome = outcomes.get(key, OUTCOME_NO_RUN)
+        if outcome == OUTCOME_SUCCEEDED:
+            succeeded.append(req)
+            continue
+        incomplete = outcome in (OUTCOME_FAILED, OUTCOME_CANCELED) or (
+            outcome == OUTCOME_NO_RUN and now - req.requested_at >= launch_timeout
+        )
+        if not incomplete:
+            kept[key] = req
+        elif req.attempts < max_attempts:
+            retry.append((replace(req, attempts=req.attempts + 1, requested_at=now), outcome))
+        else:
+            given_up.append((req, outcome))
+    return Retries(replace(cursor, requested=kept), retry, succeeded, given_up)

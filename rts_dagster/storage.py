@@ -2,7 +2,7 @@
 
 Every write goes to a temporary file in the destination directory and is renamed over
 the target, so a crash or a bad input never leaves a half-written file and never
-destroys what was stored before.
+destroys what was stored before. Files get the umask's mode, as a plain open() would.
 """
 
 from __future__ import annotations
@@ -28,13 +28,31 @@ RESERVED_NAMES = frozenset(
         "recommendations.parquet",
         "closed_loop.parquet",
         "closed_loop_runs.parquet",
+        "aggregates_manifest.json",
     }
 )
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp creates 0600 whatever the umask; give the file the mode open() would have
+    # given it (0644 under umask 022), so others on a shared machine can read reports.
+    os.fchmod(fd, 0o666 & ~current_umask())
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -115,6 +133,12 @@ def lp_timescales_path(data_dir: Path) -> Path:
 
 def epoch_view_path(data_dir: Path) -> Path:
     return metrics_dir(data_dir) / "epoch_view.parquet"
+
+
+def aggregates_manifest_path(data_dir: Path) -> Path:
+    """What the aggregates (tables, verdicts, report) were last built from, written only
+    after they all succeeded; `rts refresh` rebuilds them whenever it differs."""
+    return data_dir / "aggregates_manifest.json"
 
 
 def verdicts_path(data_dir: Path) -> Path:

@@ -76,3 +76,44 @@ def test_untrusted_text_reaches_plotly_escaped() -> None:
     )
     fig = figures.reward_curves(curves, "completion")
     assert fig.layout.annotations[0].text == plot_text(evil)
+
+
+CONTROL_TEXTS = ["esc\x1b]0;title\x07\x1b[2J", "nul\x00", "c1\x9b31m", "rtl\u202eevil", "a\nb\tc"]
+
+
+@pytest.mark.parametrize("text", CONTROL_TEXTS)
+def test_plot_and_terminal_text_show_controls_never_obey_them(text):
+    from rts_dagster.escape import plot_text, terminal_text
+
+    for out in (plot_text(text), terminal_text(text)):
+        assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in out), out
+        assert "\u202e" not in out
+        assert out[:2] == text[:2] or text[1] == "\n"  # the readable part is kept
+    assert plot_text("a\nb") == "a\\nb"  # a newline is shown, not flattened silently
+    assert terminal_text("\x1b[2J") == "\\x1b[2J"
+
+
+def test_timescale_ticks_are_the_labels_cut_with_an_ellipsis_full_text_on_hover():
+    import polars as pl
+
+    from rts_dagster.escape import MAX_PLOT_LABEL, plot_text
+    from rts_dagster.report import figures
+
+    long = "x" * 300
+    names = ["a<b>&c", long, "two\nlines"]
+    recs = pl.DataFrame(
+        {
+            "name": names,
+            "timescale": [10.0, 20.0, 30.0],
+            "timescale_ci_low": [5.0, 10.0, 15.0],
+            "timescale_ci_high": [20.0, 40.0, 60.0],
+            "lp_timescale": [None] * 3,
+        }
+    )
+    fig = figures.timescales(recs, "completions")
+    assert list(fig.data[0].y) == [plot_text(n) for n in names]  # hover: the full text
+    assert list(fig.layout.yaxis.tickvals) == list(fig.data[0].y)  # ticks match the data
+    text = list(fig.layout.yaxis.ticktext)
+    assert text[0] == "a&lt;b&gt;&amp;c" and text[2] == "two\\nlines"
+    assert len(text[1]) == MAX_PLOT_LABEL and text[1].endswith("\u2026")
+    assert text[1][:-1] == long[: MAX_PLOT_LABEL - 1]

@@ -298,3 +298,79 @@ def test_ticks_request_every_terminal_state_exactly_once(offline_like: bool):
         hb is not None and hb >= final.heartbeat - sc.DEFAULT_OVERLAP
         for hb in final.processed.values()
     )
+
+
+# --- retries of requests that did not complete ------------------------------------------------
+def _req(key: str, attempts: int = 1, at_min: float = 0) -> sc.Requested:
+    return sc.Requested(key, f"{key}-run:finished:f", "finished", attempts, at(at_min))
+
+
+def test_requested_round_trips_and_old_cursors_track_none():
+    cursor = sc.record_requests(sc.SensorCursor(), [_req("a.seed1", 2, 5), _req("b.seed1")])
+    text = sc.serialize_cursor(cursor)
+    assert sc.parse_cursor(text) == cursor
+    assert json.loads(text)["requested"][0] == [
+        "a.seed1",
+        "a.seed1-run:finished:f",
+        "finished",
+        2,
+        "2026-01-05T08:05:00+00:00",
+    ]
+    assert sc.parse_cursor('{"heartbeat": null}').requested == {}
+    with pytest.raises(sc.CursorError):
+        sc.parse_cursor('{"requested": [["a", "k", "finished", 1]]}')
+
+
+def test_retry_run_keys_are_new_for_each_attempt():
+    keys = [_req("k", n).current_run_key for n in (1, 2, 3)]
+    assert keys == ["k-run:finished:f", "k-run:finished:f:retry1", "k-run:finished:f:retry2"]
+
+
+def test_plan_retries_by_outcome_with_a_bound():
+    reqs = {
+        "ok": _req("ok"),
+        "busy": _req("busy"),
+        "failed": _req("failed"),
+        "canceled": _req("canceled", 2),
+        "last": _req("last", 3),
+        "fresh": _req("fresh", 1, at_min=50),  # no run yet, requested 10 min ago
+        "lost": _req("lost", 1, at_min=0),  # no run after an hour: never launched
+    }
+    cursor = sc.SensorCursor(requested=reqs)
+    outcomes = {
+        "ok": sc.OUTCOME_SUCCEEDED,
+        "busy": sc.OUTCOME_IN_PROGRESS,
+        "failed": sc.OUTCOME_FAILED,
+        "canceled": sc.OUTCOME_CANCELED,
+        "last": sc.OUTCOME_FAILED,
+    }
+    plan = sc.plan_retries(
+        cursor, outcomes, at(60), max_attempts=3, launch_timeout=timedelta(minutes=30)
+    )
+    assert {(r.partition_key, r.attempts, o) for r, o in plan.retry} == {
+        ("failed", 2, sc.OUTCOME_FAILED),
+        ("canceled", 3, sc.OUTCOME_CANCELED),
+        ("lost", 2, sc.OUTCOME_NO_RUN),
+    }
+    assert all(r.requested_at == at(60) for r, _ in plan.retry)
+    assert [r.partition_key for r in plan.succeeded] == ["ok"]
+    assert [(r.partition_key, o) for r, o in plan.given_up] == [("last", sc.OUTCOME_FAILED)]
+    assert sorted(plan.cursor.requested) == ["busy", "fresh"]
+    # retried requests are tracked again with their count; a bound of 1 means no retry
+    again = sc.record_requests(plan.cursor, [r for r, _ in plan.retry])
+    assert again.requested["canceled"].attempts == 3
+    once = sc.plan_retries(cursor, outcomes, at(60), max_attempts=1)
+    assert once.retry == [] and len(once.given_up) == 4
+
+
+def test_a_late_arrival_is_selected_whatever_its_clock():
+    """A run the source lists as arrived late (`late_data`) is eligible although its
+    heartbeat is hours behind the watermark; without the flag it is not (a source may
+    list old runs too)."""
+    cursor = sc.SensorCursor(heartbeat=at(600))
+    old = view("late", "finished", 0)
+    assert sc.select_runs(cursor, [old]) == []
+    late = sc.RunView("late", "late", "finished", "m", at(0), late_data=True)
+    assert sc.select_runs(cursor, [late]) == [late]
+    step = sc.advance(cursor, seen=[late], handled=[late], now=at(600))
+    assert sc.select_runs(step.cursor, [late]) == []  # processed: not twice

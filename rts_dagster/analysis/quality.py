@@ -6,6 +6,10 @@ n/a or counts a seed that contributes nothing. Every series (one label of one ru
 granularity) gets one `status`:
 
 - `no_finite`: no finite reward at all;
+- `absurd_values`: at least one reward is +-inf or beyond +-`REWARD_BOUND` (a corrupt log:
+  MettaGrid rewards are per-agent episode returns, orders of magnitude below the bound),
+  or more than `MAX_NAN_SHARE` of its rows are NaN. One 1e300 turns a pooled variance or
+  timescale into inf, so such a series feeds no estimate at all, not even reward levels;
 - `constant`: every finite reward is the same number (e.g. a task solved at exactly 1.0,
   or a label stuck at 0). That is a real value, not staleness: it counts for reward levels
   but has no noise or drift to measure;
@@ -19,7 +23,7 @@ granularity) gets one `status`:
 
 Two uses follow (`PURPOSE_LEVEL`, `PURPOSE_DYNAMICS`): reward-level summaries (variance of
 mean reward) take `ok` and `constant` series; noise, drift, timescale and LP evidence take
-`ok` series only. A run contributes to a purpose when at least one of its series does.
+`ok` series only (`absurd_values` feeds neither). A run contributes to a purpose when at least one of its series does.
 Pure polars; no I/O.
 """
 
@@ -40,6 +44,7 @@ STATUS_CONSTANT = "constant"
 STATUS_STALE = "mostly_stale"
 STATUS_SHORT = "too_short"
 STATUS_NO_FINITE = "no_finite"
+STATUS_ABSURD = "absurd_values"
 
 PURPOSE_LEVEL = "level"  # mean-reward summaries
 PURPOSE_DYNAMICS = "dynamics"  # noise, drift, timescales, LP replay
@@ -51,6 +56,10 @@ _USABLE = {
 
 MIN_SAMPLES = 10  # below this no per-series statistic of ours is stable
 STALE_SHARE = 0.9
+# |reward| beyond this is a corrupt value, not a reward (see the module docstring).
+REWARD_BOUND = 1e6
+# A series with more NaN rows than this share is logged wrongly, not occasionally empty.
+MAX_NAN_SHARE = 0.1
 
 
 def _num(col: str) -> pl.Expr:
@@ -59,11 +68,19 @@ def _num(col: str) -> pl.Expr:
 
 
 def series_quality(
-    streams: pl.DataFrame, min_samples: int = MIN_SAMPLES, stale_share: float = STALE_SHARE
+    streams: pl.DataFrame,
+    min_samples: int = MIN_SAMPLES,
+    stale_share: float = STALE_SHARE,
+    reward_bound: float = REWARD_BOUND,
+    max_nan_share: float = MAX_NAN_SHARE,
 ) -> pl.DataFrame:
     """One row per series of a `reward_streams` table: counts, `status` and `reason`
     (see the module docstring). Columns: `schema.SERIES_QUALITY`."""
     finite = pl.col("reward").is_finite().fill_null(False)
+    # +-inf and finite values beyond the bound (not NaN: polars orders NaN above everything)
+    reward = pl.col("reward")
+    absurd = (reward.is_infinite() | (finite & (reward.abs() > reward_bound))).fill_null(False)
+    finite = finite & ~absurd  # min/max, constancy and usable counts ignore absurd values
     repeat = pl.col("is_stale").fill_null(False) & (pl.col("granularity") == GRANULARITY_EPOCH)
     stats = (
         streams.group_by(*SERIES_KEYS, maintain_order=True)
@@ -73,15 +90,22 @@ def series_quality(
             (repeat & finite).sum().cast(pl.Int64).alias("n_repeats"),
             pl.col("reward").filter(finite).min().alias("reward_min"),
             pl.col("reward").filter(finite).max().alias("reward_max"),
+            absurd.sum().cast(pl.Int64).alias("_n_absurd"),
+            pl.col("reward").is_nan().fill_null(False).sum().cast(pl.Int64).alias("_n_nan"),
+            pl.col("reward").abs().filter(absurd).max().alias("_absurd_max"),
         )
         .with_columns((pl.col("n_finite") - pl.col("n_repeats")).alias("n_usable"))
     )
     n_rows, n_usable = pl.col("n_rows"), pl.col("n_usable")
     constant = (pl.col("n_finite") > 0) & (pl.col("reward_min") == pl.col("reward_max"))
     stale = (pl.col("n_repeats") >= stale_share * n_rows) & (pl.col("n_repeats") > 0)
+    n_absurd, n_nan = pl.col("_n_absurd"), pl.col("_n_nan")
+    is_absurd = (n_absurd > 0) | (n_nan > max_nan_share * n_rows)
     status = (
-        pl.when(pl.col("n_finite") == 0)
+        pl.when((pl.col("n_finite") == 0) & (n_absurd == 0))
         .then(pl.lit(STATUS_NO_FINITE))
+        .when(is_absurd)
+        .then(pl.lit(STATUS_ABSURD))
         .when(constant)
         .then(pl.lit(STATUS_CONSTANT))
         .when(stale)
@@ -93,6 +117,19 @@ def series_quality(
     reason = (
         pl.when(pl.col("status") == STATUS_NO_FINITE)
         .then(pl.format("no finite reward in {} rows", n_rows))
+        .when(pl.col("status") == STATUS_ABSURD)
+        .then(
+            pl.format(
+                "{} of {} rewards infinite or beyond +-{} (largest |reward| {}), {} NaN "
+                "(over {} is too many): corrupt values, kept out of every estimate",
+                n_absurd,
+                n_rows,
+                pl.lit(f"{reward_bound:.4g}"),
+                pl.when(n_absurd > 0).then(_num("_absurd_max")).otherwise(pl.lit("-")),
+                n_nan,
+                pl.lit(f"{max_nan_share:.0%}"),
+            )
+        )
         .when(pl.col("status") == STATUS_CONSTANT)
         .then(
             pl.format(
@@ -113,7 +150,11 @@ def series_quality(
         .then(pl.format("only {} usable samples (fewer than {})", n_usable, pl.lit(min_samples)))
         .otherwise(pl.lit(""))
     )
-    out = stats.with_columns(status.alias("status")).with_columns(reason.alias("reason"))
+    out = (
+        stats.with_columns(status.alias("status"))
+        .with_columns(reason.alias("reason"))
+        .drop("_n_absurd", "_n_nan", "_absurd_max")
+    )
     return conform(out, SERIES_QUALITY, "series_quality")
 
 

@@ -27,6 +27,18 @@ SPS_KEYS = ("overview/sps", "overview/steps_per_second", "metric/sps", "timing_c
 # Only these history keys are needed to build reward streams (read no more than that).
 HISTORY_PREFIXES = (LABEL_REWARD_PREFIX, *AGENT_STEP_KEYS, *EPOCH_KEYS, *SPS_KEYS)
 
+# A logged agent_step or epoch beyond this magnitude is a corrupt value, not a counter:
+# Metta runs reach ~1e10 agent steps, and below 2**53 (~9e15) a float step converts to
+# Int64 exactly. Such a value (and a NaN or +-inf) is read as "not logged on this row", so
+# the row keeps its reward and takes the previous row's step; `step_issues` counts them.
+MAX_STEP = 1e15
+
+
+def _valid_counter(col: str) -> pl.Expr:
+    """`col` as Float64 with NaN, +-inf and |value| > MAX_STEP turned into null."""
+    value = pl.col(col).cast(pl.Float64)
+    return pl.when(value.is_finite() & (value.abs() <= MAX_STEP)).then(value)
+
 
 def _first_present(columns: list[str], candidates: tuple[str, ...]) -> str | None:
     return next((c for c in candidates if c in columns), None)
@@ -35,17 +47,15 @@ def _first_present(columns: list[str], candidates: tuple[str, ...]) -> str | Non
 def epoch_progress(history: pl.DataFrame) -> pl.DataFrame:
     """Per logged row: agent_step (from `metric/agent_step`, else `_step`), epoch (-1 if
     never logged) and sps, forward-filled in log order so keys logged on separate rows
-    still line up."""
+    still line up. Corrupt step/epoch values (see MAX_STEP) count as not logged."""
     cols = history.columns
     step_col = _first_present(cols, AGENT_STEP_KEYS)
     epoch_col = _first_present(cols, EPOCH_KEYS)
     sps_col = _first_present(cols, SPS_KEYS)
     step = pl.col("_step").cast(pl.Float64)
     if step_col:
-        step = pl.col(step_col).fill_nan(None).forward_fill().fill_null(step)
-    epoch = (
-        pl.col(epoch_col).fill_nan(None).forward_fill().fill_null(-1) if epoch_col else pl.lit(-1.0)
-    )
+        step = _valid_counter(step_col).forward_fill().fill_null(step)
+    epoch = _valid_counter(epoch_col).forward_fill().fill_null(-1) if epoch_col else pl.lit(-1.0)
     sps = pl.col(sps_col).forward_fill() if sps_col else pl.lit(None, dtype=pl.Float64)
     return history.select(
         pl.int_range(pl.len()).alias("_row"),
@@ -157,3 +167,70 @@ def build_reward_streams(
     if completions is not None:
         parts.append(completion_streams(completions, history, task, seed, run_id))
     return pl.concat(parts, how="vertical")
+
+
+def step_issues(history: pl.DataFrame, completions: pl.DataFrame | None = None) -> dict[str, int]:
+    """Counts of suspect progress values in one run, for the partition's metadata and the
+    report (the rows themselves are kept: their rewards are valid samples).
+
+    - `agent_step_invalid` / `epoch_invalid`: history rows whose logged value is NaN, +-inf
+      or beyond +-MAX_STEP; `epoch_progress` reads them as not logged on that row.
+    - `agent_step_negative`: history and completion rows with a (valid) agent_step < 0,
+      which no trainer counter produces; kept as logged.
+    - `agent_step_backward`: history rows whose agent_step is below the previous logged one,
+      and completion rows below the previous completion of the same worker. A resumed run
+      legitimately goes back to its checkpoint's step, so this is a note, not an error.
+    """
+    cols = history.columns
+    counts = {
+        "agent_step_invalid": 0,
+        "epoch_invalid": 0,
+        "agent_step_negative": 0,
+        "agent_step_backward": 0,
+    }
+    for name, key_col in (
+        ("agent_step_invalid", _first_present(cols, AGENT_STEP_KEYS)),
+        ("epoch_invalid", _first_present(cols, EPOCH_KEYS)),
+    ):
+        if key_col and history.height:
+            logged = pl.col(key_col).is_not_null()
+            counts[name] = int(
+                history.select((logged & _valid_counter(key_col).is_null()).sum()).item()
+            )
+    step_col = _first_present(cols, AGENT_STEP_KEYS) or _first_present(cols, ("_step",))
+    if step_col and history.height:
+        steps = _valid_counter(step_col).drop_nulls()
+        row = history.select(
+            (steps < 0).sum().alias("negative"), (steps.diff() < 0).sum().alias("backward")
+        ).row(0, named=True)
+        counts["agent_step_negative"] += int(row["negative"])
+        counts["agent_step_backward"] += int(row["backward"])
+    if completions is not None and completions.height:
+        step = pl.col("agent_step")
+        row = (
+            conform(completions, COMPLETION_RECORD, "completion stream")
+            .sort("worker", "completion_index")
+            .select(
+                (step < 0).sum().alias("negative"),
+                (step.diff().over("worker") < 0).sum().alias("backward"),
+            )
+            .row(0, named=True)
+        )
+        counts["agent_step_negative"] += int(row["negative"])
+        counts["agent_step_backward"] += int(row["backward"])
+    return counts
+
+
+def describe_step_issues(issues: dict[str, int]) -> list[str]:
+    """Plain sentences for the non-zero counts of `step_issues` (empty when all are 0)."""
+    words = {
+        "agent_step_invalid": "rows with a corrupt metric/agent_step (NaN, inf or beyond "
+        f"{MAX_STEP:.0e}); their step was taken from the previous row",
+        "epoch_invalid": "rows with a corrupt metric/epoch (NaN, inf or beyond "
+        f"{MAX_STEP:.0e}); their epoch was taken from the previous row",
+        "agent_step_negative": "rows with a negative agent_step (kept as logged; no trainer "
+        "counter is negative, so check the logging)",
+        "agent_step_backward": "rows where agent_step goes back (normal for a resumed run, "
+        "which restarts from its checkpoint's step)",
+    }
+    return [f"{issues[k]} {text}" for k, text in words.items() if issues.get(k, 0)]

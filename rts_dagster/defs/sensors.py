@@ -9,7 +9,16 @@ Each tick:
    them with `discovery.classify_runs` and writes `discovered_runs.parquet` itself, then
    registers new partitions and requests `reward_streams`, `series_metrics` and `lp_replay` for each such
    run's partition, with `run_key = run_id:state:fingerprint`;
-4. stores the new cursor (`rts_dagster.sensor_cursor`).
+4. requests again, with a bound, what an earlier tick requested but did not complete: the
+   partition's latest Dagster run since the request failed or was canceled, or no run
+   started within `launch_timeout` (attempt n of `max_attempts`, tag `rts/attempt`, a log
+   line per retry and a warning when it gives up);
+5. stores the new cursor (`rts_dagster.sensor_cursor`).
+
+A finished run that arrives late (an offline run copied in hours after it finished, its
+mtime kept) is taken on the first tick that sees it: the source lists what arrived since
+the watermark and flags a run older than it as `late_data`; eligibility is "not processed
+yet", not the age of the run's own clock.
 
 Why the sensor writes `discovered_runs` itself (the same function as the asset:
 `source.list_runs()` -> `runs.write_discovered`), and reports it as a
@@ -78,6 +87,10 @@ class SensorSettings:
     # A first tick over a big project would otherwise request hundreds of runs at once;
     # the rest stay eligible (they hold the watermark) and follow on the next ticks.
     max_requests_per_tick: int = 100
+    # Requests of one partition in all (first + retries) when its run does not complete.
+    max_attempts: int = sc.DEFAULT_MAX_ATTEMPTS
+    # A request with no Dagster run after this long was never launched: request again.
+    launch_timeout: timedelta = sc.DEFAULT_LAUNCH_TIMEOUT
 
 
 def _view(run: RunRecord, late: bool = False) -> sc.RunView:
@@ -111,6 +124,73 @@ def _in_flight_partitions(instance: dg.DagsterInstance) -> frozenset[str]:
     ]
     runs = instance.get_runs(filters=dg.RunsFilter(statuses=active), limit=1000)
     return frozenset(key for run in runs if (key := run.tags.get("dagster/partition")) is not None)
+
+
+_OUTCOME_OF_STATUS = {
+    dg.DagsterRunStatus.SUCCESS: sc.OUTCOME_SUCCEEDED,
+    dg.DagsterRunStatus.FAILURE: sc.OUTCOME_FAILED,
+    dg.DagsterRunStatus.CANCELED: sc.OUTCOME_CANCELED,
+}
+
+
+def _request_outcomes(
+    instance: dg.DagsterInstance, requested: dict[str, sc.Requested]
+) -> dict[str, str]:
+    """What became of each tracked request: the status of the partition's latest Dagster
+    run created since the request (any run of the partition counts, e.g. one started by
+    hand); no entry when there is none."""
+    outcomes = {}
+    for key, req in requested.items():
+        runs = instance.get_runs(
+            filters=dg.RunsFilter(tags={"dagster/partition": key}, created_after=req.requested_at),
+            limit=1,
+        )
+        if runs:
+            outcomes[key] = _OUTCOME_OF_STATUS.get(runs[0].status, sc.OUTCOME_IN_PROGRESS)
+    return outcomes
+
+
+def _request(partition_key: str, run_key: str, state: str, attempt: int) -> dg.RunRequest:
+    tags = {TRIGGER_TAG: SENSOR_NAME, "rts/run_state": state}
+    if attempt > 1:
+        tags["rts/attempt"] = str(attempt)
+    return dg.RunRequest(
+        run_key=run_key,
+        partition_key=partition_key,
+        asset_selection=[a.key for a in PER_RUN_ASSETS],
+        tags=tags,
+    )
+
+
+def _retry_requests(
+    log: Any,
+    cursor: sc.SensorCursor,
+    instance: dg.DagsterInstance,
+    now: datetime,
+    settings: SensorSettings,
+) -> tuple[sc.SensorCursor, list[sc.Requested]]:
+    """The cursor without the settled requests, and the requests to make again."""
+    if not cursor.requested:
+        return cursor, []
+    plan = sc.plan_retries(
+        cursor,
+        _request_outcomes(instance, cursor.requested),
+        now,
+        max_attempts=settings.max_attempts,
+        launch_timeout=settings.launch_timeout,
+    )
+    for req, outcome in plan.given_up:
+        log.warning(
+            f"partition {req.partition_key}: the requested run {outcome} after "
+            f"{req.attempts} attempts: given up (rerun it by hand, e.g. `rts refresh`)"
+        )
+    for req, outcome in plan.retry:
+        what = f"the run {outcome}" if outcome != sc.OUTCOME_NO_RUN else "no run started"
+        log.warning(
+            f"partition {req.partition_key}: the previous request did not complete ({what}): "
+            f"requesting it again (attempt {req.attempts} of {settings.max_attempts})"
+        )
+    return plan.cursor, [req for req, _ in plan.retry]
 
 
 def _discovered_event(
@@ -164,14 +244,7 @@ def _plan_requests(
         if len(requests) >= max_requests:
             deferred.append(view)
             continue
-        requests.append(
-            dg.RunRequest(
-                run_key=sc.run_key(view),
-                partition_key=key,
-                asset_selection=[a.key for a in PER_RUN_ASSETS],
-                tags={TRIGGER_TAG: SENSOR_NAME, "rts/run_state": view.state},
-            )
-        )
+        requests.append(_request(key, sc.run_key(view), view.state, 1))
         requested_keys.add(key)
         handled.append(view)
         log.info(f"run {view.run_name!r} is {view.state}: requesting partition {key}")
@@ -203,6 +276,8 @@ def finished_runs_tick(
         cursor, new_jobs = sc.add_ended_jobs(cursor, ended, now, settings.overlap)
         for job in new_jobs:
             log.info(f"SkyPilot job {job.job_id} ({job.run_name!r}) ended {job.status}")
+
+    cursor, retries = _retry_requests(log, cursor, context.instance, now, settings)
 
     since = sc.listing_since(cursor, settings.overlap)
     source = run_source.source()
@@ -238,6 +313,17 @@ def finished_runs_tick(
             settings.max_requests_per_tick,
             _in_flight_partitions(context.instance),
         )
+
+    # A fresh request of a partition supersedes its retry (and starts its count over).
+    fresh_keys = {r.partition_key for r in requests}
+    retries = [r for r in retries if r.partition_key not in fresh_keys]
+    requests += [_request(r.partition_key, r.current_run_key, r.state, r.attempts) for r in retries]
+    tracked = [
+        sc.Requested(r.partition_key or "", r.run_key or "", r.tags["rts/run_state"], 1, now)
+        for r in requests
+        if r.partition_key in fresh_keys
+    ]
+    cursor = sc.record_requests(cursor, [*tracked, *retries])
 
     step = sc.advance(
         cursor,

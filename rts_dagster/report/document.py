@@ -11,6 +11,7 @@ import html as _html
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,35 +84,123 @@ def find_browser() -> str | None:
     return None
 
 
-def write_pngs(figures: Sequence[Figure], out_dir: Path, scale: float = 1.5) -> dict[str, Path]:
-    """Render every figure to `<out_dir>/<name>.png` through kaleido in one browser session.
-    Files are rendered into a temp dir and renamed in, so none is ever half-written."""
+_RENDER_PREFIX = ".render-"
+# A temp dir whose name carries no pid (or an unreadable one) is stale after this long.
+_STALE_RENDER_S = 3600.0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0
+    return True
+
+
+def remove_stale_render_dirs(out_dir: Path) -> list[Path]:
+    """Delete `.render-<pid>-*` temp dirs in `out_dir` left by a renderer that no longer
+    runs (a SIGKILL skips the cleanup); a live renderer's dir is left alone."""
+    removed: list[Path] = []
+    if not out_dir.is_dir():
+        return removed
+    now = time.time()
+    for path in out_dir.glob(f"{_RENDER_PREFIX}*"):
+        if not path.is_dir() or path.is_symlink():
+            continue
+        pid_text = path.name[len(_RENDER_PREFIX) :].split("-", 1)[0]
+        if pid_text.isdigit():
+            stale = not _pid_alive(int(pid_text))
+        else:
+            try:
+                stale = now - path.stat().st_mtime > _STALE_RENDER_S
+            except OSError:
+                continue
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+@dataclass(frozen=True)
+class RenderedPngs:
+    """What `write_pngs` produced: the PNG of each rendered figure, and for each figure
+    that failed, why (its old PNG is removed, so no stale picture is left beside the report)."""
+
+    paths: dict[str, Path]
+    failed: dict[str, str]
+
+
+def _render_alone(figure: go.Figure, scale: float) -> tuple[bytes | None, str]:
+    """Render one figure by itself: (png, "") or (None, the cause). Used for a figure the
+    batch call did not write, to name why (kaleido's batch call drops it silently)."""
     import plotly.io as pio
 
-    browser = find_browser()
-    if browser is None or not figures:
-        return {}
-    os.environ.setdefault("BROWSER_PATH", browser)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".render-") as tmp:
-        tmp_paths = [Path(tmp) / f"{f.name}.png" for f in figures]
-        # kaleido 1.5 ignores a figure's own layout size unless it is passed explicitly
-        # (None: kaleido's default 700 x 500)
-        pio.write_images(
-            [f.figure for f in figures],
-            tmp_paths,
+    try:
+        png = pio.to_image(
+            figure,
             format="png",
             scale=scale,
             validate=False,
-            width=[f.figure.layout.width for f in figures],
-            height=[f.figure.layout.height for f in figures],
+            width=figure.layout.width,
+            height=figure.layout.height,
         )
+    except Exception as exc:  # any renderer failure is reported, not raised
+        return None, f"{type(exc).__name__}: {exc}"
+    return png, ""
+
+
+def write_pngs(figures: Sequence[Figure], out_dir: Path, scale: float = 1.5) -> RenderedPngs:
+    """Render every figure to `<out_dir>/<name>.png` through kaleido in one browser session.
+
+    All are rendered into a temp dir first and only then renamed in, so the figures dir
+    never mixes a new render with pictures of the previous one; a figure that fails is
+    named with its cause and the others are kept. Stale temp dirs of a killed render are
+    removed first."""
+    import plotly.io as pio
+
+    remove_stale_render_dirs(out_dir)
+    browser = find_browser()
+    if browser is None or not figures:
+        return RenderedPngs({}, {})
+    os.environ.setdefault("BROWSER_PATH", browser)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failed: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=f"{_RENDER_PREFIX}{os.getpid()}-") as tmp:
+        tmp_paths = [Path(tmp) / f"{f.name}.png" for f in figures]
+        try:
+            # kaleido 1.5 ignores a figure's own layout size unless it is passed explicitly
+            # (None: kaleido's default 700 x 500)
+            pio.write_images(
+                [f.figure for f in figures],
+                tmp_paths,
+                format="png",
+                scale=scale,
+                validate=False,
+                width=[f.figure.layout.width for f in figures],
+                height=[f.figure.layout.height for f in figures],
+            )
+        except Exception as exc:  # the missing files are diagnosed below
+            batch_error = f"{type(exc).__name__}: {exc}"
+        else:
+            batch_error = ""
+        for f, tmp_path in zip(figures, tmp_paths, strict=True):
+            if not tmp_path.is_file() or tmp_path.stat().st_size == 0:
+                png, why = _render_alone(f.figure, scale)
+                if png is None:
+                    failed[f.name] = why or batch_error
+                else:
+                    tmp_path.write_bytes(png)
         final = {}
         for f, tmp_path in zip(figures, tmp_paths, strict=True):
             target = out_dir / f"{f.name}.png"
+            if f.name in failed:
+                target.unlink(missing_ok=True)
+                continue
             os.replace(tmp_path, target)
             final[f.name] = target
-    return final
+    return RenderedPngs(final, failed)
 
 
 def _fmt(value: object) -> str:
@@ -201,10 +290,12 @@ def render_html(report: Report, note: str) -> str:
 
 
 def write_report(report: Report, out_dir: Path, want_png: bool = True) -> dict[str, object]:
-    """Write report.md, report.html and figures/*.png into `out_dir`; return what was written."""
+    """Write report.md, report.html and figures/*.png into `out_dir`; return what was written
+    (`failed_figures`: name -> cause of each figure not rendered; the note says them too)."""
     figures_dir = out_dir / "figures"
     note = ""
     pngs: dict[str, Path] = {}
+    failed: dict[str, str] = {}
     if want_png:
         if find_browser() is None:
             note = (
@@ -212,9 +303,20 @@ def write_report(report: Report, out_dir: Path, want_png: bool = True) -> dict[s
                 "for the interactive figures (install Debian's `chromium` to get PNGs)."
             )
         else:
-            pngs = write_pngs(report.figures, figures_dir)
+            rendered = write_pngs(report.figures, figures_dir)
+            pngs, failed = rendered.paths, rendered.failed
+            if failed:
+                note = "Some figures could not be rendered as PNG (open report.html for them): " + (
+                    "; ".join(f"{name}: {why}" for name, why in sorted(failed.items()))
+                )
     html_path = storage.write_text(render_html(report, note), out_dir / "report.html")
     md_path = storage.write_text(
         render_markdown(report, pngs, "report.html", note), out_dir / "report.md"
     )
-    return {"markdown": md_path, "html": html_path, "pngs": pngs, "note": note}
+    return {
+        "markdown": md_path,
+        "html": html_path,
+        "pngs": pngs,
+        "failed_figures": failed,
+        "note": note,
+    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import math
 
 import numpy as np
@@ -10,7 +11,7 @@ import polars as pl
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from rts_dagster.escape import plot_text
+from rts_dagster.escape import plot_label, plot_text
 
 SEED_COLOURS = qualitative.Plotly
 _LAYOUT = {"template": "plotly_white", "margin": {"l": 60, "r": 20, "t": 60, "b": 50}}
@@ -24,6 +25,18 @@ def _rgba(hex_colour: str, alpha: float) -> str:
     h = hex_colour.lstrip("#")
     r, g, b = (int(h[i : i + 2], 16) for i in (0, 2, 4))
     return f"rgba({r},{g},{b},{alpha})"
+
+
+def _category_axis(names: list[str]) -> dict[str, object]:
+    """A category axis over untrusted `names` (already `plot_text`): every name gets its
+    tick (plotly would skip every other one), drawn cut to `plot_label` length so a long
+    label cannot squeeze the plot; the data keep the full text, which the hover shows."""
+    return {
+        "type": "category",
+        "tickmode": "array",
+        "tickvals": names,
+        "ticktext": [plot_label(html.unescape(n)) for n in names],
+    }
 
 
 def _x_title(granularity: str) -> str:
@@ -179,11 +192,13 @@ def variance_ratios(table: pl.DataFrame) -> go.Figure:
     finite_high = high[np.isfinite(high)]
     edge = 10.0 * max(finite_high.max() if finite_high.size else 1.0, ratio.max(initial=1.0))
     high = np.where(np.isinf(high), edge, high)
+    vr_names = [plot_text(n) for n in table["name"].to_list()]
     fig = go.Figure(
         go.Bar(
-            y=[plot_text(n) for n in table["name"].to_list()],
+            y=vr_names,
             x=ratio,
             orientation="h",
+            hovertemplate="%{y}: %{x:.3g}<extra></extra>",
             error_x={
                 "type": "data",
                 "symmetric": False,
@@ -198,6 +213,7 @@ def variance_ratios(table: pl.DataFrame) -> go.Figure:
         title="Seed variance / task (or label) variance, with exact F 95% interval",
         xaxis_title="variance ratio (dimensionless; > 1: seeds differ more)",
         xaxis_type="log",
+        yaxis=_category_axis(vr_names),
         height=max(260, 60 + 40 * table.height),
         **_LAYOUT,
     )
@@ -246,6 +262,7 @@ def timescales(recs: pl.DataFrame, unit: str) -> go.Figure:
             y=names,
             mode="markers",
             marker={"size": 8, "color": _colour(2)},
+            hovertemplate="%{y}: %{x:.4g}<extra></extra>",
             error_x={
                 "type": "data",
                 "symmetric": False,
@@ -270,8 +287,7 @@ def timescales(recs: pl.DataFrame, unit: str) -> go.Figure:
         title=f"Tracking-optimal EMA timescale per label and regime ({unit})",
         xaxis_title=f"EMA timescale ({unit} of the label, log scale)",
         xaxis_type="log",
-        # every label gets its tick (plotly would skip every other one)
-        yaxis={"type": "category", "tickmode": "array", "tickvals": names},
+        yaxis=_category_axis(names),
         height=max(320, 100 + 22 * recs.height),
         width=1000,
         **_LAYOUT,

@@ -3,12 +3,23 @@
 Finds every `run-*.wandb` file under a root (typically `<dir>/wandb/offline-run-<time>-<id>/`
 or `run-<time>-<id>/`), reads it with `wandb_file` and the run's per-completion stream from
 `<run folder>/files/reward_stream/` (written by `RewardStreamRecorder`). A file that cannot
-be read is reported as an `UnreadableRun`; it never stops the others.
+be read is reported as an `UnreadableRun` with its path and why; it never stops the others.
+So is anything that looks like a run but is not one: a `run-*.wandb` that is not a regular
+file (a FIFO would block the reader forever, a link to `/dev/zero` would be read until memory
+runs out), a file larger than the size sanity limit, a file cut before its run record, and
+a run folder (`run-*` / `offline-run-*`) holding no `run-*.wandb` file.
+
+Polling (`updated_since`): a file is listed when it *arrived or changed* since then, i.e.
+its mtime or its ctime (inode change time: set by the copy or move that brought the file
+in, even when `cp -a` / `rsync -a` keep the mtime). A run whose last logged time is older
+than `updated_since` but whose file arrived after it is flagged `extra["late_data"]`, so
+the sensor takes it although the run's own clock is old.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -28,6 +39,30 @@ from rts_dagster.sources.wandb_file import (
 )
 
 SOURCE_NAME = "offline"
+# The biggest file taken for a run file: a long real run is a few GB; anything far above
+# is not a wandb log (a sparse file, a disk image renamed...) and would take hours.
+MAX_RUN_FILE_BYTES = 64 << 30
+
+
+def _is_run_file_name(name: str) -> bool:
+    return name.startswith("run-") and name.endswith(".wandb")
+
+
+def _is_run_dir_name(name: str) -> bool:
+    """wandb's run folder names: `run-<time>-<id>` and `offline-run-<time>-<id>`."""
+    return (name.startswith(("run-", "offline-run-"))) and not name.endswith(".wandb")
+
+
+def _file_kind(mode: int) -> str:
+    """What a non-regular file is, in words."""
+    kinds = [
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ]
+    return next((word for test, word in kinds if test(mode)), "not a regular file")
 
 
 class OfflineRunSource:
@@ -41,47 +76,91 @@ class OfflineRunSource:
     name = SOURCE_NAME
 
     def __init__(
-        self, root: str | os.PathLike[str], *, running_grace_s: float = DEFAULT_RUNNING_GRACE_S
+        self,
+        root: str | os.PathLike[str],
+        *,
+        running_grace_s: float = DEFAULT_RUNNING_GRACE_S,
+        max_file_bytes: int = MAX_RUN_FILE_BYTES,
     ) -> None:
         self.root = Path(root)
         self.running_grace_s = running_grace_s
+        self.max_file_bytes = max_file_bytes
         self._cache: dict[str, tuple[int, int, RunFile | RunReadError]] = {}
         self._lock = threading.Lock()
 
     def run_files(self) -> list[Path]:
-        """Every `run-*.wandb` file under the root, sorted (symlinked folders such as
-        wandb's `latest-run` are not followed, so no run is listed twice)."""
+        """Every path named `run-*.wandb` under the root (files, and anything else so
+        named: `list_runs` says why it is not a run), sorted. Symlinked folders such as
+        wandb's `latest-run` are not followed, so no run is listed twice."""
+        return sorted(self._walk()[0])
+
+    def _walk(self) -> tuple[list[Path], list[Path]]:
+        """(paths named `run-*.wandb`, run folders holding no `run-*.wandb` file)."""
         if not self.root.is_dir():
-            return []
-        found = []
+            return [], []
+        found: list[Path] = []
+        empty: list[Path] = []
         for dirpath, dirnames, filenames in os.walk(self.root):
             dirnames.sort()
-            found.extend(
-                Path(dirpath, f) for f in filenames if f.startswith("run-") and f.endswith(".wandb")
-            )
-        return sorted(found)
+            here = [Path(dirpath, n) for n in (*filenames, *dirnames) if _is_run_file_name(n)]
+            found.extend(here)
+            folder = Path(dirpath)
+            if folder != self.root and _is_run_dir_name(folder.name) and not here:
+                empty.append(folder)
+        return found, empty
 
     def list_runs(
         self, updated_since: datetime | None = None
     ) -> tuple[list[RunRecord], list[UnreadableRun]]:
-        """Every readable run, and every run file that could not be read (with why).
-        `updated_since` skips files not modified since then (cheap: a stat per file)."""
+        """Every readable run, and everything that looks like a run but could not be read
+        (with its path and why). `updated_since` skips files that neither changed nor
+        arrived since then (cheap: a stat per file); an arrival with an older last
+        logged time is flagged `extra["late_data"]`."""
         runs: list[RunRecord] = []
         unreadable: list[UnreadableRun] = []
         cutoff_ns = int(updated_since.timestamp() * 1e9) if updated_since else None
-        for path in self.run_files():
+        paths, empty = self._walk()
+        for path in sorted(paths):
             try:
-                if cutoff_ns is not None and path.stat().st_mtime_ns < cutoff_ns:
+                st = path.stat()  # follows a link: what would be read
+                if cutoff_ns is not None and max(st.st_mtime_ns, st.st_ctime_ns) < cutoff_ns:
                     continue
-                runs.append(self._record(path))
+                self._check_file(path, st)
+                record = self._record(path)
+                beat = record.heartbeat_at
+                if updated_since is not None and beat is not None and beat < updated_since:
+                    record.extra["late_data"] = True  # arrived after its own clock
+                runs.append(record)
             except Exception as exc:  # a corrupt or vanished file must not stop the others
                 unreadable.append(UnreadableRun(str(path), _describe(exc), SOURCE_NAME))
+        for folder in sorted(empty):
+            try:
+                st = folder.stat()
+            except OSError:
+                continue  # gone meanwhile
+            if cutoff_ns is None or max(st.st_mtime_ns, st.st_ctime_ns) >= cutoff_ns:
+                reason = (
+                    f"{folder}: run folder without a run-*.wandb file (empty, or not written yet)"
+                )
+                unreadable.append(UnreadableRun(str(folder), reason, SOURCE_NAME))
         return runs, unreadable
+
+    def _check_file(self, path: Path, st: os.stat_result) -> None:
+        """Raise `RunReadError` unless `path` is a regular file of a sane size."""
+        if not stat.S_ISREG(st.st_mode):
+            raise RunReadError(f"{path}: {_file_kind(st.st_mode)}, not a run file: not read")
+        if st.st_size > self.max_file_bytes:
+            raise RunReadError(
+                f"{path}: {st.st_size} bytes, above the {self.max_file_bytes}-byte sanity "
+                "limit for a run file: not read"
+            )
 
     def get_run(self, location: str) -> RunRecord:
         """The current record of the run file at `location`."""
         try:
-            return self._record(Path(location))
+            path = Path(location)
+            self._check_file(path, path.stat())
+            return self._record(path)
         except RunReadError:
             raise
         except Exception as exc:
@@ -137,8 +216,16 @@ class OfflineRunSource:
     def _record(self, path: Path) -> RunRecord:
         scan = self._scan(path)
         state = run_state(scan.exit_code, scan.mtime_ns, self.running_grace_s)
+        if not scan.run_id:
+            # Nothing says which run this is: listing it under a name guessed from the
+            # file name would only get it ignored, with no word of the damage.
+            why = "still being written?" if state == "running" else "truncated or damaged"
+            raise RunReadError(
+                f"{path}: the file ends before its run record ({scan.size} bytes, "
+                f"{scan.num_history_rows} history rows; {why})"
+            )
         mtime = datetime.fromtimestamp(scan.mtime_ns / 1e9, tz=UTC)
-        run_id = scan.run_id or _id_from_name(path)
+        run_id = scan.run_id
         return RunRecord(
             run_id=run_id,
             run_name=scan.display_name or run_id,
@@ -160,11 +247,6 @@ class OfflineRunSource:
                 "file_mtime": mtime,
             },
         )
-
-
-def _id_from_name(path: Path) -> str:
-    """`run-<id>.wandb` -> `<id>` (for a file cut before its run record)."""
-    return path.name.removeprefix("run-").removesuffix(".wandb")
 
 
 def _describe(exc: Exception) -> str:

@@ -29,6 +29,7 @@ import itertools
 import json
 import mmap
 import os
+import stat
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -107,13 +108,23 @@ class RunFile:
 
 
 def _load(path: str) -> tuple[Any, os.stat_result]:
-    """The file's bytes (memory-mapped when large: no copy) and its stat when opened."""
+    """The file's bytes (memory-mapped when large: no copy) and its stat when opened.
+
+    Regular files only, checked on the opened descriptor (no race with a swap): a FIFO is
+    opened without blocking and refused, a link to `/dev/zero` is refused before reading.
+    """
     try:
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as exc:
+        raise WandbFileError(path, None, f"cannot read file ({exc})") from exc
+    try:
+        with open(fd, "rb", closefd=True) as f:
             st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise WandbFileError(path, None, "not a regular file: not read")
             if st.st_size >= MMAP_MIN_BYTES:
                 return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), st
-            return f.read(), st
+            return f.read(st.st_size), st
     except (OSError, ValueError) as exc:
         raise WandbFileError(path, None, f"cannot read file ({exc})") from exc
 

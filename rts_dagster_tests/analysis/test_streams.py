@@ -2,8 +2,15 @@ import math
 
 import numpy as np
 import polars as pl
+import pytest
 
-from rts_dagster.analysis.streams import build_reward_streams, completion_streams, epoch_streams
+from rts_dagster.analysis.streams import (
+    build_reward_streams,
+    completion_streams,
+    describe_step_issues,
+    epoch_streams,
+    step_issues,
+)
 from rts_dagster.schema import COMPLETION_RECORD, REWARD_STREAMS
 
 NULL = None
@@ -116,3 +123,85 @@ def test_build_reward_streams_both_granularities():
     # ordered by agent_step across workers: 10 (w0), 20 (w1), 50 (w0)
     assert comp_rows["reward"].to_list() == [0.1, 0.3, 0.2]
     assert out.filter(pl.col("granularity") == "epoch").height == 6
+
+
+def _long_history(steps, epochs=None, n_labels=2, seed=0):
+    """60-ish epochs of two labels with the given metric/agent_step column."""
+    steps = np.asarray(steps, dtype=np.float64)
+    n = steps.size
+    rng = np.random.default_rng(seed)
+    cols = {
+        "_step": np.arange(n),
+        "metric/agent_step": steps,
+        "metric/epoch": np.arange(n, dtype=np.float64) if epochs is None else epochs,
+        "overview/sps": np.full(n, 1000.0),
+    }
+    cols.update({f"env_per_label_rewards/l{i}": rng.random(n) for i in range(n_labels)})
+    return pl.DataFrame(cols)
+
+
+@pytest.mark.parametrize("bad", [1e300, math.inf, -math.inf, math.nan, -1e300])
+def test_one_corrupt_agent_step_keeps_the_run_and_is_counted(bad):
+    # issue 10 #11: one bad metric/agent_step in 60 rows used to fail the whole run
+    steps = np.arange(60) * 100.0
+    steps[30] = bad
+    hist = _long_history(steps)
+    out = build_reward_streams(hist, None, "t", 1, "r")
+    assert out.height == 120  # every reward kept, both labels
+    # reference: the corrupt row counts as not logged, so it holds the previous step
+    expected = (np.arange(60) * 100).tolist()
+    expected[30] = 2900
+    for label in ("l0", "l1"):
+        assert out.filter(pl.col("label") == label)["agent_step"].to_list() == expected
+    issues = step_issues(hist)
+    assert issues["agent_step_invalid"] == 1
+    assert issues["epoch_invalid"] == 0 and issues["agent_step_negative"] == 0
+    assert issues["agent_step_backward"] == 0  # the held step does not go back
+    assert describe_step_issues(issues)[0].startswith("1 rows with a corrupt metric/agent_step")
+
+
+def test_corrupt_epoch_is_held_from_the_previous_row_and_counted():
+    epochs = np.arange(60, dtype=np.float64)
+    epochs[[10, 11]] = [np.inf, 1e300]
+    hist = _long_history(np.arange(60) * 100.0, epochs=epochs)
+    out = build_reward_streams(hist, None, "t", 1, "r").filter(pl.col("label") == "l0")
+    expected = list(range(60))
+    expected[10] = expected[11] = 9
+    assert out["epoch"].to_list() == expected
+    assert step_issues(hist)["epoch_invalid"] == 2
+
+
+def test_negative_and_backward_agent_steps_are_flagged_not_dropped():
+    # issue 10 #18: a negative step was accepted silently; a resumed run goes back legitimately
+    steps = np.concatenate([np.arange(30) * 100.0, np.arange(20, 50) * 100.0])  # resumed at 2000
+    steps[5] = -7.0
+    hist = _long_history(steps)
+    out = build_reward_streams(hist, None, "t", 1, "r")
+    assert out.height == 120
+    assert out.filter(pl.col("label") == "l0")["agent_step"][5] == -7  # kept as logged
+    comp = pl.DataFrame(
+        {
+            "completion_index": [0, 1, 2, 0, 1],
+            "worker": [0, 0, 0, 1, 1],
+            "label": ["l0"] * 5,
+            "task_id": [1] * 5,
+            "reward": [0.1, 0.2, 0.3, 0.4, 0.5],
+            "agent_step": [10, -3, 30, 50, 40],  # w0: one negative (goes back); w1: goes back
+            "epoch": [0] * 5,
+            "wall_time": [1.0, 2.0, 3.0, 4.0, 5.0],
+        },
+        schema=COMPLETION_RECORD,
+    )
+    # reference by hand: history 1 negative, backward at row 5 (100 -> -7) and row 30
+    # (2900 -> 2000); completions 1 negative, backward 10 -> -3 (w0) and 50 -> 40 (w1)
+    issues = step_issues(hist, comp)
+    assert issues == {
+        "agent_step_invalid": 0,
+        "epoch_invalid": 0,
+        "agent_step_negative": 2,
+        "agent_step_backward": 4,
+    }
+    text = " ".join(describe_step_issues(issues))
+    assert "2 rows with a negative agent_step" in text and "resumed run" in text
+    clean = step_issues(_long_history(np.arange(60) * 100.0))
+    assert set(clean.values()) == {0} and describe_step_issues(clean) == []

@@ -301,3 +301,104 @@ def test_a_partition_with_a_run_in_progress_is_decided_later(harness: Harness):
     assert _keys(h.tick()) == []
     h.instance.report_run_failed(queued)
     assert [_run_state(k) for k in _keys(h.tick())] == ["alice.fixed_maps.seed1:finished"]
+
+
+@pytest.mark.parametrize("keep_mtime", [True, False], ids=["cp-a", "cp-r"])
+def test_a_run_copied_in_hours_after_it_finished_is_materialized(
+    harness: Harness, tmp_path: Path, keep_mtime: bool
+):
+    """The acceptance case: the cursor has moved on, then a run that finished hours ago
+    (logged times and file mtime 5 h old) is copied in, with its mtime kept (`cp -a`,
+    `rsync -a`) or not (`cp -r`). The next tick requests it, once, and it materializes."""
+    from datetime import UTC, datetime, timedelta
+
+    from rts_dagster_tests.sources.test_wandb_file import write_with_old_clock
+
+    h = harness
+    h.tick()
+    h.copy_in("alice.fixed_maps.seed1")
+    (first,) = h.tick().run_requests
+    h.execute(first)
+    assert _keys(h.tick()) == []
+    moved_on = sc.parse_cursor(h.cursor).heartbeat
+    assert moved_on is not None and moved_on > datetime.now(UTC) - timedelta(hours=1)
+
+    late_id = "alice.fixed_maps.seed2"
+    folder = h.stock[late_id]
+    stock = tmp_path / "stock" / folder.name
+    write_with_old_clock(folder / f"run-{late_id}.wandb", stock / f"run-{late_id}.wandb", 5 * 3600)
+    copy = shutil.copy2 if keep_mtime else shutil.copyfile
+    shutil.copytree(stock, h.offline / folder.name, copy_function=copy)
+    age_s = time.time() - (h.offline / folder.name / f"run-{late_id}.wandb").stat().st_mtime
+    assert (age_s > 4 * 3600) == keep_mtime
+
+    data = h.tick()
+    assert [_run_state(k) for k in _keys(data)] == [f"{late_id}:finished"]
+    (request,) = data.run_requests
+    assert request.partition_key == "fixed_maps.seed2"
+    h.execute(request)
+    for asset in ("reward_streams", "series_metrics", "lp_replay"):
+        done = h.instance.get_materialized_partitions(dg.AssetKey(asset))
+        assert "fixed_maps.seed2" in done, asset
+    assert _keys(h.tick()) == []  # handled once
+
+
+def _fail_run_of(h: Harness, partition: str) -> None:
+    """A Dagster run of `partition` that failed (what a crashed run worker leaves)."""
+    job = h.defs.resolve_implicit_global_asset_job_def()
+    run = h.instance.create_run_for_job(job_def=job, tags={"dagster/partition": partition})
+    h.instance.report_run_failed(run)
+
+
+def test_a_request_that_did_not_complete_is_retried_with_a_bound(harness: Harness):
+    from datetime import timedelta
+
+    from rts_dagster.defs.sensors import SensorSettings
+
+    h = harness
+    h.restart(
+        build_finished_runs_sensor(
+            skypilot=SkyPilotJobs(queue=_empty_queue),
+            settings=SensorSettings(max_attempts=3, launch_timeout=timedelta(hours=1)),
+        )
+    )
+    h.tick()
+    h.copy_in("alice.fixed_maps.seed1")
+    (first,) = h.tick().run_requests
+    assert _keys(h.tick()) == []  # not run yet, within the launch timeout: wait
+    keys = [first.run_key]
+    for attempt in (2, 3):
+        _fail_run_of(h, "fixed_maps.seed1")
+        (retry,) = h.tick().run_requests
+        assert retry.partition_key == "fixed_maps.seed1"
+        assert retry.run_key == f"{first.run_key}:retry{attempt - 1}"
+        assert retry.tags["rts/attempt"] == str(attempt)
+        assert sc.parse_cursor(h.cursor).requested["fixed_maps.seed1"].attempts == attempt
+        keys.append(retry.run_key)
+    _fail_run_of(h, "fixed_maps.seed1")
+    assert _keys(h.tick()) == []  # third failure: given up
+    assert sc.parse_cursor(h.cursor).requested == {}
+    assert _keys(h.tick()) == []
+    assert len(set(keys)) == 3  # Dagster would skip a repeated run_key
+
+
+def test_a_request_never_launched_is_retried_then_settles(harness: Harness):
+    from datetime import timedelta
+
+    from rts_dagster.defs.sensors import SensorSettings
+
+    h = harness
+    h.restart(
+        build_finished_runs_sensor(
+            skypilot=SkyPilotJobs(queue=_empty_queue),
+            settings=SensorSettings(launch_timeout=timedelta(0)),
+        )
+    )
+    h.tick()
+    h.copy_in("alice.fixed_maps.seed1")
+    (first,) = h.tick().run_requests  # ... and the daemon never launches it
+    (retry,) = h.tick().run_requests
+    assert retry.run_key == f"{first.run_key}:retry1" and retry.tags["rts/attempt"] == "2"
+    h.execute(retry)
+    assert _keys(h.tick()) == []
+    assert sc.parse_cursor(h.cursor).requested == {}

@@ -1,3 +1,4 @@
+import os
 import struct
 
 import plotly.graph_objects as go
@@ -63,3 +64,63 @@ def test_png_figures_render_and_are_linked(tmp_path):
     assert width > 300 and height > 200
     assert "](figures/curve.png)" in out["markdown"].read_text()
     assert not list(tmp_path.glob("figures/.render-*"))  # no temp leftovers
+
+
+def test_stale_render_dirs_of_a_killed_renderer_are_removed(tmp_path):
+    """A SIGKILL mid-render leaves `.render-<pid>-*`; the next render removes it (a live
+    renderer's dir, here our own pid, is kept)."""
+    from rts_dagster.report.document import write_pngs
+
+    figures_dir = tmp_path / "figures"
+    dead = figures_dir / ".render-99999999-abc"  # above Linux's pid_max: never alive
+    live = figures_dir / f".render-{os.getpid()}-xyz"
+    for d in (dead, live):
+        d.mkdir(parents=True)
+        (d / "partial.png").write_bytes(b"\x89PNG")
+    write_pngs([], figures_dir)
+    assert not dead.exists()
+    assert (live / "partial.png").exists()
+
+
+@pytest.mark.skipif(find_browser() is None, reason="no chromium for kaleido")
+def test_one_failing_figure_is_named_and_the_others_are_kept(tmp_path):
+    """A raw C0 control makes plotly.js fail (error 525): that figure is named with the
+    cause, its stale PNG is removed, every other figure is rendered and linked."""
+    figures_dir = tmp_path / "figures"
+    figures_dir.mkdir()
+    (figures_dir / "broken.png").write_bytes(b"old")
+    (figures_dir / "curve.png").write_bytes(b"old")
+    rep = _report()
+    broken = go.Figure(go.Scatter(x=[0, 1], y=[1, 2]), layout_title_text="raw \x01 control")
+    rep.add(Figure("broken", broken, "a figure plotly.js cannot draw"))
+    out = write_report(rep, tmp_path)
+    assert set(out["pngs"]) == {"curve"}
+    assert (figures_dir / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (figures_dir / "broken.png").exists()
+    assert "broken" in out["failed_figures"]
+    assert "525" in out["failed_figures"]["broken"] or "plotly" in out["failed_figures"]["broken"]
+    assert "broken" in out["note"]
+    md = out["markdown"].read_text()
+    assert "](figures/curve.png)" in md and "report.html#broken" in md
+
+
+@pytest.mark.skipif(find_browser() is None, reason="no chromium for kaleido")
+def test_labels_with_controls_and_markup_render_in_the_timescales_figure(tmp_path):
+    import polars as pl
+
+    from rts_dagster.report import figures
+
+    names = ["a<b>&c", "esc\x1b[2J\x00", "rtl\u202eevil", "two\nlines", "L" * 300]
+    recs = pl.DataFrame(
+        {
+            "name": names,
+            "timescale": [10.0, 20.0, 30.0, 40.0, 50.0],
+            "timescale_ci_low": [5.0, 10.0, 15.0, 20.0, 25.0],
+            "timescale_ci_high": [20.0, 40.0, 60.0, 80.0, 100.0],
+            "lp_timescale": [None] * 5,
+        }
+    )
+    rep = Report(title="t")
+    rep.add(Figure("timescales", figures.timescales(recs, "completions"), "c"))
+    out = write_report(rep, tmp_path)
+    assert out["failed_figures"] == {} and set(out["pngs"]) == {"timescales"}

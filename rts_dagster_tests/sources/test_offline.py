@@ -236,3 +236,89 @@ def test_run_without_exit_record_is_running_then_crashed(
 
 def test_missing_root_lists_nothing(tmp_path: Path) -> None:
     assert OfflineRunSource(tmp_path / "nope").list_runs() == ([], [])
+
+
+def _list_within(source: OfflineRunSource, timeout_s: float = 20.0) -> Any:
+    """`source.list_runs()`, failing (not hanging) if it does not return in time."""
+    import threading
+
+    result: list[Any] = []
+    worker = threading.Thread(target=lambda: result.append(source.list_runs()), daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    assert not worker.is_alive(), "list_runs blocked"
+    return result[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs and /dev/zero")
+def test_things_that_are_not_run_files_are_unreadable_with_path_and_reason(
+    tree: dict[str, Any], tmp_path: Path
+) -> None:
+    wandb = tmp_path / "wandb"
+    shutil.copytree(tree["good"].parent, wandb / tree["good"].parent.name)
+    fifo = wandb / "offline-run-20260101_000000-fifo" / "run-fifo.wandb"
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)  # a reader would block until a writer opens it: forever
+    zero = wandb / "offline-run-20260101_000000-zero" / "run-zero.wandb"
+    zero.parent.mkdir()
+    zero.symlink_to("/dev/zero")  # read() would never end
+    folder = wandb / "offline-run-20260101_000000-dir" / "run-dir.wandb"
+    folder.mkdir(parents=True)
+    empty = wandb / "offline-run-20260101_000000-empty"
+    empty.mkdir()
+    (run_offset,) = [offset for offset, kind in record_kinds(tree["good"]) if kind == "run"]
+    cut = wandb / "offline-run-20260101_000000-cut" / "run-cut.wandb"
+    cut.parent.mkdir()
+    cut.write_bytes(tree["good"].read_bytes()[: run_offset + 10])  # inside the run record
+    old = time.time_ns() - 3600 * 10**9
+    os.utime(cut, ns=(old, old))
+
+    runs, unreadable = _list_within(OfflineRunSource(tmp_path))
+    assert [r.run_id for r in runs] == ["alice.fixed_maps.seed1"]
+    errors = {u.location: u.error for u in unreadable}
+    assert sorted(errors) == sorted(map(str, [fifo, zero, folder, empty, cut]))
+    for location, error in errors.items():
+        assert error.startswith(location), error
+    assert "FIFO" in errors[str(fifo)]
+    assert "character device" in errors[str(zero)]
+    assert "directory" in errors[str(folder)]
+    assert "without a run-*.wandb file" in errors[str(empty)]
+    assert "before its run record" in errors[str(cut)] and "damaged" in errors[str(cut)]
+    for path in (fifo, zero):  # a direct read refuses too
+        with pytest.raises(RunReadError, match="not"):
+            OfflineRunSource(tmp_path).get_run(str(path))
+
+
+def test_files_above_the_size_limit_are_not_read(
+    tree: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shutil.copytree(tree["good"].parent, tmp_path / "wandb" / tree["good"].parent.name)
+    scans: list[Any] = []
+    monkeypatch.setattr(offline, "scan_run_file", lambda p, **kw: scans.append(p))
+    size = tree["good"].stat().st_size
+    source = OfflineRunSource(tmp_path, max_file_bytes=size - 1)
+    runs, (bad,) = source.list_runs()
+    assert runs == [] and scans == []
+    assert f"{size} bytes, above the {size - 1}-byte sanity limit" in bad.error
+
+
+def test_a_run_copied_in_late_is_listed_as_late_data(tree: dict[str, Any], tmp_path: Path) -> None:
+    """`cp -a` of a run that finished hours ago: mtime and logged times are old, only the
+    arrival (ctime) is new. A poll since before the copy lists it, flagged late."""
+    from datetime import UTC, datetime, timedelta
+
+    from rts_dagster_tests.sources.test_wandb_file import write_with_old_clock
+
+    stock = tmp_path / "stock" / "offline-run-20260101_000000-late" / "run-late.wandb"
+    write_with_old_clock(tree["good"], stock, 3 * 3600)
+    source = OfflineRunSource(tmp_path / "offline")
+    since = datetime.now(UTC) - timedelta(minutes=10)
+    assert source.list_runs(updated_since=since) == ([], [])
+    target = tmp_path / "offline" / "wandb" / stock.parent.name
+    shutil.copytree(stock.parent, target)  # copy2: mtime kept
+    assert target.joinpath(stock.name).stat().st_mtime_ns == stock.stat().st_mtime_ns
+    (run,), _ = source.list_runs(updated_since=since)
+    assert run.state == "finished" and run.extra["late_data"] is True
+    assert run.heartbeat_at is not None and run.heartbeat_at < since - timedelta(hours=2)
+    (full,), _ = source.list_runs()  # a full listing has no cutoff to be late for
+    assert "late_data" not in full.extra

@@ -548,3 +548,69 @@ def test_wait_for_exit_record(logged: dict[str, Any], tmp_path: Path) -> None:
     cut.write_bytes(logged["path"].read_bytes()[:exit_offset])
     with pytest.raises(TimeoutError, match="no exit record"):
         wait_for_exit_record(cut, timeout_s=0.1)
+
+
+# --- a run whose own clock is old (late arrivals) ---------------------------------------------
+def _frame_records(payloads: list[bytes]) -> bytes:
+    """A `.wandb` file of `payloads`, framed as the leveldb-style log wandb writes: 7-byte
+    header, 32 KiB blocks, chunks `crc32(type + data)`, length, type (FULL/FIRST/MIDDLE/LAST),
+    a block tail too short for a chunk header padded with zeros."""
+    import zlib
+
+    block, header = 32 * 1024, 7
+    out = bytearray(b":W&B" + (0xBEE1).to_bytes(2, "little") + b"\x00")
+    for payload in payloads:
+        rest, first = payload, True
+        while True:
+            room = block - len(out) % block
+            if room < header:
+                out += b"\x00" * room
+                room = block
+            piece, rest = rest[: room - header], rest[room - header :]
+            kind = (1 if not rest else 2) if first else (4 if not rest else 3)
+            crc = zlib.crc32(bytes([kind]) + piece)
+            out += crc.to_bytes(4, "little") + len(piece).to_bytes(2, "little") + bytes([kind])
+            out += piece
+            first = False
+            if not rest:
+                break
+    return bytes(out)
+
+
+def write_with_old_clock(source: Path, target: Path, seconds: float) -> None:
+    """Copy the run file `source` to `target` with every logged time (run start, history
+    and summary `_timestamp`) moved `seconds` into the past, and mtime/atime as well:
+    the file of a run that finished `seconds` ago."""
+    from wandb.proto import wandb_internal_pb2
+
+    payloads = []
+    for _, payload in iter_records(source):
+        record = wandb_internal_pb2.Record.FromString(payload)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            record.run.start_time.seconds -= int(seconds)
+        items = {"history": record.history.item, "summary": record.summary.update}.get(kind, [])
+        for item in items:
+            key = item.key or ".".join(item.nested_key)
+            if key == "_timestamp":
+                item.value_json = json.dumps(float(json.loads(item.value_json)) - seconds)
+        payloads.append(record.SerializeToString())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(_frame_records(payloads))
+    stamp = int((time.time() - seconds) * 1e9)
+    os.utime(target, ns=(stamp, stamp))
+
+
+def test_old_clock_copy_reads_back_shifted(logged: dict[str, Any], tmp_path: Path) -> None:
+    hours = 3 * 3600.0
+    target = tmp_path / "run-old.wandb"
+    write_with_old_clock(logged["path"], target, hours)
+    new, old = read_run_file(logged["path"]), read_run_file(target)
+    assert old.run_id == new.run_id and old.exit_code == new.exit_code == 0
+    assert old.start_time is not None and new.start_time is not None
+    assert (new.start_time - old.start_time).total_seconds() == pytest.approx(hours, abs=1)
+    assert old.last_timestamp is not None and new.last_timestamp is not None
+    assert (new.last_timestamp - old.last_timestamp).total_seconds() == pytest.approx(hours, abs=1)
+    shifted = old.history["_timestamp"].to_numpy() + hours
+    np.testing.assert_allclose(shifted, new.history["_timestamp"].to_numpy(), rtol=0, atol=1e-3)
+    assert time.time() - target.stat().st_mtime > hours - 60

@@ -1,0 +1,140 @@
+"""`rts refresh`'s decisions, with the Dagster runs replaced by fakes: when the aggregates
+are rebuilt, what it exits with, and what reaches the terminal."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+import pytest
+
+from rts_dagster import refresh as refresh_mod
+from rts_dagster import storage
+
+ESC_NAME = "\x1b]0;pwned\x07\x1b[2Jevil.run"
+
+
+def _discovered(fingerprint: str) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "run_id": ["r1", "r2"],
+            "run_name": ["alice.fixed_maps.seed1", ESC_NAME],
+            "task": ["fixed_maps", None],
+            "seed": [1, None],
+            "partition_key": ["fixed_maps.seed1", None],
+            "status": ["matched", "ignored"],
+            "reason": ["rule", "name does not match\x1b[31m"],
+            "location": ["/x/run-r1.wandb", "/x/run-r2.wandb"],
+            "fingerprint": [fingerprint, "f"],
+        },
+        schema_overrides={"seed": pl.Int64},
+    )
+
+
+class FakePipeline:
+    """Stands in for `_materialize`: discovery writes discovered_runs; the aggregates write
+    report.md and succeed unless `aggregates_fail`."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.fingerprint = "v1"
+        self.partitions_current = False
+        self.aggregates_fail = False
+        self.aggregate_runs = 0
+        self.delay_s = 0.0
+
+    def materialize(self, instance, keys, partition_key=None):
+        if keys == [dg.AssetKey("discovered_runs")]:
+            storage.write_parquet(
+                _discovered(self.fingerprint), storage.discovered_runs_path(self.data_dir)
+            )
+            return True, ""
+        if partition_key is not None:
+            return True, ""
+        self.aggregate_runs += 1
+        time.sleep(self.delay_s)
+        storage.write_text("# report\n", storage.report_dir(self.data_dir) / "report.md")
+        if self.aggregates_fail:
+            return False, "variance_table: boom"
+        return True, ""
+
+
+@pytest.fixture
+def pipeline(tmp_path, monkeypatch) -> FakePipeline:
+    data_dir = tmp_path / "data"
+    (tmp_path / "home").mkdir()
+    monkeypatch.setenv("RTS_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    fake = FakePipeline(data_dir)
+    instance = dg.DagsterInstance.ephemeral()  # no sqlite set-up per refresh
+    monkeypatch.setattr(dg.DagsterInstance, "get", staticmethod(lambda: instance))
+    monkeypatch.setattr(refresh_mod, "_materialize", fake.materialize)
+    monkeypatch.setattr(
+        refresh_mod, "partition_is_current", lambda root, row: fake.partitions_current
+    )
+    return fake
+
+
+def test_failed_aggregates_are_rebuilt_by_the_next_refresh(pipeline):
+    assert refresh_mod.refresh(quiet=True) == 0
+    assert pipeline.aggregate_runs == 1
+    pipeline.partitions_current = True
+    assert refresh_mod.refresh(quiet=True) == 0
+    assert pipeline.aggregate_runs == 1  # nothing changed: not rebuilt
+
+    # a run changed; its partition is redone but the aggregates fail (report.md is stale)
+    pipeline.fingerprint, pipeline.partitions_current = "v2", False
+    pipeline.aggregates_fail = True
+    assert refresh_mod.refresh(quiet=True) == 1
+    # next refresh: the partition is current, the report is not: rebuild, never exit 0
+    pipeline.partitions_current = True
+    assert refresh_mod.refresh(quiet=True) == 1
+    assert pipeline.aggregate_runs == 3
+    pipeline.aggregates_fail = False
+    assert refresh_mod.refresh(quiet=True) == 0
+    assert pipeline.aggregate_runs == 4
+    assert refresh_mod.refresh(quiet=True) == 0
+    assert pipeline.aggregate_runs == 4
+
+
+def test_killed_aggregates_are_rebuilt(pipeline, monkeypatch):
+    """A kill mid-aggregate (here an exception out of the step) leaves no manifest."""
+    assert refresh_mod.refresh(quiet=True) == 0
+    pipeline.partitions_current = True
+
+    def killed(instance, keys, partition_key=None):
+        if keys == [dg.AssetKey("discovered_runs")] or partition_key is not None:
+            return FakePipeline.materialize(pipeline, instance, keys, partition_key)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(refresh_mod, "_materialize", killed)
+    with pytest.raises(KeyboardInterrupt):
+        refresh_mod.refresh(quiet=True, force=True)
+    monkeypatch.setattr(refresh_mod, "_materialize", pipeline.materialize)
+    assert refresh_mod.refresh(quiet=True) == 0
+    assert pipeline.aggregate_runs == 2
+
+
+def test_new_code_rebuilds_the_aggregates(pipeline, monkeypatch):
+    assert refresh_mod.refresh(quiet=True) == 0
+    pipeline.partitions_current = True
+    monkeypatch.setattr(refresh_mod, "code_fingerprint", lambda: "other code")
+    assert refresh_mod.refresh(quiet=True) == 0
+    assert pipeline.aggregate_runs == 2
+
+
+def test_run_names_and_reasons_reach_the_terminal_escaped(pipeline, capsys):
+    assert refresh_mod.refresh() == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out
+    assert "\\x1b]0;pwned\\x07\\x1b[2Jevil.run" in out  # shown, not dropped
+
+
+def test_a_long_step_prints_progress(pipeline, capsys, monkeypatch):
+    monkeypatch.setattr(refresh_mod, "HEARTBEAT_S", 0.1)
+    pipeline.delay_s = 0.45
+    assert refresh_mod.refresh() == 0
+    beats = [ln for ln in capsys.readouterr().out.splitlines() if "still running" in ln]
+    assert len(beats) >= 3 and all("[aggregate]" in ln for ln in beats)
