@@ -54,6 +54,14 @@ LP_CONFIG_KEYS = (
 
 _SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 _MAX_SLUG = 64
+_HASH_LEN = 8
+# What only a hashed slug may look like: ends in `-<8 hex>` (else a clean name could forge
+# another name's hashed slug).
+_HASHED_TAIL = re.compile(rf"-[0-9a-f]{{{_HASH_LEN}}}$")
+# A dot-separated part `seed<N>`: marks the seed in a partition key, so no slug holds one
+# (else task `a.seed1` seed 2 and task `a` seed 1 run `seed2` would share a key).
+_SEED_PART = re.compile(r"(?:^|(?<=\.))seed(?=-?\d+(?:\.|$))")
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 class DiscoveryRule(BaseModel):
@@ -100,14 +108,24 @@ def load_rules(path: Path | None) -> DiscoveryRules:
 def slug(text: str) -> str:
     """A file-name- and partition-key-safe form of untrusted text.
 
-    Keeps `[A-Za-z0-9_.-]`; anything changed (or too long, empty or reserved) gets a short
-    hash of the original appended, so distinct inputs never share a slug.
+    Keeps `[A-Za-z0-9_.-]` text as it is; anything changed (or too long, empty, reserved,
+    ending like a hashed slug, or holding a `.seed<N>` part) becomes a cleaned prefix plus
+    a short hash of the original. So a kept text never looks like a hashed one, and two
+    texts share a slug only if their hashes collide (`classify_runs` still checks keys).
     """
     cleaned = _SLUG_UNSAFE.sub("-", text).strip("-.")
-    if cleaned == text and cleaned and len(cleaned) <= _MAX_SLUG and text not in RESERVED_NAMES:
+    if (
+        cleaned == text
+        and cleaned
+        and len(cleaned) <= _MAX_SLUG
+        and text not in RESERVED_NAMES
+        and not _HASHED_TAIL.search(text)
+        and not _SEED_PART.search(text)
+    ):
         return cleaned
-    digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
-    return f"{cleaned[: _MAX_SLUG - 9] or 'x'}-{digest}"
+    digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:_HASH_LEN]
+    prefix = _SEED_PART.sub("_seed", cleaned)[: _MAX_SLUG - _HASH_LEN - 1]
+    return f"{prefix or 'x'}-{digest}"
 
 
 def config_get(config: dict[str, Any], dotted: str) -> Any:
@@ -163,6 +181,7 @@ class Match:
     task: str | None
     seed: int | None
     reason: str
+    unreadable: bool = False  # the run cannot be keyed at all (e.g. a seed beyond Int64)
 
 
 def match_run(run: RunRecord, rules: DiscoveryRules) -> Match:
@@ -192,6 +211,13 @@ def match_run(run: RunRecord, rules: DiscoveryRules) -> Match:
         seed = _as_int(groups.get("seed"))
         if seed is None and rule.seed_config_key:
             seed = _as_int(config_get(run.config, rule.seed_config_key))
+        if seed is not None and not _INT64_MIN <= seed <= _INT64_MAX:
+            return Match(
+                task=None,
+                seed=None,
+                reason=f"rule {rule.name}: seed {seed} does not fit a 64-bit integer",
+                unreadable=True,
+            )
         if seed is None:
             misses.append(
                 f"{rule.name}: no seed in name {run.run_name!r} "
@@ -203,18 +229,24 @@ def match_run(run: RunRecord, rules: DiscoveryRules) -> Match:
 
 
 def _as_int(value: Any) -> int | None:
+    """An integer seed from an int, an integral float or their text; exact for big ints."""
     if value is None or isinstance(value, bool):
         return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value):
+        return int(value)
     try:
         as_float = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     return int(as_float) if as_float.is_integer() else None
 
 
 def partition_key(task: str, seed: int, run_id: str | None = None) -> str:
-    """`<task slug>.seed<N>`; a second run claiming the same (task, seed) gets its run id
-    appended instead of overwriting the first."""
+    """`<task slug>.seed<N>`, or `<task slug>.seed<N>.<run slug>` for a (task, seed) that
+    has or had more than one run. Injective: no slug holds a `.seed<N>` part (see `slug`),
+    so the first such part of a key is its seed, and everything after it its run."""
     key = f"{slug(task)}.seed{seed}"
     return f"{key}.{slug(run_id)}" if run_id is not None else key
 
@@ -226,9 +258,10 @@ def stream_file_stem(seed: int, run_id: str | None = None) -> str:
 
 def partition_files(task: str, seed: int, run_id: str, key: str) -> tuple[str, str]:
     """(task folder, file stem) of a matched run's partition: `<task slug>/<seed>` for the
-    run holding the plain key, `<task slug>/<seed>.<run slug>` for a duplicate."""
-    duplicate = key != partition_key(task, seed)
-    return slug(task), stream_file_stem(seed, run_id if duplicate else None)
+    run holding the plain key, `<task slug>/<seed>.<run slug>` for a run-id key. One key,
+    one pair of files: a run never writes another run's files."""
+    per_run = key != partition_key(task, seed)
+    return slug(task), stream_file_stem(seed, run_id if per_run else None)
 
 
 def row_files(row: Mapping[str, Any]) -> tuple[str, str]:
@@ -240,32 +273,67 @@ def classify_runs(
     runs: Sequence[RunRecord],
     unreadable: Sequence[UnreadableRun],
     rules: DiscoveryRules,
+    previous: pl.DataFrame | None = None,
+    reserved_keys: Iterable[str] = (),
 ) -> pl.DataFrame:
     """One `DISCOVERED_RUNS` row per run: matched runs get a partition key; others are
-    listed as ignored/unreadable with the reason, never dropped."""
+    listed as ignored/unreadable with the reason, never dropped.
+
+    Keys are unique and stable (see `_assign_keys`): `previous` (the last discovered_runs
+    table) keeps every run's earlier key; `reserved_keys` (partitions registered before,
+    e.g. of runs gone from the source) are never handed to a new run."""
     rows: list[dict[str, Any]] = []
-    claimed: dict[tuple[str, int], str] = {}
-    # Earliest run first, so the original keeps the plain key when a rerun appears.
+    matched: dict[str, tuple[str, int]] = {}  # run_id -> (task, seed)
+    seen_ids: dict[str, str] = {}  # run_id -> location of the first run listed with it
     ordered = sorted(runs, key=lambda r: (r.created_at is None, r.created_at or 0, r.run_id))
     for run in ordered:
-        match = match_run(run, rules)
         row = _base_row(run)
-        if match.task is None or match.seed is None:
-            row.update(status=RUN_STATUS_IGNORED, reason=match.reason)
-        else:
-            first = claimed.setdefault((match.task, match.seed), run.run_id)
-            duplicate = first != run.run_id
+        if run.run_id in seen_ids:
             row.update(
-                status=RUN_STATUS_MATCHED,
-                task=match.task,
-                seed=match.seed,
-                partition_key=partition_key(
-                    match.task, match.seed, run.run_id if duplicate else None
-                ),
-                reason=match.reason
-                + (f"; duplicate task/seed: also claimed by run {first!r}" if duplicate else ""),
+                status=RUN_STATUS_IGNORED,
+                reason=f"run id {run.run_id!r} is listed twice; the copy at "
+                f"{seen_ids[run.run_id]!r} is used",
             )
+            rows.append(row)
+            continue
+        seen_ids[run.run_id] = run.location
+        try:
+            match = match_run(run, rules)
+        except Exception as exc:  # one odd run must not stop the listing of the others
+            match = Match(None, None, f"cannot classify: {type(exc).__name__}: {exc}", True)
+        if match.task is None or match.seed is None:
+            status = RUN_STATUS_UNREADABLE if match.unreadable else RUN_STATUS_IGNORED
+            row.update(status=status, reason=match.reason)
+        else:
+            matched[run.run_id] = (match.task, match.seed)
+            row.update(status=RUN_STATUS_MATCHED, task=match.task, seed=match.seed)
+            row["reason"] = match.reason
         rows.append(row)
+
+    keys = _assign_keys(matched, previous, set(reserved_keys))
+    holders: dict[str, str] = {}
+    for row in rows:
+        if row["status"] != RUN_STATUS_MATCHED:
+            continue
+        key = keys[row["run_id"]]
+        if key in holders:  # only a slug hash collision gets here: never share a key
+            row.update(
+                status=RUN_STATUS_UNREADABLE,
+                task=None,
+                seed=None,
+                reason=f"partition key {key!r} is already held by run {holders[key]!r}",
+            )
+            continue
+        holders[key] = row["run_id"]
+        row["partition_key"] = key
+        others = sorted(
+            rid
+            for rid, ts in matched.items()
+            if ts == matched[row["run_id"]] and rid != row["run_id"]
+        )
+        if others:
+            row["reason"] += f"; duplicate task/seed: also claimed by run(s) {others!r}"
+
     for bad in unreadable:
         rows.append(
             {
@@ -281,6 +349,60 @@ def classify_runs(
     if not rows:
         return pl.DataFrame(schema=DISCOVERED_RUNS)
     return conform(pl.DataFrame(rows, schema=DISCOVERED_RUNS), DISCOVERED_RUNS, "discovered_runs")
+
+
+def _assign_keys(
+    matched: Mapping[str, tuple[str, int]],
+    previous: pl.DataFrame | None,
+    reserved: set[str],
+) -> dict[str, str]:
+    """run_id -> partition key, independent of listing order:
+
+    - a run keeps the key `previous` gave it (same task and seed, a key of its own form,
+      held by no other previous run);
+    - otherwise it gets the plain `<task>.seed<N>` only if it is the one run of its
+      (task, seed), no earlier run had that (task, seed), and the key is not reserved;
+    - every other run's key is derived from its run id, so a run found later never takes
+      over an existing run's key, or its files.
+    """
+    kept: dict[str, str] = {}
+    earlier_groups: set[tuple[str, int]] = set()
+    if previous is not None and previous.height:
+        prev = previous.filter(
+            (pl.col("status") == RUN_STATUS_MATCHED) & pl.col("partition_key").is_not_null()
+        )
+        reserved |= set(prev["partition_key"].to_list())
+        counts = prev.group_by("partition_key").len()
+        unique = set(counts.filter(pl.col("len") == 1)["partition_key"].to_list())
+        for row in prev.select("run_id", "task", "seed", "partition_key").iter_rows(named=True):
+            if row["task"] is None or row["seed"] is None:
+                continue
+            earlier_groups.add((row["task"], row["seed"]))
+            now = matched.get(row["run_id"])
+            own_forms = {
+                partition_key(row["task"], row["seed"]),
+                partition_key(row["task"], row["seed"], row["run_id"]),
+            }
+            key = row["partition_key"]
+            if now == (row["task"], row["seed"]) and key in unique and key in own_forms:
+                kept[row["run_id"]] = key
+    group_sizes: dict[tuple[str, int], int] = {}
+    for task_seed in matched.values():
+        group_sizes[task_seed] = group_sizes.get(task_seed, 0) + 1
+    keys: dict[str, str] = {}
+    for run_id, (task, seed) in matched.items():
+        plain = partition_key(task, seed)
+        if run_id in kept:
+            keys[run_id] = kept[run_id]
+        elif (
+            group_sizes[(task, seed)] == 1
+            and (task, seed) not in earlier_groups
+            and plain not in reserved
+        ):
+            keys[run_id] = plain
+        else:
+            keys[run_id] = partition_key(task, seed, run_id)
+    return keys
 
 
 def _base_row(run: RunRecord) -> dict[str, Any]:

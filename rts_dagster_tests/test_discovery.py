@@ -11,6 +11,7 @@ from rts_dagster.discovery import (
     load_rules,
     match_run,
     partition_key,
+    row_files,
     slug,
 )
 from rts_dagster.schema import DISCOVERED_RUNS
@@ -133,7 +134,10 @@ def test_classify_lists_every_run_and_never_overwrites_duplicates():
     assert table.schema == DISCOVERED_RUNS
     assert table.height == 5
     keys = table.filter(pl.col("status") == "matched")["partition_key"].to_list()
-    assert sorted(keys) == sorted(["fixed_maps.seed1", "fixed_maps.seed1.r2", "fixed_maps.seed2"])
+    # both runs of a (task, seed) found together get run-id keys: neither depends on order
+    assert sorted(keys) == sorted(
+        ["fixed_maps.seed1.r1", "fixed_maps.seed1.r2", "fixed_maps.seed2"]
+    )
     assert len(set(keys)) == len(keys)
     dup = table.filter(pl.col("run_id") == "r2").row(0, named=True)
     assert "r1" in dup["reason"]
@@ -192,3 +196,99 @@ def test_no_task_slug_can_collide_with_an_output_file_or_folder(tmp_path):
     ]
     for path in paths:
         assert slug(path.name) != path.name, path.name
+
+
+def _keys(table: pl.DataFrame) -> dict[str, str]:
+    matched = table.filter(pl.col("status") == "matched")
+    return dict(zip(matched["run_id"], matched["partition_key"], strict=True))
+
+
+def _files(table: pl.DataFrame) -> dict[str, tuple[str, str]]:
+    return {
+        row["run_id"]: row_files(row)
+        for row in table.filter(pl.col("status") == "matched").iter_rows(named=True)
+    }
+
+
+@pytest.mark.parametrize(
+    "runs",
+    [
+        # issue 10 (a): a rerun of `coll.seed1` and task `coll.seed1` seed 2
+        [
+            run("rt.coll.seed1", run_id="r1"),
+            run("rt.coll.seed1", run_id="seed2", created=1),
+            run("rt.coll.seed1.seed2", run_id="r3", created=2),
+        ],
+        # issue 10 (b): a clean task name forging the hashed slug of another
+        [
+            run("rt.a|b.seed1", run_id="r1"),
+            run(f"rt.{slug('a|b')}.seed1", run_id="r2"),
+        ],
+        # a run id that looks like a seed part, next to a task holding one
+        [
+            run("u.x.seed1", run_id="a"),
+            run("u.x.seed1", run_id="seed2.b", created=1),
+            run("u.x.seed1.seed2", run_id="c", created=2),
+        ],
+    ],
+)
+def test_distinct_runs_never_share_a_key_or_a_file(runs):
+    table = classify_runs(runs, [], DiscoveryRules())
+    keys = _keys(table)
+    assert len(keys) == len(runs)  # every run matched
+    assert len(set(keys.values())) == len(runs)
+    assert len(set(_files(table).values())) == len(runs)
+
+
+def test_keys_stay_when_a_run_found_later_is_older():
+    """The run listed first keeps `fixed_maps.seed1` and `fixed_maps/1.parquet`; an
+    earlier-created run of the same (task, seed) that appears later gets its own key."""
+    newer = run("alice.fixed_maps.seed1", created=10, run_id="newer")
+    older = run("alice.fixed_maps.seed1", created=0, run_id="older")
+    first = classify_runs([newer], [], DiscoveryRules())
+    assert _keys(first) == {"newer": "fixed_maps.seed1"}
+    second = classify_runs([older, newer], [], DiscoveryRules(), previous=first)
+    assert _keys(second) == {"newer": "fixed_maps.seed1", "older": "fixed_maps.seed1.older"}
+    assert _files(second) == {"newer": ("fixed_maps", "1"), "older": ("fixed_maps", "1.older")}
+    # the next refresh, listing in any order, changes nothing
+    third = classify_runs([newer, older], [], DiscoveryRules(), previous=second)
+    assert _keys(third) == _keys(second)
+
+
+def test_a_gone_runs_key_is_never_handed_to_a_new_run():
+    gone = run("alice.fixed_maps.seed1", run_id="gone")
+    first = classify_runs([gone], [], DiscoveryRules())
+    empty = classify_runs([], [], DiscoveryRules(), previous=first)  # the run disappeared
+    newcomer = run("alice.fixed_maps.seed1", run_id="new", created=5)
+    later = classify_runs(
+        [newcomer], [], DiscoveryRules(), previous=empty, reserved_keys={"fixed_maps.seed1"}
+    )
+    assert _keys(later) == {"new": "fixed_maps.seed1.new"}
+    # while the previous table still lists it, no reservation is needed
+    direct = classify_runs([newcomer], [], DiscoveryRules(), previous=first)
+    assert _keys(direct) == {"new": "fixed_maps.seed1.new"}
+
+
+def test_run_listed_twice_under_one_id_is_not_keyed_twice():
+    a = run("alice.fixed_maps.seed1", run_id="r1")
+    copy = RunRecord(**{**a.__dict__, "location": "/backup/r1.wandb"})
+    table = classify_runs([a, copy], [], DiscoveryRules())
+    assert table.filter(pl.col("status") == "matched").height == 1
+    assert "listed twice" in table.filter(pl.col("status") == "ignored")["reason"].item()
+
+
+@pytest.mark.parametrize(
+    ("name", "config"),
+    [("alice.fixed_maps.seed99999999999999999999", {}), ("alice.fixed_maps", {"seed": 2**70})],
+)
+def test_seed_beyond_int64_is_unreadable_and_the_others_go_on(name, config):
+    runs = [run(name, config, run_id="huge"), run("alice.fixed_maps.seed2", run_id="ok")]
+    table = classify_runs(runs, [], DiscoveryRules())
+    bad = table.filter(pl.col("run_id") == "huge").row(0, named=True)
+    assert bad["status"] == "unreadable" and "64-bit" in bad["reason"]
+    assert _keys(table) == {"ok": "fixed_maps.seed2"}
+
+
+def test_big_integer_seed_text_is_read_exactly():
+    match = match_run(run("alice.t.seed9007199254740993"), DiscoveryRules())
+    assert match.seed == 9007199254740993  # 2**53 + 1: a float round trip would lose the 1

@@ -158,7 +158,7 @@ def _lp_configs(rts_storage: RtsStorage) -> dict[str, dict[str, Any]]:
     deps=[series_metrics],
     automation_condition=dg.AutomationCondition.eager(),
     description="Which series and runs can feed the aggregates: every series classified ok, "
-    "constant, mostly_stale, too_short or no_finite, with the reason; per (run, granularity) "
+    "constant, mostly_stale, too_short, absurd_values or no_finite, with the reason; per (run, granularity) "
     "whether it contributes. Files: metrics/series_quality.parquet, metrics/run_quality.parquet.",
 )
 def data_quality(

@@ -1,7 +1,10 @@
 """Assets `discovered_runs` and `reward_streams`: from a run source to per-run parquet."""
 
 import json
+import math
+import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -11,7 +14,12 @@ import dagster as dg
 import polars as pl
 
 from rts_dagster import storage
-from rts_dagster.analysis.streams import HISTORY_PREFIXES, build_reward_streams
+from rts_dagster.analysis.streams import (
+    HISTORY_PREFIXES,
+    build_reward_streams,
+    describe_step_issues,
+    step_issues,
+)
 from rts_dagster.defs.partitions import runs_partitions
 from rts_dagster.defs.resources import RtsStorage, RunSourceResource
 from rts_dagster.discovery import DiscoveryRules, classify_runs, row_files
@@ -29,9 +37,33 @@ from rts_dagster.schema import (
 from rts_dagster.sources.base import RunRecord, UnreadableRun
 
 # Bump when reward_streams' content changes for the same input: `rts refresh` rebuilds.
-STREAMS_VERSION = "1"
+STREAMS_VERSION = "2"  # 2: corrupt agent steps held, not fatal
 
-_SECRET_HINTS = ("key", "token", "secret", "password", "passwd", "credential")
+REDACTED = "<redacted>"
+# Config keys whose values are never stored (matched anywhere in the lower-cased key).
+_SECRET_KEY = re.compile(
+    r"key|token|secret|passw|pwd|passphrase|credential|auth|cookie|session|private|signature"
+)
+# Keys whose values are identifiers, not secrets: exempt from the high-entropy rule only.
+_IDENTIFIER_KEY = re.compile(r"hash|commit|sha|version|uuid|checksum|digest|md5|(^|_)id$")
+_SECRET_WORD = r"(?:key|token|secret|passw(?:or)?d|pwd|passphrase|credential|auth)"
+# Secrets inside string values (any key): each keeps its label and loses the secret.
+_SECRET_VALUES = (
+    # scheme://user:password@host -> scheme://user:<redacted>@host
+    (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]*:)[^/\s@]+(@)"), rf"\g<1>{REDACTED}\g<2>"),
+    # Authorization: Bearer xyz / Basic xyz / token xyz
+    (re.compile(r"(?i)\b(bearer|basic|token)(\s+)[A-Za-z0-9._~+/=-]{8,}"), rf"\1\2{REDACTED}"),
+    # --wandb-api-key=xyz, --token xyz, -password=xyz
+    (
+        re.compile(rf"(?i)(--?[\w.-]*{_SECRET_WORD}[\w.-]*)(=|\s+)(?!-)\S+"),
+        rf"\1\2{REDACTED}",
+    ),
+    # WANDB_API_KEY=xyz, db_password=xyz (env-style assignments)
+    (re.compile(rf"(?i)\b(\w*{_SECRET_WORD}\w*=)\S+"), rf"\1{REDACTED}"),
+)
+_SECRET_FLAG = re.compile(rf"(?i)--?[\w.-]*{_SECRET_WORD}[\w.-]*")
+_LONG_TOKEN = re.compile(r"[A-Za-z0-9+/_=-]{32,}")
+_MIN_TOKEN_ENTROPY_BITS = 4.0  # per character (random base64: ~5; 32 distinct symbols: 5)
 
 
 @dg.asset(
@@ -70,12 +102,31 @@ def write_discovered(
 ) -> tuple[pl.DataFrame, Path, list[str]]:
     """Classify every listed run, write discovered_runs.parquet (atomically) and return
     (table, path, partition keys not in `known_keys`). The asset and the sensor both
-    discover through here, so they cannot assign different keys."""
-    table = classify_runs(runs, unreadable, rules)
+    discover through here, so they cannot assign different keys.
+
+    The previous discovered_runs.parquet keeps every run's key across refreshes; when it
+    exists, `known_keys` (registered partitions, e.g. of runs gone since) are reserved so
+    no new run takes one over. Without it (first discovery, or the file was removed) keys
+    follow from the runs alone, and `reward_streams` refuses to overwrite another run's file.
+    """
+    previous = _previous_discovered(storage.discovered_runs_path(root))
+    reserved = known_keys if previous is not None else set()
+    table = classify_runs(runs, unreadable, rules, previous=previous, reserved_keys=reserved)
     path = storage.write_parquet(table, storage.discovered_runs_path(root))
     matched = table.filter(pl.col("status") == RUN_STATUS_MATCHED)
     new_keys = list(dict.fromkeys(k for k in matched["partition_key"] if k not in known_keys))
     return table, path, new_keys
+
+
+def _previous_discovered(path: Path) -> pl.DataFrame | None:
+    """The last discovered_runs table, or None if absent or unreadable (keys then start
+    afresh; the file guard in `reward_streams` still protects existing partitions)."""
+    if not path.exists():
+        return None
+    try:
+        return conform(pl.read_parquet(path), DISCOVERED_RUNS, str(path))
+    except Exception:
+        return None
 
 
 def discovery_metadata(table: pl.DataFrame, path: Path, new_keys: list[str]) -> dict[str, Any]:
@@ -173,16 +224,54 @@ def _has_schema(path: Path, schema: pl.Schema) -> bool:
         return False
 
 
-def redact(config: Any) -> Any:
-    """The run config with values of secret-looking keys replaced (never store secrets)."""
+def redact(config: Any, key: str = "") -> Any:
+    """The run config with secrets replaced by `<redacted>` (never store secrets).
+
+    By key: the whole value of a secret-looking key (`api_key`, `pwd`, `passphrase`,
+    `Authorization`, ...). By value, in every string: credentials in URLs, bearer/basic
+    tokens, `--*key=`/`--*token=` style arguments, `*_KEY=` assignments, and long
+    high-entropy tokens (except under identifier keys such as `git_hash`)."""
     if isinstance(config, dict):
         return {
-            k: "<redacted>" if any(h in str(k).lower() for h in _SECRET_HINTS) else redact(v)
+            k: REDACTED if _SECRET_KEY.search(str(k).lower()) else redact(v, str(k))
             for k, v in config.items()
         }
-    if isinstance(config, list):
-        return [redact(v) for v in config]
+    if isinstance(config, list | tuple):  # an argv: `--token`, `<secret>` as two items
+        after_flag = [False] + [
+            isinstance(v, str) and bool(_SECRET_FLAG.fullmatch(v)) for v in config[:-1]
+        ]
+        return [
+            REDACTED if flag else redact(v, key)
+            for v, flag in zip(config, after_flag, strict=False)
+        ]
+    if isinstance(config, str):
+        return redact_text(config, identifier=bool(_IDENTIFIER_KEY.search(key.lower())))
     return config
+
+
+def redact_text(text: str, identifier: bool = False) -> str:
+    """`text` with the secrets `redact` recognises in values replaced by `<redacted>`."""
+    for pattern, replacement in _SECRET_VALUES:
+        text = pattern.sub(replacement, text)
+    if identifier:
+        return text
+    return _LONG_TOKEN.sub(lambda m: REDACTED if _looks_random(m.group(0)) else m.group(0), text)
+
+
+def _looks_random(token: str) -> bool:
+    """A long hex string (API keys), or a long token mixing upper case, lower case and
+    digits with the character entropy of a random key (base64/alphanumeric secrets)."""
+    if set(token) <= set("0123456789abcdef") or set(token) <= set("0123456789ABCDEF"):
+        return len(token) >= 32 and not token.isdigit() and not token.isalpha()
+    if not (
+        any(c.isupper() for c in token)
+        and any(c.islower() for c in token)
+        and any(c.isdigit() for c in token)
+    ):
+        return False
+    counts = Counter(token)
+    entropy = -sum(n / len(token) * math.log2(n / len(token)) for n in counts.values())
+    return entropy >= _MIN_TOKEN_ENTROPY_BITS
 
 
 # Thresholds of the reward_streams checks (WARN: the data is usable but read with care).
@@ -218,6 +307,9 @@ def reward_streams(
     history = source.read_history(run, key_prefixes=HISTORY_PREFIXES)
     completions = source.read_completions(run)
     streams = build_reward_streams(history, completions, row["task"], row["seed"], row["run_id"])
+    issues = step_issues(history, completions)
+    for note in describe_step_issues(issues):
+        context.log.warning(f"{row['run_id']}: {note}")
     if streams.height == 0:
         raise dg.Failure(
             f"run {row['run_id']!r} ({row['location']}) has no `env_per_label_rewards/*` "
@@ -225,6 +317,7 @@ def reward_streams(
         )
     folder, stem = row_files(row)
     parquet_path, meta_path = storage.stream_paths(rts_storage.root(), folder, stem)
+    _refuse_other_runs_files(meta_path, row, key)
 
     counts = {
         g: int(streams.filter(pl.col("granularity") == g).height)
@@ -257,6 +350,8 @@ def reward_streams(
         "history_rows": history.height,
         "labels": labels,
         "stale_fraction_epoch": _stale_fraction(streams),
+        "step_issues": issues,
+        "step_notes": describe_step_issues(issues),
         "schema": {name: str(dtype) for name, dtype in REWARD_STREAMS.items()},
     }
     # Parquet first, metadata last: metadata.json is the "this partition is complete" mark.
@@ -275,10 +370,28 @@ def reward_streams(
             "labels": len(labels),
             "run_id": row["run_id"],
             "stale_fraction_epoch": metadata["stale_fraction_epoch"],
+            "agent_step_invalid": issues["agent_step_invalid"],
+            "agent_step_negative": issues["agent_step_negative"],
+            "agent_step_backward": issues["agent_step_backward"],
             "path": dg.MetadataValue.path(str(parquet_path)),
             "metadata_path": dg.MetadataValue.path(str(meta_path)),
         },
     )
+
+
+def _refuse_other_runs_files(meta_path: Path, row: dict[str, Any], key: str) -> None:
+    """Fail instead of overwriting a partition file written for a different run (its key
+    history was lost, e.g. discovered_runs.parquet deleted): data is never swapped silently."""
+    try:
+        owner = storage.read_json(meta_path).get("run_id") if meta_path.exists() else None
+    except (OSError, ValueError):
+        owner = None  # a damaged metadata file marks an incomplete partition: rewrite it
+    if owner is not None and owner != row["run_id"]:
+        raise dg.Failure(
+            f"partition {key!r}: {meta_path} holds run {owner!r}, not run {row['run_id']!r}; "
+            "not overwriting it. Move that file away (or restore discovered_runs.parquet) "
+            "and materialize again."
+        )
 
 
 def stream_checks(streams: pl.DataFrame, parquet_path: Path) -> list[dg.AssetCheckResult]:

@@ -270,7 +270,8 @@ METHOD_NOTES = (
     "kalman / lp_sweep / verdict tests).",
     "Data quality (analysis/quality.py): a series is constant (every finite value equal, e.g. "
     "a task solved at exactly 1.0: not stale), mostly_stale (>= 90% of its epoch rows repeat "
-    "the previous value exactly), too_short (< 10 usable samples) or no_finite; reward "
+    "the previous value exactly), too_short (< 10 usable samples), absurd_values (an infinite "
+    "or |reward| > 1e6, or more than 10% NaN: corrupt) or no_finite; reward "
     "levels use ok and constant series, noise, drift, timescales and LP use ok series only; "
     "everything left out is listed in 'Data used and left out'.",
     "Epoch means (analysis/epoch_model.py): the held-value model of Metta's logging; epoch "

@@ -50,10 +50,20 @@ never shows response headers to Python). Its defaults go on for many rounds, so 
 caps it once per process through the documented settings (`x_graphql_retry_max=1`,
 `x_file_transfer_retry_max=1`, waits of 1-2 s, 600 s per download attempt; values the user
 already set, e.g. with `WANDB__GRAPHQL_RETRY_MAX`, are kept). Python waits at most
-`timeout_s` for a GraphQL call (`wandb.Api(timeout=...)`). Around each call runs our own
-bounded loop (`RetryPolicy`: `max_tries`, exponential backoff from `base_s` capped at `cap_s`;
-after a 429 at least `rate_limit_wait_s`, standing in for the reset wandb does not pass on).
-Giving up raises `WandbUnavailableError` (a `RunReadError`) naming the call.
+`timeout_s` for each GraphQL request (`wandb.Api(timeout=...)`), and this module bounds each
+*try* of a call too (a call such as "load run" may need a login request and a query, each
+bounded by wandb alone): a try that gets no answer for `timeout_s` is abandoned (it runs in a
+worker thread) and counts as a timeout. Paged calls (the listing, `scan_history`, file lists)
+get `timeout_s` per page, so a long but answering listing is not cut. Downloads are bounded
+by wandb-core per attempt (`FILE_TRANSFER_TIMEOUT_S`), not by `timeout_s`. Around each call
+runs our own bounded loop (`RetryPolicy`: `max_tries`, exponential backoff from `base_s`
+capped at `cap_s`; after a 429 at least `rate_limit_wait_s`, standing in for the reset wandb
+does not pass on). Giving up raises `WandbUnavailableError` (a `RunReadError`) naming the
+call. So one call against a hanging server costs at most
+`max_tries * timeout_s + sum of the backoff waits` (defaults: 5 * 30 s + 7.5 s), and once a
+call has given up (not on a rate limit), the next calls of the same source try once only
+until one succeeds: reading one run (load, history, files) then costs about `timeout_s`
+per further call instead of the whole retry budget again.
 
 **Credentials.** The API key is read from `WANDB_API_KEY` when an `Api` is created, handed to
 `wandb.Api` and nothing else: never stored on this object, logged or put into an error.
@@ -90,6 +100,8 @@ log = logging.getLogger(__name__)
 
 SOURCE_NAME = "wandb"
 ENV_API_KEY = "WANDB_API_KEY"
+ENV_BASE_URL = "WANDB_BASE_URL"
+DEFAULT_BASE_URL = "https://api.wandb.ai"
 WANDB_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"  # how WandB's GraphQL API writes createdAt/heartbeatAt
 ACTIVE_STATES = frozenset({"running", "pending", "preempting"})  # export cannot be complete
 CHUNK_NAME_RE = re.compile(r"^reward_stream/part-w\d{4,}-\d{6,}\.parquet$")
@@ -194,6 +206,7 @@ class WandbRunSource:
         self._sleep = sleep
         self._api: Any = None
         self._lock = threading.Lock()
+        self._server_down = False  # the last call gave up on an unresponsive server
 
     # --- RunSource ------------------------------------------------------------------------
     def list_runs(
@@ -207,7 +220,7 @@ class WandbRunSource:
             moment = updated_since - timedelta(seconds=self.updated_since_overlap_s)
             after = format_wandb_time(moment)
         path = f"{self.entity}/{self.project}"
-        listed = self._fetch_runs(path, self.filters.to_wandb(after), fresh=True)
+        listed, unreadable = self._fetch_runs(path, self.filters.to_wandb(after), fresh=True)
         late: set[str] = set()
         if updated_since is not None:
             late = set(self._late_export_ids())
@@ -215,10 +228,11 @@ class WandbRunSource:
             if missing:
                 by_id = {"name": {"$in": missing}}  # `name` is the run id in WandB filters
                 base = self.filters.to_wandb()
-                listed += self._fetch_runs(path, {"$and": [base, by_id]} if base else by_id)
+                more, more_bad = self._fetch_runs(path, {"$and": [base, by_id]} if base else by_id)
+                listed += more
+                unreadable += more_bad
 
         runs: list[RunRecord] = []
-        unreadable: list[UnreadableRun] = []
         for wandb_run in listed:
             location = f"{self.entity}/{self.project}/{getattr(wandb_run, 'id', '?')}"
             try:
@@ -233,15 +247,23 @@ class WandbRunSource:
             runs.append(record)
         return runs, unreadable
 
-    def _fetch_runs(self, path: str, filters: dict[str, Any], fresh: bool = False) -> list[Any]:
-        def fetch() -> list[Any]:
+    def _fetch_runs(
+        self, path: str, filters: dict[str, Any], fresh: bool = False
+    ) -> tuple[list[Any], list[UnreadableRun]]:
+        """The listed wandb runs, and those the client could not build (e.g. a config that
+        is not JSON), each as unreadable with its reason: one bad run never fails the
+        listing of the others."""
+
+        def fetch(progress: _Progress) -> tuple[list[Any], list[UnreadableRun]]:
             # Api caches Runs objects: a new one sees new runs
             api = self._fresh_api() if fresh else self._cached_api()
-            return list(
-                api.runs(
-                    path, filters=filters, order=self.order, per_page=self.per_page, lazy=False
-                )
+            progress.beat()
+            paginator = api.runs(
+                path, filters=filters, order=self.order, per_page=self.per_page, lazy=False
             )
+            bad: list[UnreadableRun] = []
+            _build_runs_one_by_one(paginator, path, bad, on_page=progress.beat)
+            return list(paginator), bad
 
         return self._call(f"list runs of {path}", fetch)
 
@@ -290,7 +312,9 @@ class WandbRunSource:
         wandb_run = self._load_run(run.location)
         files = self._call(
             f"{run.location}: list reward_stream files",
-            lambda: [f for f in wandb_run.files(pattern=_CHUNK_PATTERN, per_page=1000)],
+            lambda progress: _each_with_beat(
+                wandb_run.files(pattern=_CHUNK_PATTERN, per_page=1000), progress
+            ),
         )
         files = sorted((f for f in files if CHUNK_NAME_RE.match(f.name)), key=lambda f: f.name)
         if not files:
@@ -386,7 +410,7 @@ class WandbRunSource:
         location = f"{self.entity}/{self.project}/{wandb_run.id}"
         run_dir.mkdir(parents=True, exist_ok=True)
 
-        def download() -> Path:
+        def download(_: _Progress) -> Path:
             tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=run_dir))
             try:
                 result = wandb_run.download_history_exports(tmp, require_complete_history=True)
@@ -406,7 +430,8 @@ class WandbRunSource:
                 raise
 
         try:
-            tmp = self._call(f"{location}: download history export", download)
+            # downloads: bounded per attempt by wandb-core (FILE_TRANSFER_TIMEOUT_S)
+            tmp = self._call(f"{location}: download history export", download, bounded=False)
         except IncompleteRunHistoryError:
             _update_state(
                 run_dir,
@@ -484,8 +509,9 @@ class WandbRunSource:
         frames = []
         for group in groups:
 
-            def scan(group: list[str] = group) -> list[dict[str, Any]]:
-                return list(wandb_run.scan_history(keys=group, page_size=self.scan_page_size))
+            def scan(progress: _Progress, group: list[str] = group) -> list[dict[str, Any]]:
+                rows = wandb_run.scan_history(keys=group, page_size=self.scan_page_size)
+                return _each_with_beat(rows, progress)
 
             rows = self._call(f"{location}: scan_history {group[:3]}", scan)
             frames.append(_rows_frame(rows, group))
@@ -506,7 +532,7 @@ class WandbRunSource:
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
 
-        def download() -> Path:
+        def download(_: _Progress) -> Path:
             tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=run_dir))
             try:
                 wandb_file.download(root=str(tmp), replace=True).close()
@@ -515,7 +541,7 @@ class WandbRunSource:
                 shutil.rmtree(tmp, ignore_errors=True)
             return target
 
-        self._call(f"{location}: download {name}", download)
+        self._call(f"{location}: download {name}", download, bounded=False)
         files = dict(_read_state(run_dir).get("files") or {})
         files[name] = signature
         _update_state(run_dir, files=files)
@@ -523,6 +549,16 @@ class WandbRunSource:
 
     def _run_dir(self, entity: str, project: str, run_id: str) -> Path:
         return self.cache_root / slug(entity) / slug(project) / slug(run_id)
+
+    def server_url(self) -> str:
+        """The server the client talks to: `base_url`, else `WANDB_BASE_URL`, else wandb's
+        default (what `wandb.Api` itself picks, in that order)."""
+        if self.base_url:
+            return self.base_url
+        from_env = os.environ.get(ENV_BASE_URL, "").strip().rstrip("/")
+        if from_env:
+            return f"{from_env} (from {ENV_BASE_URL})"
+        return f"{DEFAULT_BASE_URL} (wandb's default; set {ENV_BASE_URL} for another)"
 
     # --- wandb client --------------------------------------------------------------------
     def _fresh_api(self) -> Any:
@@ -559,7 +595,7 @@ class WandbRunSource:
     def _load_run(self, location: str) -> Any:
         from wandb.apis.public.runs import RunNotFoundError
 
-        def load() -> Any:
+        def load(_: _Progress) -> Any:
             try:
                 return self._cached_api().run(location)
             except Exception as exc:
@@ -575,37 +611,80 @@ class WandbRunSource:
         except _NotFound as exc:
             raise RunReadError(str(exc)) from None
 
-    def _call(self, what: str, fn: Callable[[], T]) -> T:
-        """`fn()` with bounded retries on rate limits, 5xx and timeouts (see module doc)."""
+    def _call(
+        self,
+        what: str,
+        fn: Callable[[_Progress], T],
+        bounded: bool = True,
+    ) -> T:
+        """`fn(progress)` with bounded retries on rate limits, 5xx and timeouts (see module
+        doc). With `bounded`, a try that sees no answer for `timeout_s` (no return and no
+        `progress.beat()`, which paged calls give per page) is abandoned as timed out,
+        whatever wandb does inside. After a call gave up on an unresponsive server, the
+        next calls try once only until one succeeds."""
         from wandb.apis.public.runhistory import IncompleteRunHistoryError
 
-        for attempt in range(1, self.retry.max_tries + 1):
+        max_tries = 1 if self._server_down else self.retry.max_tries
+        for attempt in range(1, max_tries + 1):
             try:
-                return fn()
+                result = self._within_deadline(what, fn) if bounded else fn(_Progress())
+                self._server_down = False
+                return result
             except (IncompleteRunHistoryError, _NotFound, WandbAuthError):
                 raise
             except Exception as exc:
                 kind, status = classify_error(exc)
                 if kind == "auth":
                     raise WandbAuthError(
-                        f"WandB refused the API key from {ENV_API_KEY} "
-                        f"({self.base_url or 'default server'}, HTTP {status}) during: {what}"
+                        f"WandB server {self.server_url()} refused the API key from "
+                        f"{ENV_API_KEY} (HTTP {status}) during: {what}"
                     ) from None
                 message = _describe(exc)
                 if kind != "retry":
                     raise RunReadError(f"{what}: {message}") from exc
-                if attempt == self.retry.max_tries:
+                if attempt == max_tries:
+                    self._server_down = status != 429  # rate limits are not an outage
+                    again = " (one try: the previous call gave up too)" if max_tries == 1 else ""
                     raise WandbUnavailableError(
-                        f"{what}: gave up after {attempt} tries: {message}"
+                        f"{what}: gave up after {attempt} tries{again}: {message}"
                     ) from exc
                 wait = self.retry.wait_s(attempt, status == 429)
                 log.warning(
                     "%s: try %d failed (%s); retrying in %.1f s", what, attempt, message, wait
                 )
-                with self._lock:
-                    self._api = None  # a fresh client for the next try
+                if not isinstance(exc, _CallTimedOut):
+                    # a fresh client for the next try; after our own timeout the abandoned
+                    # try may still finish creating one (its login answered), reused then
+                    with self._lock:
+                        self._api = None
                 self._sleep(wait)
         raise AssertionError("unreachable")  # the loop always returns or raises
+
+    def _within_deadline(self, what: str, fn: Callable[[_Progress], T]) -> T:
+        """`fn(progress)` in a worker thread, waited for until it returns or `timeout_s`
+        pass without a result or a `progress.beat()`; then `_CallTimedOut`. The abandoned
+        thread ends on its own (wandb bounds each request) and its result is dropped."""
+        progress = _Progress()
+        outcome: dict[str, Any] = {}
+        finished = threading.Event()
+
+        def work() -> None:
+            try:
+                outcome["value"] = fn(progress)
+            except BaseException as exc:  # handed to the caller's thread
+                outcome["error"] = exc
+            finally:
+                finished.set()
+
+        threading.Thread(target=work, name="rts-wandb-call", daemon=True).start()
+        while not finished.wait(max(0.0, progress.last + self.timeout_s - time.monotonic())):
+            if time.monotonic() - progress.last >= self.timeout_s:
+                raise _CallTimedOut(
+                    f"no answer from {self.server_url()} within timeout_s={self.timeout_s:g} s"
+                )
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -613,8 +692,82 @@ class _ExportIncomplete(Exception):
     pass
 
 
+def _each_with_beat(items: Any, progress: _Progress) -> list[Any]:
+    """`list(items)` of a paged wandb iterator, telling `progress` of every item."""
+    collected = []
+    for item in items:
+        progress.beat()
+        collected.append(item)
+    return collected
+
+
 class _NotFound(Exception):
     pass
+
+
+class _CallTimedOut(Exception):
+    """A try saw no answer within `timeout_s` (retried: its message says "timed out")."""
+
+
+class _Progress:
+    """When a paged call last heard from the server (`beat()` per page or row)."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def beat(self) -> None:
+        self.last = time.monotonic()
+
+
+def _build_runs_one_by_one(
+    paginator: Any,
+    path: str,
+    bad: list[UnreadableRun],
+    on_page: Callable[[], None] = lambda: None,
+) -> None:
+    """Make a wandb `Runs` paginator build each run of a page on its own: a run it cannot
+    build (its config is not JSON, ...) goes to `bad`, named and with the reason, and the
+    page's other runs are kept. Without this, wandb fails the whole page (`CommError:
+    Expecting value ...`) without naming the run. A paginator of another shape is left
+    as it is."""
+    build_page = getattr(paginator, "convert_objects", None)
+    if build_page is None:
+        return
+
+    def build_each() -> list[Any]:
+        on_page()
+        response = paginator.last_response
+        try:
+            edges = response["project"]["runs"]["edges"]
+        except (KeyError, TypeError):
+            return list(build_page())  # wandb's own error (e.g. no such project)
+        built: list[Any] = []
+        try:
+            for edge in edges:
+                runs_part = {**response["project"]["runs"], "edges": [edge]}
+                paginator.last_response = {
+                    **response,
+                    "project": {**response["project"], "runs": runs_part},
+                }
+                try:
+                    built.extend(build_page())
+                except Exception as exc:
+                    node = edge.get("node") or {} if isinstance(edge, dict) else {}
+                    run_id = str(node.get("name") or "?")
+                    name = node.get("displayName")
+                    bad.append(
+                        UnreadableRun(
+                            f"{path}/{run_id}",
+                            f"{path}/{run_id} (name {name!r}): the client cannot read this "
+                            f"run's attributes: {_describe(exc)}",
+                            SOURCE_NAME,
+                        )
+                    )
+        finally:
+            paginator.last_response = response
+        return built
+
+    paginator.convert_objects = build_each
 
 
 class _DownloadError(Exception):

@@ -141,3 +141,127 @@ def test_rts_source_selects_the_run_source(monkeypatch):
     monkeypatch.setenv("RTS_SOURCE", "nope")
     with pytest.raises(ValueError, match="RTS_SOURCE"):
         run_source_from_env()
+
+
+def _record(run_id: str, created_min: int):
+    from datetime import UTC, datetime, timedelta
+
+    from rts_dagster.sources.base import RunRecord
+
+    created = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(minutes=created_min)
+    return RunRecord(
+        run_id=run_id,
+        run_name="alice.fixed_maps.seed1",
+        project="metta",
+        entity="team",
+        tags=(),
+        config={},
+        state="finished",
+        created_at=created,
+        heartbeat_at=created,
+        source="offline",
+        location=f"/runs/{run_id}.wandb",
+        fingerprint="f",
+    )
+
+
+def test_write_discovered_keeps_keys_across_refreshes(tmp_path):
+    """The asset and the sensor discover through write_discovered: the run found first
+    keeps its key when an older run of the same (task, seed) appears, and a key registered
+    for a run that vanished is not handed to the next one."""
+    from rts_dagster.defs.runs import write_discovered
+    from rts_dagster.discovery import DiscoveryRules
+
+    rules = DiscoveryRules()
+    newer, older = _record("newer", 10), _record("older", 0)
+    _, _, new_keys = write_discovered([newer], [], rules, tmp_path, set())
+    assert new_keys == ["fixed_maps.seed1"]
+    table, _, new_keys = write_discovered([older, newer], [], rules, tmp_path, set(new_keys))
+    keys = dict(zip(table["run_id"], table["partition_key"], strict=True))
+    assert keys == {"newer": "fixed_maps.seed1", "older": "fixed_maps.seed1.older"}
+    assert new_keys == ["fixed_maps.seed1.older"]
+
+    fresh = tmp_path / "fresh"
+    known = set(write_discovered([newer], [], rules, fresh, set())[2])
+    write_discovered([], [], rules, fresh, known)  # the run is gone from the source
+    table, _, _ = write_discovered([older], [], rules, fresh, known)
+    assert table["partition_key"].to_list() == ["fixed_maps.seed1.older"]
+
+
+def test_reward_streams_never_overwrites_another_runs_file(tiny_offline_dir, tmp_path, instance):
+    import json
+
+    resources = _resources(tiny_offline_dir, tmp_path)
+    assert dg.materialize([discovered_runs], instance=instance, resources=resources).success
+    key = "fixed_maps.seed1"
+    kwargs = dict(selection=[reward_streams], partition_key=key, instance=instance)
+    assert dg.materialize([discovered_runs, reward_streams], resources=resources, **kwargs).success
+    meta_path = tmp_path / "fixed_maps" / "1.metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["run_id"] = "another-run"  # as if another run had written this partition
+    meta_path.write_text(json.dumps(meta))
+    parquet = tmp_path / "fixed_maps" / "1.parquet"
+    before = parquet.read_bytes()
+    result = dg.materialize(
+        [discovered_runs, reward_streams], resources=resources, raise_on_error=False, **kwargs
+    )
+    assert not result.success
+    message = " ".join(
+        ev.step_failure_data.error.message for ev in result.all_events if ev.is_step_failure
+    )
+    assert "another-run" in message and "not overwriting" in message
+    assert parquet.read_bytes() == before
+    assert json.loads(meta_path.read_text())["run_id"] == "another-run"
+
+
+# (config, the secret that must not survive): secrets by key name and by value shape.
+_SECRET_CORPUS = [
+    ({"pwd": "hunter2hunter2"}, "hunter2hunter2"),
+    ({"db": {"passphrase": "correct horse battery"}}, "correct horse battery"),
+    ({"auth": "s3cr3t-value"}, "s3cr3t-value"),
+    ({"wandb_api_key": "0123456789abcdef0123456789abcdef01234567"}, "0123456789abcdef0123"),
+    ({"headers": {"Authorization": "Bearer eyJhbGciOiJIUzI1NiJ9.payload"}}, "eyJhbGciOi"),
+    ({"note": "sent Authorization: Bearer abcdEFGH12345678xyz"}, "abcdEFGH12345678xyz"),
+    ({"database_url": "postgresql://metta:pa55w0rd@db.internal:5432/runs"}, "pa55w0rd"),
+    ({"mirror": "https://bob:tok3n!x@git.example.com/repo.git"}, "tok3n!x"),
+    ({"cmd": "python train.py --wandb-api-key=abc123def456 --epochs 5"}, "abc123def456"),
+    ({"argv": ["train.py", "--hf-token", "hf_ZZtopSecret99"]}, "hf_ZZtopSecret99"),
+    ({"argv": ["train.py", "--access_token=qwerty-12345"]}, "qwerty-12345"),
+    ({"env": "WANDB_API_KEY=9f8e7d6c5b4a39281706f5e4d3c2b1a0ffeeddcc run"}, "9f8e7d6c5b4a3928"),
+    ({"setup": "export DB_PASSWORD=opensesame42 && run"}, "opensesame42"),
+    (
+        {"blob": "use aK9fLq2ZxR7vT1mN8pW3sY6dG4hJ0cBe to log in"},
+        "aK9fLq2ZxR7vT1mN8pW3sY6dG4hJ0cBe",
+    ),
+    ({"login": "wandb login 3c9d0f7a8b1e2d4c6a5f7e9d8c0b1a2f3e4d5c6b"}, "3c9d0f7a8b1e2d4c"),
+]
+
+# Values that must survive unchanged (what the report and the LP analysis need).
+_PLAIN_CORPUS = {
+    "ema_timescale": 0.001,
+    "num_active_tasks": 64,
+    "git_hash": "0123456789abcdef0123456789abcdef01234567",
+    "checkpoint_dir": "/home/alice/checkpoints/assembly_lines_seed_1_2026_01_05",
+    "wandb_url": "https://wandb.ai/metta-research/metta/runs/abc123",
+    "label": "env_per_label_rewards/assembly_lines_navigation_hard_v2",
+    "cmd": "python train.py --epochs 5 --lr 0.001",
+    "tags": ["user:alice", "lp"],
+    "flag": True,
+}
+
+
+@pytest.mark.parametrize(("config", "secret"), _SECRET_CORPUS)
+def test_redact_removes_secrets_by_key_and_by_value(config, secret):
+    import json
+
+    from rts_dagster.defs.runs import redact
+
+    stored = json.dumps(redact({"trainer": config, "seed": 1}))
+    assert secret not in stored
+    assert "<redacted>" in stored and '"seed": 1' in stored
+
+
+def test_redact_keeps_ordinary_config_values():
+    from rts_dagster.defs.runs import redact
+
+    assert redact(_PLAIN_CORPUS) == _PLAIN_CORPUS

@@ -86,6 +86,7 @@ class FakeRun:
     export_parts: int = 1  # the export is split into this many parquet files
     files: dict[str, bytes] = field(default_factory=dict)  # run files by name
     user: str = "alice"
+    raw_config: str | None = None  # sent instead of `config` as the config text (fault: not JSON)
 
     def __post_init__(self) -> None:
         self.name = self.name or self.run_id
@@ -566,7 +567,7 @@ class FakeWandbServer:
             "tags": list(run.tags),
             "sweepName": None,
             "state": run.state,
-            "config": json.dumps(config),
+            "config": json.dumps(config) if run.raw_config is None else run.raw_config,
             "group": None,
             "jobType": None,
             "commit": None,

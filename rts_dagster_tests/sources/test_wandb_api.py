@@ -490,3 +490,69 @@ def test_resource_builds_the_source_with_server_side_filters(
     runs, _ = resource.source().list_runs()
     assert [r.run_id for r in runs] == ["a1"]
     assert resource.rules().rules[0].name == "default"
+
+
+def test_a_run_whose_config_is_not_json_is_unreadable_and_the_others_are_listed(
+    server: FakeWandbServer, tmp_path: Path
+) -> None:
+    for i in range(3):  # per_page=2: the bad run shares a page with a good one
+        server.add_run(
+            FakeRun(f"ok{i}", name=f"alice.fixed_maps.seed{i}", created_at=T0 + timedelta(i))
+        )
+    server.add_run(
+        FakeRun(
+            "bad1",
+            name="alice.fixed_maps.seed9",
+            raw_config="{not json",
+            created_at=T0 + timedelta(hours=1),
+        )
+    )
+    runs, unreadable = make_source(server, tmp_path).list_runs()
+    assert sorted(r.run_id for r in runs) == ["ok0", "ok1", "ok2"]
+    assert [u.location for u in unreadable] == ["tests/rts-test/bad1"]
+    assert "alice.fixed_maps.seed9" in unreadable[0].error
+    table = classify_runs(runs, unreadable, DiscoveryRules())
+    assert table.filter(pl.col("status") == "unreadable")["location"].to_list() == [
+        "tests/rts-test/bad1"
+    ]
+
+
+def test_auth_error_names_the_server_from_wandb_base_url(
+    server: FakeWandbServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", "local-" + "bad0" * 10)
+    monkeypatch.setenv("WANDB_BASE_URL", server.base_url)
+    source = WandbRunSource(
+        server.entity, server.project, cache_dir=tmp_path / "cache", retry=FAST_RETRY
+    )
+    with pytest.raises(WandbAuthError) as caught:
+        source.list_runs()
+    message = str(caught.value)
+    assert server.base_url in message and "WANDB_BASE_URL" in message
+    assert "default" not in message
+    assert server.count("Viewer") + server.count("Runs") >= 1  # it did ask that server
+
+
+def test_a_hanging_server_costs_at_most_timeout_s_per_try(
+    server: FakeWandbServer, tmp_path: Path
+) -> None:
+    """Login answers just inside `timeout_s`, the run query never: each try of "load run"
+    is still cut at `timeout_s` (not login + query time), and after the call gave up, the
+    next call makes one try only."""
+    server.add_run(FakeRun("r1"))
+    location = f"{server.entity}/{server.project}/r1"
+    make_source(server, tmp_path).list_runs()  # wandb imported and set up before timing
+    server.delay(0.8, times=100, operation="Viewer")
+    server.delay(30.0, times=100, operation="Run")
+    retry = RetryPolicy(max_tries=3, base_s=0.05, cap_s=0.05)
+    source = make_source(server, tmp_path, timeout_s=1.0, retry=retry)
+    started = time.monotonic()
+    with pytest.raises(WandbUnavailableError, match="load run: gave up after 3 tries"):
+        source.get_run(location)
+    first = time.monotonic() - started
+    assert first < 3 * 1.0 + 2 * 0.05 + 0.6  # three tries of at most timeout_s each
+
+    started = time.monotonic()
+    with pytest.raises(WandbUnavailableError, match="gave up after 1 tries"):
+        source.get_run(location)
+    assert time.monotonic() - started < 1.0 + 0.5
