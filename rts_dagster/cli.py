@@ -46,9 +46,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     # wandb.init(dir=D) writes into D/wandb/: aim D at the parent of a `wandb` folder.
     wandb_parent = out.parent if out.name == "wandb" else out
     paths = simulate_default(wandb_parent, n_jobs=args.jobs, epochs=args.epochs)
+    written = wandb_parent / "wandb"
     print(
-        f"rts simulate: wrote {len(paths)} runs under {out} in {time.perf_counter() - started:.1f}s"
+        f"rts simulate: wrote {len(paths)} runs under {written} in "
+        f"{time.perf_counter() - started:.1f}s"
     )
+    if not written.resolve().is_relative_to(settings.offline_dir().resolve()):
+        # refresh searches $RTS_OFFLINE_DIR only: say how to point it at these runs
+        print(f"  rts refresh reads $RTS_OFFLINE_DIR: run `RTS_OFFLINE_DIR={out} rts refresh`")
     return 0
 
 
@@ -80,7 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Simulate closed-loop LP training runs and write them with the real wandb "
         "library in offline mode (plus the per-completion reward stream).",
     )
-    sim.add_argument("--out", help="directory for the runs (default $RTS_OFFLINE_DIR)")
+    sim.add_argument(
+        "--out",
+        help="directory for the runs (default $RTS_OFFLINE_DIR); wandb writes them under "
+        "OUT/wandb/ unless OUT is itself named wandb. To analyse runs written elsewhere, "
+        "run `RTS_OFFLINE_DIR=OUT rts refresh` (the whole tree is searched)",
+    )
     sim.add_argument("--if-missing", action="store_true", help="do nothing if runs exist")
     sim.add_argument("--jobs", type=int, default=2, help="parallel processes (default 2)")
     sim.add_argument("--epochs", type=int, default=None, help="epochs per run (default: model's)")

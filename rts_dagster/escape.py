@@ -7,8 +7,11 @@ import re
 
 # Inline metacharacters: emphasis, code, links/images, raw HTML, table cells, strikethrough.
 _MD_INLINE = re.compile(r"([\\`*_\[\]<>|~])")
-# Block markers that only matter at the start of a line (heading, list, quote, numbered).
-_MD_LINE_START = re.compile(r"^([#+\-=])|^(\d+)([.)])")
+# Block markers only matter at the start of a line and only when followed by a space (or
+# the end): "- x" is a list item, "-0.5" is a number; "# x" a heading; "1. x" a numbered
+# item, "0.996 vs ..." is not. A line of only = or - would underline the line above.
+_MD_LINE_START = re.compile(r"^([#+\-])(?=\s|$)|^(\d+)([.)])(?=\s|$)")
+_MD_RULE = re.compile(r"^[=\-]+$")
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
@@ -16,18 +19,21 @@ def md(text: object) -> str:
     """Markdown-safe inline text: newlines flattened (a label must not start a new table
     row or heading), inline metacharacters and a leading block marker backslash-escaped,
     `&` made literal so no HTML entity can be smuggled in."""
-    flat = " ".join(str(text).split()).replace("&", "&amp;")
+    flat = visible_controls(" ".join(str(text).split())).replace("&", "&amp;")
     if _NUMBER.match(flat):
         return flat
     escaped = _MD_INLINE.sub(r"\\\1", flat)
+    if _MD_RULE.match(escaped):
+        return "\\" + escaped
     return _MD_LINE_START.sub(
         lambda m: f"\\{m[1]}" if m[1] else f"{m[2]}\\{m[3]}", escaped, count=1
     )
 
 
 def html_text(text: object) -> str:
-    """HTML-safe text (also safe inside a quoted attribute)."""
-    return html.escape(str(text), quote=True)
+    """HTML-safe text (also safe inside a quoted attribute); controls and bidi overrides
+    made visible (U+202E would reverse the text after it)."""
+    return html.escape(visible_controls(text), quote=True)
 
 
 # C0 and C1 controls, DEL, line/paragraph separators and the bidi embeddings, overrides,

@@ -25,7 +25,20 @@ NASTY = [
     "&lt;script&gt;",
     "back\\slash",
     "fixed_maps.extractor_hub_30",
+    "+ plus item",
+    "===",
+    "---",
+    "***",
+    "10) parenthesised",
+    "-0.5 (a number, not a list)",
+    "0.996 vs 0.985",
 ]
+
+
+def test_md_escapes_only_what_needs_escaping():
+    # numbers and number-led phrases stay readable in the raw report.md
+    for text in ("0.996 vs 0.985", "-0.5 (x)", "x0.854 (0.769 to 0.947)", "#tag", "a-b"):
+        assert md(text) == text
 
 
 def _text_of(rendered: str) -> str:

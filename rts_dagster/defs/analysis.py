@@ -72,7 +72,7 @@ def _partition_stream_paths(root: Path, row: dict[str, Any]) -> tuple[Path, dict
     automation_condition=dg.AutomationCondition.eager(),
     description="Per (label, granularity) series of one run: rolling OLS and EMA slopes, "
     "rolling and trend-robust noise, stale fraction, SPS coupling; plus the per-sample "
-    "rolling table and noise-vs-progress bins. Files: metrics/<task>/<seed>.*.parquet.",
+    "rolling table and noise-vs-progress bins. Files: metrics/TASK/SEED.*.parquet.",
 )
 def series_metrics(
     context: dg.AssetExecutionContext, config: SeriesMetricsConfig, rts_storage: RtsStorage

@@ -49,14 +49,25 @@ MAX_REFERENCE_DEVIATION = 1e-9  # replay vs the stepwise reference, probability 
     partitions_def=runs_partitions,
     deps=[reward_streams],
     check_specs=[
-        dg.AssetCheckSpec("distributions_valid", asset="lp_replay"),
-        dg.AssetCheckSpec("matches_stepwise_reference", asset="lp_replay"),
+        dg.AssetCheckSpec(
+            "distributions_valid",
+            asset="lp_replay",
+            description="Every replayed sampling distribution is non-negative and sums to 1 "
+            "(within 1e-9).",
+        ),
+        dg.AssetCheckSpec(
+            "matches_stepwise_reference",
+            asset="lp_replay",
+            description="The vectorised replay equals the per-completion reference "
+            f"(StepwiseCurriculum) on the run's first 2000 completions within "
+            f"{MAX_REFERENCE_DEVIATION:g} probability.",
+        ),
     ],
     automation_condition=dg.AutomationCondition.eager(),
     description="One run's reward stream replayed through the default LP experiments matrix "
     "(ema_timescale grid, dual timescales, z-score Z 10/20/30 and annealed, pool cap, "
     "SPS-aware weighting): signal-quality metrics per configuration and the LP state over "
-    "time. Files: lp/<task>/<seed>.{metrics,trace}.parquet.",
+    "time. Files: lp/TASK/SEED.{metrics,trace}.parquet.",
 )
 def lp_replay(
     context: dg.AssetExecutionContext, config: LPReplayConfig, rts_storage: RtsStorage
@@ -102,12 +113,17 @@ def lp_replay(
         dg.AssetCheckResult(
             check_name="distributions_valid",
             passed=sum_error <= 1e-9 and lowest >= 0.0,
-            metadata={"max_sum_error": sum_error, "min_probability": lowest},
+            metadata={
+                "partition": str(context.partition_key),
+                "max_sum_error": sum_error,
+                "min_probability": lowest,
+            },
         ),
         dg.AssetCheckResult(
             check_name="matches_stepwise_reference",
             passed=deviation <= MAX_REFERENCE_DEVIATION,
             metadata={
+                "partition": str(context.partition_key),
                 "max_probability_deviation": deviation,
                 "configs": "metta_default, zscore_z30_to_10",
                 "completions_checked": min(2000, int(stream.reward.size)),

@@ -286,14 +286,35 @@ MIN_SERIES_SAMPLES = 25  # the default rolling-slope window
     deps=[discovered_runs],
     pool="wandb_api",
     check_specs=[
-        dg.AssetCheckSpec("schema_round_trip", asset="reward_streams"),
-        dg.AssetCheckSpec("finite_rewards", asset="reward_streams"),
-        dg.AssetCheckSpec("stale_fraction", asset="reward_streams"),
-        dg.AssetCheckSpec("series_long_enough", asset="reward_streams"),
+        dg.AssetCheckSpec(
+            "schema_round_trip",
+            asset="reward_streams",
+            description="The parquet written for this run reads back with exactly the "
+            "REWARD_STREAMS columns and dtypes (rts_dagster/schema.py).",
+        ),
+        dg.AssetCheckSpec(
+            "finite_rewards",
+            asset="reward_streams",
+            description=f"At most {MAX_NONFINITE_FRACTION:.0%} of rows have a NaN or infinite "
+            "reward (warning: such rows are dropped from every metric).",
+        ),
+        dg.AssetCheckSpec(
+            "stale_fraction",
+            asset="reward_streams",
+            description=f"At most {MAX_STALE_FRACTION:.0%} of epoch rows repeat the label's "
+            "previous value exactly (Metta's held values make exact repeats rare; many "
+            "repeats mean the label was hardly logged anew).",
+        ),
+        dg.AssetCheckSpec(
+            "series_long_enough",
+            asset="reward_streams",
+            description=f"Every label has at least {MIN_SERIES_SAMPLES} samples per "
+            "granularity (the rolling-slope window).",
+        ),
     ],
     description="Every label's reward series of one training run (epoch means and, when "
     "recorded, the per-completion stream), in sample order. "
-    "File: $RTS_DATA_DIR/<task>/<seed>.parquet (+ .metadata.json).",
+    "File: $RTS_DATA_DIR/TASK/SEED.parquet (+ .metadata.json).",
 )
 def reward_streams(
     context: dg.AssetExecutionContext, run_source: RunSourceResource, rts_storage: RtsStorage
@@ -362,13 +383,14 @@ def reward_streams(
         f"in {time.perf_counter() - started:.2f}s -> {parquet_path}"
     )
     return dg.MaterializeResult(
-        check_results=stream_checks(streams, parquet_path),
+        check_results=stream_checks(streams, parquet_path, str(key)),
         metadata={
             "dagster/row_count": streams.height,
             "epoch_rows": counts[GRANULARITY_EPOCH],
             "completion_rows": counts[GRANULARITY_COMPLETION],
             "labels": len(labels),
             "run_id": row["run_id"],
+            **({"wandb_url": dg.MetadataValue.url(row["url"])} if row.get("url") else {}),
             "stale_fraction_epoch": metadata["stale_fraction_epoch"],
             "agent_step_invalid": issues["agent_step_invalid"],
             "agent_step_negative": issues["agent_step_negative"],
@@ -394,8 +416,11 @@ def _refuse_other_runs_files(meta_path: Path, row: dict[str, Any], key: str) -> 
         )
 
 
-def stream_checks(streams: pl.DataFrame, parquet_path: Path) -> list[dg.AssetCheckResult]:
-    """Data-quality checks of one partition, run inside its materialization."""
+def stream_checks(
+    streams: pl.DataFrame, parquet_path: Path, partition_key: str = ""
+) -> list[dg.AssetCheckResult]:
+    """Data-quality checks of one partition, run inside its materialization; every result
+    names the partition it ran on."""
     warn = dg.AssetCheckSeverity.WARN
     written = pl.read_parquet_schema(parquet_path)
     mismatched = {
@@ -413,25 +438,34 @@ def stream_checks(streams: pl.DataFrame, parquet_path: Path) -> list[dg.AssetChe
         dg.AssetCheckResult(
             check_name="schema_round_trip",
             passed=not mismatched,
-            metadata={"mismatched_columns": str(mismatched or "none")},
+            metadata={"partition": partition_key, "mismatched_columns": str(mismatched or "none")},
         ),
         dg.AssetCheckResult(
             check_name="finite_rewards",
             passed=bad_fraction <= MAX_NONFINITE_FRACTION,
             severity=warn,
-            metadata={"nonfinite_rows": n_bad, "fraction": bad_fraction},
+            metadata={
+                "partition": partition_key,
+                "nonfinite_rows": n_bad,
+                "fraction": bad_fraction,
+            },
         ),
         dg.AssetCheckResult(
             check_name="stale_fraction",
             passed=stale is None or stale <= MAX_STALE_FRACTION,
             severity=warn,
-            metadata={"stale_fraction_epoch": stale, "threshold": MAX_STALE_FRACTION},
+            metadata={
+                "partition": partition_key,
+                "stale_fraction_epoch": stale,
+                "threshold": MAX_STALE_FRACTION,
+            },
         ),
         dg.AssetCheckResult(
             check_name="series_long_enough",
             passed=short.height == 0,
             severity=warn,
             metadata={
+                "partition": partition_key,
                 "short_series": short.height,
                 "min_samples": MIN_SERIES_SAMPLES,
                 "examples": ", ".join(short_names) or "none",

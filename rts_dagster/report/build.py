@@ -108,10 +108,11 @@ def sps_noise_table(rolling: pl.DataFrame, n_bins: int = 12) -> pl.DataFrame:
 
 
 def _fmt_ci(value: float, low: float, high: float) -> str:
-    """ "0.5 [0.1, inf]"; "n/a" when any part is undefined (an upper bound may be inf)."""
+    """ "0.500 [0.100, inf]", "0.0100 [<1e-6, 0.0400]" (`figures.number`: a tiny positive
+    bound never prints as 0); "n/a" when any part is undefined (an upper bound may be inf)."""
     if any(v is None or math.isnan(v) for v in (value, low, high)):
         return "n/a"
-    return f"{value:.3g} [{low:.3g}, {high:.3g}]"
+    return f"{figures.number(value)} [{figures.number(low)}, {figures.number(high)}]"
 
 
 def noise_progress_table(progress: pl.DataFrame, granularity: str) -> pl.DataFrame:
