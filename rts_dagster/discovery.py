@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 import polars as pl
 import yaml
@@ -62,6 +64,11 @@ _HASHED_TAIL = re.compile(rf"-[0-9a-f]{{{_HASH_LEN}}}$")
 # (else task `a.seed1` seed 2 and task `a` seed 1 run `seed2` would share a key).
 _SEED_PART = re.compile(r"(?:^|(?<=\.))seed(?=-?\d+(?:\.|$))")
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+# Where researchers open a run: the WandB web app (its API lives on `api.` of that host).
+WANDB_WEB_URL = "https://wandb.ai"
+ENV_WANDB_BASE_URL = "WANDB_BASE_URL"
+_WANDB_CLOUD_API_HOST = "api.wandb.ai"
 
 
 class DiscoveryRule(BaseModel):
@@ -176,6 +183,61 @@ def user_from_tags(tags: Iterable[str]) -> str:
     return ""
 
 
+def wandb_web_root(base_url: str | None) -> str:
+    """`scheme://host[:port]` of the WandB web app for a configured base URL (the API's;
+    `WANDB_BASE_URL`): its host, `wandb.ai` for the cloud API host, and `WANDB_WEB_URL` when
+    unset or not an http(s) URL. Credentials or a path in the base URL are never kept."""
+    text = (base_url or "").strip()
+    if not text:
+        return WANDB_WEB_URL
+    try:
+        parts = urlsplit(text)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return WANDB_WEB_URL
+    if parts.scheme not in ("http", "https") or not host:
+        return WANDB_WEB_URL
+    if host == _WANDB_CLOUD_API_HOST:
+        return WANDB_WEB_URL
+    shown = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{shown}" + (f":{port}" if port is not None else "")
+
+
+def _url_part(text: str) -> str:
+    """One URL path segment of untrusted text: everything but unreserved characters quoted,
+    and `.`/`..` spelled out so a browser cannot read them as "this/parent folder"."""
+    quoted = quote(text, safe="")
+    return quoted.replace(".", "%2E") if set(quoted) == {"."} else quoted
+
+
+def wandb_run_url(
+    entity: str | None, project: str | None, run_id: str | None, base_url: str | None = None
+) -> str | None:
+    """`<web root>/<entity>/<project>/runs/<run id>` (see `wandb_web_root`), each part
+    URL-quoted; None unless all three are known."""
+    if not (entity and project and run_id):
+        return None
+    path = "/".join(_url_part(p) for p in (entity, project)) + f"/runs/{_url_part(run_id)}"
+    return f"{wandb_web_root(base_url)}/{path}"
+
+
+def with_run_urls(table: pl.DataFrame, base_url: str | None = None) -> pl.DataFrame:
+    """`table` (a discovered_runs table, maybe written before it had a `url` column) with
+    `url` filled from entity/project/run id where it is missing; `base_url` defaults to
+    `$WANDB_BASE_URL`. Lets an older discovered_runs.parquet pass `conform`."""
+    if base_url is None:
+        base_url = os.environ.get(ENV_WANDB_BASE_URL)
+    have = table["url"] if "url" in table.columns else pl.Series([None] * table.height)
+    # one URL per run (not per sample): a comprehension over the runs is fine
+    urls = [
+        url or wandb_run_url(entity, project, run_id, base_url)
+        for url, entity, project, run_id in zip(
+            have, table["entity"], table["project"], table["run_id"], strict=True
+        )
+    ]
+    return table.with_columns(pl.Series("url", urls, dtype=pl.String))
+
+
 @dataclass(frozen=True)
 class Match:
     task: str | None
@@ -275,19 +337,24 @@ def classify_runs(
     rules: DiscoveryRules,
     previous: pl.DataFrame | None = None,
     reserved_keys: Iterable[str] = (),
+    base_url: str | None = None,
 ) -> pl.DataFrame:
     """One `DISCOVERED_RUNS` row per run: matched runs get a partition key; others are
     listed as ignored/unreadable with the reason, never dropped.
 
     Keys are unique and stable (see `_assign_keys`): `previous` (the last discovered_runs
     table) keeps every run's earlier key; `reserved_keys` (partitions registered before,
-    e.g. of runs gone from the source) are never handed to a new run."""
+    e.g. of runs gone from the source) are never handed to a new run. `url` links each run
+    with entity and project to WandB (`wandb_run_url`; `base_url` defaults to
+    `$WANDB_BASE_URL`)."""
+    if base_url is None:
+        base_url = os.environ.get(ENV_WANDB_BASE_URL)
     rows: list[dict[str, Any]] = []
     matched: dict[str, tuple[str, int]] = {}  # run_id -> (task, seed)
     seen_ids: dict[str, str] = {}  # run_id -> location of the first run listed with it
     ordered = sorted(runs, key=lambda r: (r.created_at is None, r.created_at or 0, r.run_id))
     for run in ordered:
-        row = _base_row(run)
+        row = _base_row(run, base_url)
         if run.run_id in seen_ids:
             row.update(
                 status=RUN_STATUS_IGNORED,
@@ -405,7 +472,7 @@ def _assign_keys(
     return keys
 
 
-def _base_row(run: RunRecord) -> dict[str, Any]:
+def _base_row(run: RunRecord, base_url: str | None) -> dict[str, Any]:
     return {
         "run_id": run.run_id,
         "run_name": run.run_name,
@@ -423,4 +490,5 @@ def _base_row(run: RunRecord) -> dict[str, Any]:
         "source": run.source,
         "location": run.location,
         "fingerprint": run.fingerprint,
+        "url": wandb_run_url(run.entity, run.project, run.run_id, base_url),
     }

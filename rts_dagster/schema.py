@@ -49,6 +49,8 @@ DISCOVERED_RUNS = pl.Schema(
         "source": pl.String,  # "offline" | "wandb"
         "location": pl.String,  # file path or entity/project/run_id
         "fingerprint": pl.String,  # changes whenever the run's data may have changed
+        # WandB page of the run (entity/project/run id known), parts URL-quoted; else null
+        "url": pl.String,
     }
 )
 

@@ -1,4 +1,5 @@
 from datetime import UTC, datetime, timedelta
+from urllib.parse import unquote, urlsplit
 
 import polars as pl
 import pytest
@@ -13,8 +14,11 @@ from rts_dagster.discovery import (
     partition_key,
     row_files,
     slug,
+    wandb_run_url,
+    wandb_web_root,
+    with_run_urls,
 )
-from rts_dagster.schema import DISCOVERED_RUNS
+from rts_dagster.schema import DISCOVERED_RUNS, conform
 from rts_dagster.sources.base import RunRecord, UnreadableRun
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -292,3 +296,71 @@ def test_seed_beyond_int64_is_unreadable_and_the_others_go_on(name, config):
 def test_big_integer_seed_text_is_read_exactly():
     match = match_run(run("alice.t.seed9007199254740993"), DiscoveryRules())
     assert match.seed == 9007199254740993  # 2**53 + 1: a float round trip would lose the 1
+
+
+def _with(record: RunRecord, **changes) -> RunRecord:
+    return RunRecord(**{**record.__dict__, **changes})
+
+
+def test_every_run_with_entity_and_project_links_to_its_wandb_page(monkeypatch):
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    runs = [
+        run("alice.fixed_maps.seed1", run_id="ab12cd34"),
+        run("nodots", run_id="zz99"),  # ignored runs are linked too
+        _with(run("alice.x.seed1", run_id="noentity"), entity=""),
+    ]
+    bad = [UnreadableRun(location="/runs/cut.wandb", error="cut", source="offline")]
+    table = classify_runs(runs, bad, DiscoveryRules())
+    urls = dict(zip(table["location"], table["url"], strict=True))
+    assert urls["/runs/ab12cd34.wandb"] == "https://wandb.ai/metta-research/metta/runs/ab12cd34"
+    assert urls["/runs/zz99.wandb"] == "https://wandb.ai/metta-research/metta/runs/zz99"
+    assert urls["/runs/noentity.wandb"] is None  # entity unknown: no guessed link
+    assert urls["/runs/cut.wandb"] is None
+
+
+@pytest.mark.parametrize(
+    ("base_url", "root"),
+    [
+        (None, "https://wandb.ai"),
+        ("", "https://wandb.ai"),
+        ("https://api.wandb.ai", "https://wandb.ai"),  # the cloud API host -> its web app
+        ("https://wandb.acme.io/", "https://wandb.acme.io"),
+        ("http://10.0.0.5:8080/some/path", "http://10.0.0.5:8080"),
+        ("https://user:secret@wandb.acme.io", "https://wandb.acme.io"),  # no credentials
+        ("http://[::1]:8080", "http://[::1]:8080"),
+        ("ftp://wandb.acme.io", "https://wandb.ai"),  # not a web URL: the default
+        ("https://wandb.acme.io:notaport", "https://wandb.ai"),
+    ],
+)
+def test_wandb_web_root_is_the_configured_host(base_url, root):
+    assert wandb_web_root(base_url) == root
+
+
+def test_run_url_follows_wandb_base_url_and_quotes_untrusted_parts(monkeypatch):
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.acme.io")
+    hostile = _with(run("alice.x.seed1", run_id="r/../1?a=b#c"), entity="..", project="p q&<>")
+    url = classify_runs([hostile], [], DiscoveryRules())["url"][0]
+    assert url == "https://wandb.acme.io/%2E%2E/p%20q%26%3C%3E/runs/r%2F..%2F1%3Fa%3Db%23c"
+    parts = urlsplit(url)
+    assert (parts.netloc, parts.query, parts.fragment) == ("wandb.acme.io", "", "")
+    # quoting is reversible: each path segment reads back as the original text
+    assert [unquote(p) for p in parts.path.split("/")[1:]] == [
+        "..",
+        "p q&<>",
+        "runs",
+        "r/../1?a=b#c",
+    ]
+    assert wandb_run_url("e", "p", "id", base_url="https://other.io") == (
+        "https://other.io/e/p/runs/id"
+    )
+
+
+def test_an_older_discovered_runs_table_gets_its_urls_and_conforms(monkeypatch):
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    runs = [run("alice.fixed_maps.seed1", run_id="ab12"), _with(run("b.x.seed1"), project="")]
+    old = classify_runs(runs, [], DiscoveryRules()).drop("url")  # as written before `url`
+    upgraded = conform(with_run_urls(old), DISCOVERED_RUNS, "discovered_runs")
+    assert upgraded["url"].to_list() == ["https://wandb.ai/metta-research/metta/runs/ab12", None]
+    # a url already there is kept
+    kept = with_run_urls(upgraded, base_url="https://other.io")
+    assert kept["url"].to_list() == upgraded["url"].to_list()

@@ -3,6 +3,10 @@ are rebuilt, what it exits with, and what reaches the terminal."""
 
 from __future__ import annotations
 
+import logging
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -138,3 +142,72 @@ def test_a_long_step_prints_progress(pipeline, capsys, monkeypatch):
     assert refresh_mod.refresh() == 0
     beats = [ln for ln in capsys.readouterr().out.splitlines() if "still running" in ln]
     assert len(beats) >= 3 and all("[aggregate]" in ln for ln in beats)
+
+
+def test_the_browser_drivers_ignored_messages_stay_out_of_the_log(caplog, monkeypatch):
+    """A message Chromium sends that choreographer cannot decode (and ignores) prints no
+    traceback once the report writer is set up; the next good message still arrives."""
+    from choreographer.channels.pipe import Pipe
+
+    from rts_dagster.report.document import quiet_ignored_browser_messages
+
+    def read(payload: bytes) -> list:
+        pipe = Pipe()
+        pipe.open()
+        try:
+            os.write(pipe.from_external_to_choreo, payload)
+            return pipe.read_jsons(blocking=True)[0]
+        finally:
+            pipe.close()
+
+    pipe_logger = logging.getLogger("choreographer.channels.pipe")
+    monkeypatch.setattr(pipe_logger, "filters", [])  # as before any report was written
+    payload = b'{"id": 1, "result": {}\x00{"id": 2}\x00'  # the first one is cut short
+    caplog.set_level(logging.DEBUG, logger="choreographer")
+    assert read(payload) == [{"id": 2}]
+    assert any("JSONError" in r.getMessage() for r in caplog.records)  # what users saw
+
+    caplog.clear()
+    quiet_ignored_browser_messages()
+    quiet_ignored_browser_messages()  # idempotent: one filter
+    assert len(pipe_logger.filters) == 1
+    assert read(payload) == [{"id": 2}]
+    assert not any("JSONError" in r.getMessage() for r in caplog.records)
+    # a genuine error on the same logger is still shown
+    pipe_logger.error("Error in trying to decode JSON off our read.")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        "Error in trying to decode JSON off our read."
+    ]
+
+
+_BROWSER_PIPE_SCRIPT = """
+import os, sys
+from rts_dagster.report.document import quiet_ignored_browser_messages
+if sys.argv[1] == "quiet":
+    quiet_ignored_browser_messages()  # before choreographer is imported, as in a refresh
+from choreographer.channels.pipe import Pipe
+pipe = Pipe()
+pipe.open()
+os.write(pipe.from_external_to_choreo, b'{"id": 1, "result": {}\\x00{"id": 2}\\x00')
+print(pipe.read_jsons(blocking=True)[0])
+pipe.close()
+"""
+
+
+@pytest.mark.parametrize("mode", ["loud", "quiet"])
+def test_a_fresh_process_renders_with_the_filter_and_prints_no_traceback(mode):
+    """What a user's terminal shows: without the filter, choreographer's traceback; with it
+    (installed before choreographer is first imported), nothing, and the reads still work."""
+    done = subprocess.run(
+        [sys.executable, "-c", _BROWSER_PIPE_SCRIPT, mode],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[{'id': 2}]"
+    if mode == "loud":
+        assert "JSONError decoding message" in done.stderr and "Traceback" in done.stderr
+    else:
+        assert done.stderr == ""

@@ -22,7 +22,7 @@ from rts_dagster.analysis.streams import (
 )
 from rts_dagster.defs.partitions import runs_partitions
 from rts_dagster.defs.resources import RtsStorage, RunSourceResource
-from rts_dagster.discovery import DiscoveryRules, classify_runs, row_files
+from rts_dagster.discovery import DiscoveryRules, classify_runs, row_files, with_run_urls
 from rts_dagster.escape import md_table
 from rts_dagster.schema import (
     DISCOVERED_RUNS,
@@ -124,7 +124,7 @@ def _previous_discovered(path: Path) -> pl.DataFrame | None:
     if not path.exists():
         return None
     try:
-        return conform(pl.read_parquet(path), DISCOVERED_RUNS, str(path))
+        return conform(with_run_urls(pl.read_parquet(path)), DISCOVERED_RUNS, str(path))
     except Exception:
         return None
 
@@ -156,7 +156,8 @@ def read_discovered(rts_storage: RtsStorage) -> pl.DataFrame:
     path = storage.discovered_runs_path(rts_storage.root())
     if not path.exists():
         raise dg.Failure(f"{path} does not exist: materialize `discovered_runs` first")
-    return conform(pl.read_parquet(path), DISCOVERED_RUNS, "discovered_runs")
+    # tables written before the `url` column get it filled in (no rediscovery needed)
+    return conform(with_run_urls(pl.read_parquet(path)), DISCOVERED_RUNS, "discovered_runs")
 
 
 def run_for_partition(discovered: pl.DataFrame, key: str) -> dict[str, Any]:

@@ -8,6 +8,7 @@ in `Text.parts` marked as `Raw` only for our own formatting.
 from __future__ import annotations
 
 import html as _html
+import logging
 import os
 import shutil
 import tempfile
@@ -132,6 +133,34 @@ class RenderedPngs:
     failed: dict[str, str]
 
 
+# choreographer (kaleido's browser driver) logs a full traceback at ERROR for a browser
+# message it cannot decode and then ignores ("JSONError decoding message. Ignoring"), so a
+# healthy render can print one. Harmless by itself: a figure it costs is not written, and
+# `write_pngs` then renders it alone and names it with the cause. Only that record is
+# dropped; every other choreographer/kaleido warning or error stays visible.
+_CHOREO_PIPE_LOGGER = "choreographer.channels.pipe"
+_IGNORED_BROWSER_MESSAGE = "JSONError decoding message"
+
+
+class _DropIgnoredBrowserMessages(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith(_IGNORED_BROWSER_MESSAGE))
+
+
+def quiet_ignored_browser_messages() -> None:
+    """Drop choreographer's "JSONError decoding message. Ignoring" tracebacks (see above);
+    idempotent. Imports choreographer first: its loggers must be created by logistro's
+    logger class (a plain `logging.Logger` made here first lacks `debug2`, and every
+    render would then fail)."""
+    try:
+        import choreographer.channels.pipe  # noqa: F401
+    except ImportError:  # no kaleido browser driver: nothing to quiet
+        return
+    logger = logging.getLogger(_CHOREO_PIPE_LOGGER)
+    if not any(isinstance(f, _DropIgnoredBrowserMessages) for f in logger.filters):
+        logger.addFilter(_DropIgnoredBrowserMessages())
+
+
 def _render_alone(figure: go.Figure, scale: float) -> tuple[bytes | None, str]:
     """Render one figure by itself: (png, "") or (None, the cause). Used for a figure the
     batch call did not write, to name why (kaleido's batch call drops it silently)."""
@@ -161,6 +190,7 @@ def write_pngs(figures: Sequence[Figure], out_dir: Path, scale: float = 1.5) -> 
     import plotly.io as pio
 
     remove_stale_render_dirs(out_dir)
+    quiet_ignored_browser_messages()
     browser = find_browser()
     if browser is None or not figures:
         return RenderedPngs({}, {})

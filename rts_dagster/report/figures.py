@@ -43,6 +43,14 @@ def _x_title(granularity: str) -> str:
     return "samples of the label (" + ("completions)" if granularity == "completion" else "epochs)")
 
 
+def _shared_x_title(fig: go.Figure, n_panels: int, title: str) -> None:
+    """One x title under the middle of a row of `n_panels` panels that share what their x
+    axis means: one title per panel would run into its neighbours' titles."""
+    for col in range(1, n_panels + 1):
+        middle = col == (n_panels + 1) // 2
+        fig.update_xaxes(title_text=title if middle else None, row=1, col=col)
+
+
 def reward_curves(curves: pl.DataFrame, granularity: str) -> go.Figure:
     """Mean reward over labels vs sample index, one panel per task, one colour per seed.
 
@@ -75,10 +83,11 @@ def reward_curves(curves: pl.DataFrame, granularity: str) -> go.Figure:
                 row=1,
                 col=col,
             )
-        unit = "completions" if granularity == "completion" else "epochs"
-        fig.update_xaxes(title_text=f"sample index per label ({unit})", row=1, col=col)
+    _shared_x_title(fig, len(tasks), _x_title(granularity))
     fig.update_yaxes(title_text="reward (episode score, mean over labels)", row=1, col=1)
-    fig.update_layout(title=f"Reward vs sample index ({granularity} stream)", height=380, **_LAYOUT)
+    fig.update_layout(
+        title=f"Reward vs sample index ({granularity} stream)", height=380, width=1100, **_LAYOUT
+    )
     return fig
 
 
@@ -143,8 +152,7 @@ def band_overlay(bands: pl.DataFrame, value_title: str, title: str, granularity:
                 row=1,
                 col=col,
             )
-        middle = col == (len(tasks) + 1) // 2  # one x title: they would overlap
-        fig.update_xaxes(title_text=_x_title(granularity) if middle else None, row=1, col=col)
+    _shared_x_title(fig, len(tasks), _x_title(granularity))
     fig.update_yaxes(title_text=value_title, row=1, col=1)
     fig.update_layout(title=title, height=420, width=1100, **_LAYOUT)
     return fig
@@ -349,7 +357,9 @@ def noise_vs_progress(bins: pl.DataFrame) -> go.Figure:
 
 # --- LP configuration section --------------------------------------------------------------------
 LP_SNR_AXIS = "LP SNR relative to Metta default (ratio, log scale)"
-SNR_CLIP = 1e3  # ratios beyond x1000 (or below /1000) are drawn at the edge of the axis
+# ratios beyond x10 (or below /10) are drawn at the edge of their panel's axis with their value
+# written beside them, so one far configuration cannot squeeze the others near x1 together
+SNR_CLIP = 10.0
 _ROLE_STYLES = {  # role -> legend name, marker
     "other": ("other configuration", {"color": SEED_COLOURS[0], "size": 7, "symbol": "circle"}),
     "default": ("Metta default", {"color": "#444444", "size": 9, "symbol": "square"}),
@@ -359,12 +369,46 @@ _ROLE_STYLES = {  # role -> legend name, marker
     ),
     "recommended": ("recommended", {"color": "#2ca02c", "size": 14, "symbol": "star"}),
 }
+TINY = 1e-6  # magnitudes below this print as "<1e-6": their digits mean nothing here
+
+
+def _exponent_form(number: float, digits: int) -> str:
+    """ "2.10e-4" (no zero padding of the exponent, sign only when negative)."""
+    mantissa, exponent = f"{number:.{digits - 1}e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def number(value: object) -> str:
+    """3 significant digits in one style for the whole report: plain between 0.001 and
+    1e5, otherwise "2.10e-4" / "5.50e6"; "<1e-6" (">-1e-6") for a nonzero magnitude below
+    `TINY`, so a positive bound never prints as 0; "0", "n/a" (None/NaN), "inf", "-inf"."""
+    if value is None:
+        return "n/a"
+    x = float(value)  # type: ignore[arg-type]
+    if math.isnan(x):
+        return "n/a"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    size = abs(x)
+    if size == 0:
+        return "0"
+    if size < TINY:
+        tiny = _exponent_form(TINY, 1)
+        return f"<{tiny}" if x > 0 else f">-{tiny}"
+    if 1e-3 <= size < 1e3:
+        text = f"{x:#.3g}"
+        return text[:-1] if text.endswith(".") else text
+    if 1e3 <= size < 1e5:
+        return f"{x:.0f}"
+    return _exponent_form(x, 3)
 
 
 def _fmt_ratio(value: float) -> str:
+    """ "x1.53", "x<1e-6" is written "<x1e-6"; "n/a" when not finite."""
     if not math.isfinite(value):
         return "n/a"
-    return f"x{value:.3g}"
+    text = number(value)
+    return f"{text[0]}x{text[1:]}" if text[0] in "<>" else f"x{text}"
 
 
 def _log_ticks(lo: float, hi: float) -> list[float]:
@@ -375,13 +419,41 @@ def _log_ticks(lo: float, hi: float) -> list[float]:
     return [t for t in ticks if lo <= t <= hi] or [1.0]
 
 
+def _off_scale_text(
+    ratio: np.ndarray, low: np.ndarray, high: np.ndarray, lo_clip: float, hi_clip: float
+) -> tuple[list[str], list[str]]:
+    """Text beside each point of an SNR panel, and where (plotly textposition): the value
+    of a point drawn at the axis edge, or the bound of a whisker cut there; "" otherwise."""
+    texts, sides = [], []
+    for v, lo, hi in zip(ratio, low, high, strict=True):
+        ci = f"CI {_fmt_ratio(lo)} to {_fmt_ratio(hi)}"
+        if math.isfinite(v) and v > hi_clip:
+            texts.append(f"{_fmt_ratio(v)} ({ci}) ▸  ")
+            sides.append("middle left")
+        elif math.isfinite(v) and v < lo_clip:
+            texts.append(f"  ◂ {_fmt_ratio(v)} ({ci})")
+            sides.append("middle right")
+        elif math.isfinite(hi) and hi > hi_clip:
+            texts.append(f"CI to {_fmt_ratio(hi)} ▸  ")  # left of the point: clear of the cut
+            sides.append("middle left")
+        elif math.isfinite(lo) and lo < lo_clip:
+            texts.append(f"  CI from {_fmt_ratio(lo)} ◂")
+            sides.append("middle right")
+        else:
+            texts.append("")
+            sides.append("middle left")
+    return texts, sides
+
+
 def lp_snr_ratios(points: pl.DataFrame) -> go.Figure:
     """Per task (one panel row each), the replayed LP signal-to-noise ratio of every
     configuration relative to Metta's default, with its 95% CI over seeds, on a log axis.
 
     `points`: task, config, ratio, ratio_low, ratio_high (ratios, not logs; NaN bounds
     draw no whisker), role in {"other", "default", "recommended", "replay_best"}.
-    Values beyond `SNR_CLIP` are drawn at the axis edge (their text gives the value)."""
+    Each panel's axis covers its own values, up to `SNR_CLIP` either way: a point beyond
+    is drawn at the edge with its value and CI written beside it, a whisker beyond is cut
+    at the edge with its bound written beside the point."""
     tasks = sorted(points["task"].unique().to_list())
     counts = [max(points.filter(pl.col("task") == t).height, 1) for t in tasks]
     per_row = [40 + 24 * n for n in counts]
@@ -413,22 +485,19 @@ def lp_snr_ratios(points: pl.DataFrame) -> go.Figure:
             x = np.clip(r, lo_clip, hi_clip)
             up = np.where(np.isfinite(high[sel]), np.clip(high[sel], lo_clip, hi_clip) - x, 0.0)
             down = np.where(np.isfinite(low[sel]), x - np.clip(low[sel], lo_clip, hi_clip), 0.0)
-            clipped = np.isfinite(r) & ((r > hi_clip) | (r < lo_clip))
             configs = [plot_text(c) for c in part["config"].filter(pl.Series(sel)).to_list()]
             hover = [
                 f"{c}: {_fmt_ratio(v)} (95% CI {_fmt_ratio(lo)} to {_fmt_ratio(hi)})"
                 for c, v, lo, hi in zip(configs, r, low[sel], high[sel], strict=True)
             ]
+            text, side = _off_scale_text(r, low[sel], high[sel], lo_clip, hi_clip)
             fig.add_trace(
                 go.Scatter(
                     x=x,
                     y=configs,
                     mode="markers+text",
-                    text=[
-                        f"{_fmt_ratio(v)} (off scale)  " if c and v > 1 else ""
-                        for v, c in zip(r, clipped, strict=True)
-                    ],
-                    textposition="middle left",
+                    text=text,
+                    textposition=side,
                     textfont={"size": 11, "color": marker["color"]},
                     marker=marker,
                     error_x={

@@ -60,32 +60,22 @@ def _finite(value: object) -> float | None:
 
 
 def num(value: object) -> str:
-    """3 significant digits; "n/a" for None/NaN, "inf"/"-inf" for infinities."""
-    if value is None:
-        return "n/a"
-    number = float(value)  # type: ignore[arg-type]
-    if math.isnan(number):
-        return "n/a"
-    if math.isinf(number):
-        return "inf" if number > 0 else "-inf"
-    if number == 0:
-        return "0"
-    size = abs(number)
-    if 1e-3 <= size < 1e3:
-        text = f"{number:#.3g}"
-        return text[:-1] if text.endswith(".") else text
-    if 1e3 <= size < 1e5:
-        return f"{number:.0f}"
-    return f"{number:.2e}"
+    """3 significant digits (`figures.number`): "n/a" for None/NaN, "inf"/"-inf", "<1e-6"
+    for a tiny positive value."""
+    return figures.number(value)
 
 
 def signed(value: object) -> str:
+    """ "+0.667", "-0.768"; a tiny value keeps its bound: "<+1e-6", ">-1e-6"."""
     text = num(value)
-    return text if text.startswith(("-", "n/a", "inf")) else f"+{text}"
+    if text.startswith("<"):
+        return f"<+{text[1:]}"
+    return text if text.startswith(("-", ">", "n/a", "inf")) else f"+{text}"
 
 
 def ratio(value: object) -> str:
-    return "n/a" if _finite(value) is None else f"x{num(value)}"
+    """ "x1.53"; a tiny ratio "<x1e-6"."""
+    return "n/a" if _finite(value) is None else _prefixed("x", value)
 
 
 def ratio_ci(value: object, low: object, high: object) -> str:
@@ -115,6 +105,13 @@ def diff_ci(value: object, low: object, high: object) -> str:
 
 def _versus(ours: str, theirs: str) -> str:
     return f"{ours} vs {theirs}"
+
+
+def lag_versus(ours: object, theirs: object) -> str:
+    """Two median lags side by side; a sentence when neither ever reaches the top k."""
+    if lag(ours) == lag(theirs) == "never":
+        return "neither reaches LP's top quarter before the run ends"
+    return _versus(lag(ours), lag(theirs))
 
 
 # --- inputs --------------------------------------------------------------------------------------
@@ -353,10 +350,19 @@ def interval_cell(
     """ "x2.00 (x1.25 to x3.20; 95% t, Bonferroni over 15 interval, n=3)"."""
     if _finite(value) is None:
         return "n/a"
-    text = f"{prefix}{num(value)}"
+    text = _prefixed(prefix, value)
     if _finite(low) is None or _finite(high) is None:
         return f"{text} (no interval, n={n if n is not None else 0})"
-    return f"{text} ({prefix}{num(low)} to {prefix}{num(high)}; 95% {method} interval, n={n})"
+    return (
+        f"{text} ({_prefixed(prefix, low)} to {_prefixed(prefix, high)}; "
+        f"95% {method} interval, n={n})"
+    )
+
+
+def _prefixed(prefix: str, value: object) -> str:
+    """`num(value)` after `prefix`, behind a leading "<"/">": "x2.00", "<x1e-6"."""
+    text = num(value)
+    return f"{text[0]}{prefix}{text[1:]}" if text[0] in "<>" else f"{prefix}{text}"
 
 
 def _recommendation_table(report: Report, recs: pl.DataFrame) -> None:
@@ -399,7 +405,7 @@ def _recommendation_table(report: Report, recs: pl.DataFrame) -> None:
                 )
                 if passed
                 else "x1 (is the default)",
-                _versus(lag(r["lag_recommended"]), lag(r["lag_default"])),
+                lag_versus(r["lag_recommended"], r["lag_default"]),
                 _versus(num(r["churn_recommended"]), num(r["churn_default"])),
                 _versus(num(r["starved_recommended"]), num(r["starved_default"])),
                 best_text,

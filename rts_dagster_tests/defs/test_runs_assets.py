@@ -39,7 +39,10 @@ def instance():
         yield inst
 
 
-def test_discover_register_and_materialize_every_partition(tiny_offline_dir, tmp_path, instance):
+def test_discover_register_and_materialize_every_partition(
+    tiny_offline_dir, tmp_path, instance, monkeypatch
+):
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
     resources = _resources(tiny_offline_dir, tmp_path)
     assert dg.materialize([discovered_runs], instance=instance, resources=resources).success
 
@@ -80,6 +83,15 @@ def test_discover_register_and_materialize_every_partition(tiny_offline_dir, tmp
 
     mats = instance.get_latest_materialization_event(dg.AssetKey("reward_streams"))
     assert mats is not None
+    # every run links to its WandB page: the offline run records hold entity `tests`,
+    # project `rts-test`, and the run id (= the run name in these runs)
+    last_key = expected_keys[-1]
+    url = f"https://wandb.ai/tests/rts-test/runs/alice.{last_key}"
+    assert mats.asset_materialization.partition == last_key
+    link = mats.asset_materialization.metadata["wandb_url"]
+    assert isinstance(link, dg.UrlMetadataValue) and link.url == url
+    urls = dict(zip(table["run_id"], table["url"], strict=True))
+    assert urls == {rid: f"https://wandb.ai/tests/rts-test/runs/{rid}" for rid in urls}
 
 
 def test_corrupt_run_among_good_ones(tiny_offline_dir, tmp_path, instance):

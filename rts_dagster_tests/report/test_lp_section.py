@@ -18,7 +18,9 @@ from rts_dagster.report.lp_section import (
     _trace_panels,
     add_lp_section,
     diff_ci,
+    interval_cell,
     lag,
+    lag_versus,
     num,
     ratio_ci,
 )
@@ -281,9 +283,25 @@ def _table_rows(markdown: str, first_header: str) -> list[list[str]]:
 def test_number_formatting():
     assert num(float("nan")) == "n/a" and num(None) == "n/a"
     assert num(1.0) == "1.00" and num(0.0123456) == "0.0123" and num(243.3333) == "243"
-    assert num(100.0) == "100" and num(12345.6) == "12346" and num(5.5e6) == "5.50e+06"
+    assert num(100.0) == "100" and num(12345.6) == "12346" and num(5.5e6) == "5.50e6"
     assert num(0.0) == "0" and num(-0.0) == "0"
+    # tiny magnitudes: the sign and a bound, never "0" or 33 zeros' worth of exponent
+    assert num(5.83e-33) == "<1e-6" and num(-5.83e-33) == ">-1e-6" and num(1e-300) == "<1e-6"
+    assert num(2.1e-4) == "2.10e-4" and num(9.99e-7) == "<1e-6" and num(1e-6) == "1.00e-6"
+    assert ratio_ci(0.5, 5.83e-33, 0.04) == "x0.500 (<x1e-6 to x0.0400)"
+    assert diff_ci(0.01, 5.83e-33, 0.04) == "+0.0100 (<+1e-6 to +0.0400)"
+    assert diff_ci(-0.01, -0.04, -5.83e-33) == "-0.0100 (-0.0400 to >-1e-6)"
+    assert interval_cell(2.0, 3e-40, 3.2, "t", 3) == "x2.00 (<x1e-6 to x3.20; 95% t interval, n=3)"
+    # every printed bound keeps its side of 0: a positive value never prints as 0 or negative
+    values = np.geomspace(1e-320, 1e12, 2000)
+    assert all(num(v) != "0" and not num(v).startswith(("-", ">")) for v in values)
+    assert all(num(-v).startswith(("-", ">-")) for v in values)
+    # and every plain printed number is within 3 significant digits of the value
+    plain = [v for v in values if num(v)[0].isdigit()]
+    assert all(abs(float(num(v)) - v) <= 5e-3 * v for v in plain)
     assert lag(math.inf) == "never" and lag(float("nan")) == "n/a" and lag(129.5) == "130"
+    assert lag_versus(80.0, math.inf) == "80.0 vs never"
+    assert lag_versus(math.inf, math.inf) == "neither reaches LP's top quarter before the run ends"
     assert ratio_ci(1.533, 0.3266, 7.1954) == "x1.53 (x0.327 to x7.20)"
     assert ratio_ci(1.0, float("nan"), float("nan")) == "x1.00 (CI n/a)"
     assert diff_ci(0.6667, -0.7676, 2.1009) == "+0.667 (-0.768 to +2.10)"
@@ -318,7 +336,10 @@ def test_section_lists_recommendations_and_escapes_untrusted_text(tmp_path):
     # every interval says its method and n beside it
     assert evil[3] == "1.80 (1.20 to 2.70; 95% t on logs interval, n=3)"
     assert evil[4] == "x2.00 (x1.05 to x3.20; 95% t, Bonferroni over 15 interval, n=3)"
-    assert evil[5] == "never vs never" and evil[6] == "n/a vs 0.200"
+    assert (
+        evil[5] == "neither reaches LP's top quarter before the run ends"
+        and evil[6] == "n/a vs 0.200"
+    )
     assert evil[8] == (
         "zscore_z30 x5.00 (x0.500 to x40.0; 95% t, Bonferroni over 15 interval, n=3): "
         "starved fraction 0.5 > the default's 0.0 + 0.05"
@@ -461,7 +482,7 @@ def test_snr_figure_highlights_the_recommendation_and_clips():
     assert {y for t in defaults for y in t.y} == {"metta_default"}
     best = next(t for t in fig.data if t.name.startswith("highest replayed SNR"))
     i = list(best.y).index("zscore_z30")
-    assert best.x[i] == figures.SNR_CLIP and "x5e+06" in best.text[i]  # drawn at the edge
+    assert best.x[i] == figures.SNR_CLIP and "x5.00e6" in best.text[i]  # drawn at the edge
     # labels reach plotly as entities: plotly draws them literally
     assert "a*b_[x](y)&lt;script&gt; (per completion)" in [a.text for a in fig.layout.annotations]
 
