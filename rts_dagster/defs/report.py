@@ -49,6 +49,7 @@ def report(context: dg.AssetExecutionContext, rts_storage: RtsStorage) -> dg.Mat
         lp=lp_tables(root, _matched_rows(rts_storage)),
         verdicts=verdicts_from_table(pl.read_parquet(storage.verdicts_path(root))),
         series_quality=read_quality(rts_storage)["series"],
+        run_urls={r["run_id"]: r["url"] for r in _matched_rows(rts_storage) if r.get("url")},
         epoch_views=pl.read_parquet(storage.epoch_view_path(root))
         if storage.epoch_view_path(root).exists()
         else None,

@@ -130,9 +130,24 @@ def noise_progress_table(progress: pl.DataFrame, granularity: str) -> pl.DataFra
     )
 
 
-def _data_section(report: Report, series_quality: pl.DataFrame, granularity: str) -> None:
-    """Which runs feed which granularity, and every run or series left out, with why."""
+def _data_section(
+    report: Report,
+    series_quality: pl.DataFrame,
+    granularity: str,
+    run_urls: dict[str, str] | None = None,
+) -> None:
+    """Which runs feed which granularity, and every run or series left out, with why;
+    where each run is on WandB when that is known."""
     report.add(Heading("Data used and left out"))
+    links = {run: url for run, url in (run_urls or {}).items() if url}
+    if links:
+        report.add(
+            Table(
+                ["run", "WandB"],
+                [[run, links[run]] for run in sorted(links)],
+                caption="Where each run is on WandB (entity/project/run id from its run record).",
+            )
+        )
     per_task = quality.granularity_runs(series_quality, quality.PURPOSE_LEVEL)
     report.add(
         Table(
@@ -366,6 +381,7 @@ def build_report(
     verdicts: list[Verdict] | None = None,
     series_quality: pl.DataFrame | None = None,
     epoch_views: pl.DataFrame | None = None,
+    run_urls: dict[str, str] | None = None,
 ) -> Report:
     """The whole report. `findings`: descriptive sentences of the timescale analysis;
     `lp_configs`: task -> LP config found in its runs' config; `lp`: the lp_recommendations
@@ -396,7 +412,7 @@ def build_report(
         )
     )
     add_verdict_section(report, verdicts or [])
-    _data_section(report, series_quality, granularity)
+    _data_section(report, series_quality, granularity, run_urls)
 
     report.add(Heading("What the streams show"))
     report.add(Bullets(findings or ["Nothing to describe: too few usable samples."]))

@@ -92,3 +92,15 @@ def test_aggregates_are_eager_on_new_partition_data(pipeline):
     third = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=second.cursor)
     assert third.get_num_requested(dg.AssetKey("variance_table")) == 1
     assert third.get_num_requested(dg.AssetKey("timescale_recommendations")) == 1
+
+
+def test_report_links_each_run_to_wandb(pipeline):
+    data, _, _ = pipeline
+    md = (data / "report" / "report.md").read_text().replace("\\_", "_")
+    discovered = pl.read_parquet(data / "discovered_runs.parquet").filter(
+        pl.col("status") == "matched"
+    )
+    assert discovered["url"].null_count() == 0
+    for url in discovered["url"].to_list():
+        assert url.startswith("https://wandb.ai/tests/rts-test/runs/")
+        assert url in md
