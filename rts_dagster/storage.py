@@ -7,9 +7,11 @@ destroys what was stored before. Files get the umask's mode, as a plain open() w
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,11 @@ RESERVED_NAMES = frozenset(
         "closed_loop.parquet",
         "closed_loop_runs.parquet",
         "aggregates_manifest.json",
+        "series_quality.parquet",
+        "run_quality.parquet",
+        "lp_timescales.parquet",
+        "epoch_view.parquet",
+        "verdicts.parquet",
     }
 )
 
@@ -47,9 +54,46 @@ def current_umask() -> int:
     return mask
 
 
+STALE_TMP_AGE_S = 3600.0  # an unnamed (pre-pid) temp file older than this is ours and dead
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def remove_stale_temp_files(path: Path) -> list[Path]:
+    """Delete temp files of `path` left by a killed writer: `.<name>.<pid>.*.tmp` whose pid
+    is gone, or an older-format `.<name>.*.tmp` older than an hour. Returns what went."""
+    removed = []
+    now = time.time()
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        middle = tmp.name[len(path.name) + 2 : -len(".tmp")]
+        head = middle.split(".", 1)[0]
+        try:
+            stale = (
+                not _pid_alive(int(head))
+                if head.isdigit()
+                else now - tmp.stat().st_mtime > STALE_TMP_AGE_S
+            )
+        except OSError:
+            continue
+        if stale:
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent
+    )
     # mkstemp creates 0600 whatever the umask; give the file the mode open() would have
     # given it (0644 under umask 022), so others on a shared machine can read reports.
     os.fchmod(fd, 0o666 & ~current_umask())
@@ -61,6 +105,7 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    remove_stale_temp_files(path)  # a SIGKILLed earlier writer left its temp file behind
     return path
 
 

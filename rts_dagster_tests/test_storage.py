@@ -30,3 +30,27 @@ def test_written_files_get_the_umask_mode(tmp_path, umask, mode):
     for name in writers:
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(writers)  # no temp left
+
+
+def test_a_killed_writers_temp_files_are_removed_by_the_next_write(tmp_path):
+    import os
+    import subprocess
+    import time
+
+    from rts_dagster import storage
+
+    target = tmp_path / "x.parquet"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".x.parquet.{dead.pid}.abc123.tmp"
+    live = tmp_path / f".x.parquet.{os.getppid()}.def456.tmp"
+    old_format = tmp_path / ".x.parquet.zz9abc.tmp"
+    other = tmp_path / f".y.parquet.{dead.pid}.abc123.tmp"
+    for p in (stale, live, old_format, other):
+        p.write_bytes(b"partial")
+    hour_ago = time.time() - 2 * storage.STALE_TMP_AGE_S
+    os.utime(old_format, (hour_ago, hour_ago))
+    storage.write_json({"a": 1}, target)
+    assert not stale.exists() and not old_format.exists()
+    assert live.exists() and other.exists()  # a live writer's file, another target's file
+    assert storage.read_json(target) == {"a": 1}

@@ -313,38 +313,45 @@ def _interval(row: dict) -> str:
     return f"95% {row['method']} interval {_g(row['low'])} to {_g(row['high'])}, n={row['n']} seeds"
 
 
+def _side(row: dict, reference: float) -> int:
+    """-1 / +1 when the row's interval lies wholly below / above `reference`, else 0."""
+    low, high = row["low"], row["high"]
+    if high is not None and math.isfinite(high) and high < reference:
+        return -1
+    if low is not None and math.isfinite(low) and low > reference:
+        return 1
+    return 0
+
+
+_NOISE_TREND = {
+    -1: "shrinks as the labels are learned",
+    1: "grows as the labels are learned",
+    0: "does not clearly change over training",
+}
+_SPS_NOISE = {
+    -1: "SPS dips come with noisier rewards",
+    1: "noise is higher when SPS is higher",
+    0: "no clear link between SPS and reward noise",
+}
+
+
 def noise_trend_sentences(table: pl.DataFrame) -> list[str]:
     """Does noise shrink as a label is learned? One sentence per (task, granularity)."""
-    out = []
-    for r in table.iter_rows(named=True):
-        if r["high"] is not None and math.isfinite(r["high"]) and r["high"] < 1:
-            verdict = "shrinks as the labels are learned"
-        elif r["low"] is not None and math.isfinite(r["low"]) and r["low"] > 1:
-            verdict = "grows as the labels are learned"
-        else:
-            verdict = "does not clearly change over training"
-        out.append(
-            f"{r['task']} ({r['granularity']}): noise {verdict}: last tenth / first tenth = "
-            f"x{_g(r['estimate'])} ({_interval(r)}; geometric mean over {r['n_series']} series)."
-        )
-    return out
+    return [
+        f"{r['task']} ({r['granularity']}): noise {_NOISE_TREND[_side(r, 1.0)]}: last tenth / "
+        f"first tenth = x{_g(r['estimate'])} ({_interval(r)}; geometric mean over "
+        f"{r['n_series']} series)."
+        for r in table.iter_rows(named=True)
+    ]
 
 
 def sps_noise_sentences(table: pl.DataFrame) -> list[str]:
     """Do SPS dips come with noisier rewards? One sentence per (task, granularity)."""
-    out = []
-    for r in table.iter_rows(named=True):
-        if r["high"] is not None and math.isfinite(r["high"]) and r["high"] < 0:
-            verdict = "SPS dips come with noisier rewards"
-        elif r["low"] is not None and math.isfinite(r["low"]) and r["low"] > 0:
-            verdict = "noise is higher when SPS is higher"
-        else:
-            verdict = "no clear link between SPS and reward noise"
-        out.append(
-            f"{r['task']} ({r['granularity']}): {verdict}: corr(SPS, rolling std) = "
-            f"{_g(r['estimate'])} ({_interval(r)}; mean over {r['n_series']} series)."
-        )
-    return out
+    return [
+        f"{r['task']} ({r['granularity']}): {_SPS_NOISE[_side(r, 0.0)]}: corr(SPS, rolling "
+        f"std) = {_g(r['estimate'])} ({_interval(r)}; mean over {r['n_series']} series)."
+        for r in table.iter_rows(named=True)
+    ]
 
 
 def _methods_section(report: Report) -> None:

@@ -58,3 +58,29 @@ def test_sps_noise_means_labels_then_seeds():
     per_seed = np.array([-0.3, -0.4, -0.2])
     assert row["estimate"] == pytest.approx(per_seed.mean())
     assert row["n"] == 3 and row["n_series"] == 5
+
+
+def test_sentences_follow_the_interval_side():
+    from rts_dagster.report.build import noise_trend_sentences, sps_noise_sentences
+
+    table = pl.DataFrame(
+        {
+            "task": ["a", "b", "c"],
+            "granularity": "completion",
+            "estimate": [0.5, 1.4, 1.0],
+            "low": [0.4, 1.2, 0.8],
+            "high": [0.6, 1.6, 1.3],
+            "method": "t on logs",
+            "n": 3,
+            "n_series": 9,
+        }
+    )
+    shrink, grow, unclear = noise_trend_sentences(table)
+    assert "noise shrinks" in shrink and "n=3 seeds" in shrink
+    assert "noise grows" in grow and "does not clearly change" in unclear
+    corr = table.with_columns(
+        pl.Series("low", [-0.5, 0.1, -0.2]), pl.Series("high", [-0.1, 0.3, 0.2])
+    )
+    dips, higher, none = sps_noise_sentences(corr)
+    assert "SPS dips come with noisier rewards" in dips
+    assert "higher when SPS is higher" in higher and "no clear link" in none
