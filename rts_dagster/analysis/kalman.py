@@ -865,7 +865,7 @@ def _add_references(
                     [mine[s] / math.exp(float(np.mean(per_seed[s]))) for s in common]
                 )
             interval = log_t_interval(ratios, method=CI_METHOD_TYPICAL)
-            name = f"the typical label (geometric mean of {peers.height})"
+            name = f"the typical label of the task (geometric mean of {peers.height} labels)"
             typical_ts = math.exp(float(np.log(peers["timescale"].to_numpy()).mean()))
             ts_ratio = row["timescale"] / typical_ts if typical_ts else math.nan
         else:
@@ -1068,7 +1068,7 @@ def describe_recommendations(table: pl.DataFrame) -> list[str]:
                     out.append(
                         _noise_sentence(
                             f"{task}/{top['label']}",
-                            f"{task}'s {top['reference_label']}",
+                            top["reference_label"],
                             picked,
                         )
                     )

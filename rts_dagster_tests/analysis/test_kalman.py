@@ -346,7 +346,7 @@ def test_recommendations_units_intervals_and_sentences(rng: np.random.Generator)
     assert quiet["noise_ratio"] == pytest.approx(1 / math.sqrt(2.0), rel=0.1)
     assert noisy["noise_ratio_ci_low"] < math.sqrt(2.0) < noisy["noise_ratio_ci_high"]
     assert noisy["noise_ratio_ci_method"] == kalman.CI_METHOD_TYPICAL
-    assert noisy["reference_label"] == "the typical label (geometric mean of 2)"
+    assert noisy["reference_label"] == "the typical label of the task (geometric mean of 2 labels)"
     assert noisy["timescale_vs_reference"] == pytest.approx(math.sqrt(2.0), rel=0.25)
 
     sentences = describe_recommendations(table)
@@ -359,8 +359,8 @@ def test_recommendations_units_intervals_and_sentences(rng: np.random.Generator)
     assert "ema_timescale 0.01" not in epoch_sentence
     label_sentence = next(x for x in sentences if x.startswith("fixed_maps/noisy is "))
     m = re.match(
-        r"fixed_maps/noisy is ([\d.]+)x as noisy as fixed_maps's the typical label "
-        r"\(geometric mean of 2\) \(whole series, completions; 95% paired t on log ratios "
+        r"fixed_maps/noisy is ([\d.]+)x as noisy as the typical label of the task "
+        r"\(geometric mean of 2 labels\) \(whole series, completions; 95% paired t on log ratios "
         r"to the seed's geometric-mean label, Bonferroni over 2 labels interval "
         r"([\d.]+)-([\d.]+), n=4\)",
         label_sentence,
