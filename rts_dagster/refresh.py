@@ -74,7 +74,6 @@ def _running_steps(instance: dg.DagsterInstance, run_id: str | None) -> list[str
     """Steps of the Dagster run `run_id` that started and have not ended yet."""
     if run_id is None:
         return []
-    from dagster import DagsterEventType
 
     started: dict[str, None] = {}
     ended: set[str] = set()
@@ -82,9 +81,12 @@ def _running_steps(instance: dg.DagsterInstance, run_id: str | None) -> list[str
         event = record.dagster_event
         if event is None or event.step_key is None:
             continue
-        if event.event_type == DagsterEventType.STEP_START:
+        if event.event_type == dg.DagsterEventType.STEP_START:
             started[event.step_key] = None
-        elif event.event_type in (DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE):
+        elif event.event_type in (
+            dg.DagsterEventType.STEP_SUCCESS,
+            dg.DagsterEventType.STEP_FAILURE,
+        ):
             ended.add(event.step_key)
     return [step for step in started if step not in ended]
 

@@ -57,13 +57,15 @@ def current_umask() -> int:
 STALE_TMP_AGE_S = 3600.0  # an unnamed (pre-pid) temp file older than this is ours and dead
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Is process `pid` running (ours or someone else's)? Used to tell a live writer's
+    temp files from a killed one's."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # alive, someone else's
-        return True
+    except (PermissionError, OverflowError, ValueError):  # someone else's, or not a pid
+        return pid > 0
     return True
 
 
@@ -77,7 +79,7 @@ def remove_stale_temp_files(path: Path) -> list[Path]:
         head = middle.split(".", 1)[0]
         try:
             stale = (
-                not _pid_alive(int(head))
+                not pid_alive(int(head))
                 if head.isdigit()
                 else now - tmp.stat().st_mtime > STALE_TMP_AGE_S
             )

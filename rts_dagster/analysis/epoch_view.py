@@ -56,20 +56,18 @@ def _stream_scales(streams: pl.DataFrame, first_epoch: pl.DataFrame) -> pl.DataF
             }
         )
     span = (pl.col("epoch").max() - pl.col("epoch").min() + 1).cast(pl.Float64)
-    total = comp.group_by(RUN_KEYS).agg((pl.len() / span).alias("C"))
+    per_run = comp.group_by(RUN_KEYS).agg(span.alias("_span"), (pl.len() / span).alias("C"))
     per_label = (
         comp.sort(*RUN_KEYS, "label", "sample_index")
         .group_by(*RUN_KEYS, "label")
         .agg(
             pl.len().alias("_n"),
-            pl.col("epoch").min().alias("_lo"),
-            pl.col("epoch").max().alias("_hi"),
             (pl.col("reward").diff().std(ddof=1) / math.sqrt(2.0)).alias("sigma_stream"),
         )
-        .join(comp.group_by(RUN_KEYS).agg(span.alias("_span")), on=RUN_KEYS)
+        .join(per_run, on=RUN_KEYS)
         .with_columns((pl.col("_n") / pl.col("_span")).alias("c"))
     )
-    return per_label.join(total, on=RUN_KEYS).select(*RUN_KEYS, "label", "c", "C", "sigma_stream")
+    return per_label.select(*RUN_KEYS, "label", "c", "C", "sigma_stream")
 
 
 def epoch_view(
@@ -111,18 +109,14 @@ def epoch_view(
     from_stream = np.isfinite(c)
     user_total = completions_per_epoch if completions_per_epoch else np.nan
     total = np.where(from_stream, total, user_total)
-    source = np.where(
-        from_stream,
-        SCALE_STREAM,
-        np.where(
-            np.isfinite(envs),
-            SCALE_CONFIG_ENVS,
-            np.where(np.isfinite(total), SCALE_USER, SCALE_NONE),
-        ),
+    source = np.select(
+        [from_stream, np.isfinite(envs), np.isfinite(total)],
+        [SCALE_STREAM, SCALE_CONFIG_ENVS, SCALE_USER],
+        SCALE_NONE,
     )
     conv = epoch_model.to_per_completion(
         est,
-        label_per_epoch=np.where(from_stream, c, np.nan),
+        label_per_epoch=c,  # NaN where the run has no stream
         n_envs=envs,
         total_per_epoch=total,
     )

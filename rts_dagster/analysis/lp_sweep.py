@@ -683,10 +683,6 @@ def recommend(
     )
 
 
-def _exp(value: float) -> float:
-    return math.exp(value) if math.isfinite(value) else math.nan
-
-
 def _finite_or(value: float, fallback: float) -> float:
     return value if math.isfinite(value) else fallback
 

@@ -2,8 +2,8 @@
 
 - Does noise shrink as a label is learned? Per series, the trend-robust noise of the last
   tenth of the series over that of the first tenth (`noise_by_progress`); per seed the
-  geometric mean over its labels; across seeds the t interval on logs (each seed counts once,
-  so n = seeds and the interval holds at 3).
+  geometric mean over its labels; across seeds the t interval on logs (each run counts once,
+  so n = runs, normally the seeds; the interval holds at 3).
 - Do SPS dips come with noisier rewards? Per series, the Pearson correlation of SPS with the
   rolling reward std (`series_metrics.sps_noise_corr`); per seed the mean over its labels;
   across seeds the t interval.

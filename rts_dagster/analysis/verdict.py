@@ -49,14 +49,15 @@ import polars as pl
 from scipy import stats
 
 from rts_dagster.analysis.intervals import log_t_interval
-from rts_dagster.analysis.lp_sweep import SEPARATION_MATCHED
-from rts_dagster.schema import VERDICTS, conform
+from rts_dagster.analysis.kalman import METTA_MAIN_EMA_TIMESCALE
+from rts_dagster.analysis.lp_sweep import METTA_DEFAULT, SEPARATION_MATCHED
+from rts_dagster.schema import GRANULARITY_COMPLETION, GRANULARITY_EPOCH, VERDICTS, conform
 
 Source = Literal["data", "noise", "replay", "closed_loop"]
 Action = Literal["keep_default", "change"]
 Confidence = Literal["high", "moderate", "low", "none"]
 
-METTA_MAIN_EMA = 0.001
+METTA_MAIN_EMA = METTA_MAIN_EMA_TIMESCALE  # what every comparison here is against
 POWER = 0.8
 ALPHA = 0.05
 MAX_SEEDS = 50  # beyond this an experiment is not a practical way to settle it
@@ -177,7 +178,7 @@ def _experiment(default: str, proposal: str, closed: list[Evidence], reason: str
 def decide(
     task: str,
     evidence: list[Evidence],
-    default: str = "metta_default",
+    default: str = METTA_DEFAULT,
     n_runs: int = 0,
 ) -> Verdict:
     """The task's verdict from its evidence (rules in the module docstring)."""
@@ -338,7 +339,7 @@ def setting_change(row: dict, default: dict) -> str:
 def _default_settings() -> dict:
     from rts_dagster.analysis.lp_replay import CurriculumConfig
 
-    return CurriculumConfig(name="metta_default").settings()
+    return CurriculumConfig(name=METTA_DEFAULT).settings()
 
 
 def _ema_direction(ema: float | None, default_ema: float) -> int:
@@ -359,8 +360,8 @@ def data_evidence(
     of `quality.left_out` (whole runs, label '*') for the task."""
     out = []
     grans = {r["granularity"]: r for r in granularity_runs}
-    if "completion" not in grans:
-        n = grans.get("epoch", {}).get("n_runs", 0)
+    if GRANULARITY_COMPLETION not in grans:
+        n = grans.get(GRANULARITY_EPOCH, {}).get("n_runs", 0)
         out.append(
             Evidence(
                 "data",
@@ -376,10 +377,10 @@ def data_evidence(
         out.append(
             Evidence(
                 "data",
-                f"per-completion stream from {grans['completion']['n_runs']} runs",
+                f"per-completion stream from {grans[GRANULARITY_COMPLETION]['n_runs']} runs",
                 None,
                 metric="coverage",
-                n=grans["completion"]["n_runs"],
+                n=grans[GRANULARITY_COMPLETION]["n_runs"],
             )
         )
     if math.isfinite(runs_ema) and not math.isclose(runs_ema, METTA_MAIN_EMA, rel_tol=1e-9):
@@ -499,7 +500,7 @@ def replay_evidence(recommendation: dict | None, default_ema: float) -> list[Evi
             )
         )
     snr, lo, hi = r.get("snr_default"), r.get("signal_ci_low"), r.get("signal_ci_high")
-    if r.get("config") == "metta_default" and snr is not None and math.isfinite(snr):
+    if r.get("config") == METTA_DEFAULT and snr is not None and math.isfinite(snr):
         side = (
             "below 1: LP at the default gives plateaued labels more probability than improving ones"
             if hi is not None and hi < 1
@@ -693,7 +694,7 @@ def decide_all(
             runs_ema.get(task, METTA_MAIN_EMA),
             instances_per_label.get(task),
         )
-        completion = (pl.col("task") == task) & (pl.col("granularity") == "completion")
+        completion = (pl.col("task") == task) & (pl.col("granularity") == GRANULARITY_COMPLETION)
         rec = lp_recommendations.filter(completion)
         evidence += replay_evidence(rec.row(0, named=True) if rec.height else None, METTA_MAIN_EMA)
         replayed = None

@@ -118,37 +118,45 @@ def _matched_rows(rts_storage: RtsStorage) -> list[dict[str, Any]]:
     return list(discovered.filter(pl.col("status") == RUN_STATUS_MATCHED).iter_rows(named=True))
 
 
-def load_all(rts_storage: RtsStorage, context: dg.AssetExecutionContext) -> dict[str, pl.DataFrame]:
-    """Every materialized partition's streams and metric tables, concatenated. Partitions
-    not materialized yet are skipped with a warning (they join on the next refresh)."""
+ALL_TABLES = ("streams", "series", "rolling", "progress")
+
+
+def load_all(
+    rts_storage: RtsStorage,
+    context: dg.AssetExecutionContext,
+    names: tuple[str, ...] = ALL_TABLES,
+    rows: list[dict[str, Any]] | None = None,
+) -> dict[str, pl.DataFrame]:
+    """Every materialized partition's streams and metric tables (only `names` are read),
+    concatenated. Partitions not materialized yet are skipped with a warning (they join on
+    the next refresh). `rows`: the matched discovered_runs rows, when the caller has them."""
     root = rts_storage.root()
-    parts: dict[str, list[pl.DataFrame]] = {
-        "streams": [],
-        "series": [],
-        "rolling": [],
-        "progress": [],
-    }
+    parts: dict[str, list[pl.DataFrame]] = {name: [] for name in names}
     missing = []
-    for row in _matched_rows(rts_storage):
+    for row in _matched_rows(rts_storage) if rows is None else rows:
         stream_path, paths = _partition_stream_paths(root, row)
         if not stream_path.exists() or not all(p.exists() for p in paths.values()):
             missing.append(row["partition_key"])
             continue
-        parts["streams"].append(conform(pl.read_parquet(stream_path), REWARD_STREAMS))
+        if "streams" in parts:
+            parts["streams"].append(conform(pl.read_parquet(stream_path), REWARD_STREAMS))
         for name, schema in _TABLE_SCHEMAS.items():
-            parts[name].append(conform(pl.read_parquet(paths[name]), schema))
+            if name in parts:
+                parts[name].append(conform(pl.read_parquet(paths[name]), schema))
     if missing:
         context.log.warning(f"not yet materialized, left out: {', '.join(missing)}")
-    if not parts["streams"]:
+    if not next(iter(parts.values())):
         raise dg.Failure("no materialized series_metrics partitions yet: run `rts refresh`")
     schemas = {"streams": REWARD_STREAMS, **_TABLE_SCHEMAS}
     return {k: pl.concat(v) if v else pl.DataFrame(schema=schemas[k]) for k, v in parts.items()}
 
 
-def _lp_configs(rts_storage: RtsStorage) -> dict[str, dict[str, Any]]:
+def _lp_configs(
+    rts_storage: RtsStorage, rows: list[dict[str, Any]] | None = None
+) -> dict[str, dict[str, Any]]:
     """Task -> LP config of its runs (the first run's; runs of a task normally agree)."""
     out: dict[str, dict[str, Any]] = {}
-    for row in _matched_rows(rts_storage):
+    for row in _matched_rows(rts_storage) if rows is None else rows:
         out.setdefault(row["task"], json.loads(row["lp_config"] or "{}"))
     return out
 
@@ -164,7 +172,7 @@ def _lp_configs(rts_storage: RtsStorage) -> dict[str, dict[str, Any]]:
 def data_quality(
     context: dg.AssetExecutionContext, rts_storage: RtsStorage
 ) -> dg.MaterializeResult:
-    tables = load_all(rts_storage, context)
+    tables = load_all(rts_storage, context, names=("streams",))
     series_q = quality.series_quality(tables["streams"])
     runs_q = quality.run_quality(series_q)
     paths = storage.quality_paths(rts_storage.root())
@@ -195,15 +203,15 @@ def data_quality(
     )
 
 
-def read_quality(rts_storage: RtsStorage) -> dict[str, pl.DataFrame]:
-    """The data_quality tables (series, runs)."""
-    paths = storage.quality_paths(rts_storage.root())
-    if not paths["series"].exists():
+_QUALITY_SCHEMAS = {"series": SERIES_QUALITY, "runs": RUN_QUALITY}
+
+
+def read_quality(rts_storage: RtsStorage, which: str = "series") -> pl.DataFrame:
+    """One data_quality table: "series" (one row per series) or "runs"."""
+    path = storage.quality_paths(rts_storage.root())[which]
+    if not path.exists():
         raise dg.Failure("data_quality has not been materialized yet: run `rts refresh`")
-    return {
-        "series": conform(pl.read_parquet(paths["series"]), SERIES_QUALITY, "series_quality"),
-        "runs": conform(pl.read_parquet(paths["runs"]), RUN_QUALITY, "run_quality"),
-    }
+    return conform(pl.read_parquet(path), _QUALITY_SCHEMAS[which], f"{which}_quality")
 
 
 @dg.asset(
@@ -216,8 +224,8 @@ def read_quality(rts_storage: RtsStorage) -> dict[str, pl.DataFrame]:
 def variance_table(
     context: dg.AssetExecutionContext, rts_storage: RtsStorage
 ) -> dg.MaterializeResult:
-    tables = load_all(rts_storage, context)
-    series_q = read_quality(rts_storage)["series"]
+    tables = load_all(rts_storage, context, names=("series",))
+    series_q = read_quality(rts_storage)
     table = variance.variance_table(
         quality.keep_usable(tables["series"], series_q, quality.PURPOSE_LEVEL)
     )
@@ -254,11 +262,11 @@ class TimescaleConfig(dg.Config):
     completions_per_epoch: float | None = None  # all labels, per epoch (C)
 
 
-def _n_envs_by_run(rts_storage: RtsStorage) -> dict[str, float]:
+def _n_envs_by_run(rts_storage: RtsStorage, rows: list[dict[str, Any]]) -> dict[str, float]:
     """Run id -> environments per run from its config (`training_env.num_envs`), if any."""
     out: dict[str, float] = {}
     root = rts_storage.root()
-    for row in _matched_rows(rts_storage):
+    for row in rows:
         folder, stem = row_files(row)
         meta_path = storage.stream_paths(root, folder, stem)[1]
         try:
@@ -286,18 +294,23 @@ def _n_envs_by_run(rts_storage: RtsStorage) -> dict[str, float]:
 def timescale_recommendations(
     context: dg.AssetExecutionContext, config: TimescaleConfig, rts_storage: RtsStorage
 ) -> dg.MaterializeResult:
-    tables = load_all(rts_storage, context)
-    series_q = read_quality(rts_storage)["series"]
+    rows = _matched_rows(rts_storage)
+    tables = load_all(rts_storage, context, names=("streams",), rows=rows)
+    series_q = read_quality(rts_storage)
     streams = quality.keep_usable(tables["streams"], series_q, quality.PURPOSE_DYNAMICS)
     per_series = kalman.estimate_local_level(streams)
-    table = kalman.recommend_timescales(per_series, lp_configs_by_task=_lp_configs(rts_storage))
+    table = kalman.recommend_timescales(
+        per_series, lp_configs_by_task=_lp_configs(rts_storage, rows)
+    )
     table = conform(table, TIMESCALE_RECOMMENDATIONS, "timescale_recommendations")
     separation = conform(
         lp_timescales.lp_separation_table(per_series), LP_TIMESCALES, "lp_timescales"
     )
     storage.write_parquet(separation, storage.lp_timescales_path(rts_storage.root()))
     view = conform(
-        epoch_view.epoch_view(streams, _n_envs_by_run(rts_storage), config.completions_per_epoch),
+        epoch_view.epoch_view(
+            streams, _n_envs_by_run(rts_storage, rows), config.completions_per_epoch
+        ),
         EPOCH_VIEW,
         "epoch_view",
     )

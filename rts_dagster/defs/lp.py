@@ -182,7 +182,7 @@ def lp_recommendations(
     metrics = _load_lp_metrics(rts_storage, context)
     # a run whose replayed series carry no signal (all stale, constant or too short) adds
     # no evidence: it is left out by name, so it cannot move a recommendation
-    runs_q = read_quality(rts_storage)["runs"]
+    runs_q = read_quality(rts_storage, "runs")
     usable = runs_q.filter(pl.col("contributes_dynamics")).select("run_id", "granularity")
     dropped = metrics.join(usable, on=["run_id", "granularity"], how="anti")
     if dropped.height:

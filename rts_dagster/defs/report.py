@@ -34,7 +34,9 @@ def report(context: dg.AssetExecutionContext, rts_storage: RtsStorage) -> dg.Mat
     from rts_dagster.report.document import write_report
 
     root = rts_storage.root()
-    tables = load_all(rts_storage, context)
+    rows = _matched_rows(rts_storage)  # read once: every table below needs the runs
+    tables = load_all(rts_storage, context, rows=rows)
+    epoch_path = storage.epoch_view_path(root)
     variance_df = pl.read_parquet(storage.variance_table_path(root))
     recs = pl.read_parquet(storage.timescales_path(root))
     doc = build_report(
@@ -45,14 +47,12 @@ def report(context: dg.AssetExecutionContext, rts_storage: RtsStorage) -> dg.Mat
         variance_df,
         recs,
         kalman.describe_recommendations(recs),
-        _lp_configs(rts_storage),
-        lp=lp_tables(root, _matched_rows(rts_storage)),
+        _lp_configs(rts_storage, rows),
+        lp=lp_tables(root, rows),
         verdicts=verdicts_from_table(pl.read_parquet(storage.verdicts_path(root))),
-        series_quality=read_quality(rts_storage)["series"],
-        run_urls={r["run_id"]: r["url"] for r in _matched_rows(rts_storage) if r.get("url")},
-        epoch_views=pl.read_parquet(storage.epoch_view_path(root))
-        if storage.epoch_view_path(root).exists()
-        else None,
+        series_quality=read_quality(rts_storage),
+        run_urls={r["run_id"]: r["url"] for r in rows if r.get("url")},
+        epoch_views=pl.read_parquet(epoch_path) if epoch_path.exists() else None,
     )
     written = write_report(doc, storage.report_dir(root))
     if written["note"]:

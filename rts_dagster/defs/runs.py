@@ -124,7 +124,7 @@ def _previous_discovered(path: Path) -> pl.DataFrame | None:
     if not path.exists():
         return None
     try:
-        return conform(with_run_urls(pl.read_parquet(path)), DISCOVERED_RUNS, str(path))
+        return _read_discovered_file(path)
     except Exception:
         return None
 
@@ -156,8 +156,12 @@ def read_discovered(rts_storage: RtsStorage) -> pl.DataFrame:
     path = storage.discovered_runs_path(rts_storage.root())
     if not path.exists():
         raise dg.Failure(f"{path} does not exist: materialize `discovered_runs` first")
+    return _read_discovered_file(path)
+
+
+def _read_discovered_file(path: Path) -> pl.DataFrame:
     # tables written before the `url` column get it filled in (no rediscovery needed)
-    return conform(with_run_urls(pl.read_parquet(path)), DISCOVERED_RUNS, "discovered_runs")
+    return conform(with_run_urls(pl.read_parquet(path)), DISCOVERED_RUNS, str(path))
 
 
 def run_for_partition(discovered: pl.DataFrame, key: str) -> dict[str, Any]:

@@ -71,7 +71,7 @@ def runs_settings(
 )
 def verdicts(context: dg.AssetExecutionContext, rts_storage: RtsStorage) -> dg.MaterializeResult:
     root = rts_storage.root()
-    series_q = read_quality(rts_storage)["series"]
+    series_q = read_quality(rts_storage)
     lp_paths = storage.lp_aggregate_paths(root)
     ema, instances = runs_settings(rts_storage, series_q)
     decided = verdict.decide_all(

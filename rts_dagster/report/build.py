@@ -180,9 +180,10 @@ def _data_section(
 
 
 def _g(value: object) -> str:
+    """The report's one number style (`figures.number`); "n/a" for anything not finite."""
     if value is None or not isinstance(value, int | float) or not math.isfinite(value):
         return "n/a"
-    return f"{value:.3g}"
+    return figures.number(value)
 
 
 def _epoch_section(report: Report, view: pl.DataFrame | None) -> None:
@@ -363,7 +364,7 @@ def _not_shown(series_quality: pl.DataFrame | None, granularity: str) -> str:
     """A sentence naming the runs that have no usable series of `granularity`."""
     if series_quality is None or series_quality.height == 0:
         return ""
-    fit = series_quality.filter(pl.col("status").is_in([quality.STATUS_OK]))
+    fit = quality.usable(series_quality, quality.PURPOSE_DYNAMICS)
     shown = set(fit.filter(pl.col("granularity") == granularity)["run_id"].to_list())
     runs = sorted(set(series_quality["run_id"].to_list()) - shown)
     if not runs:

@@ -90,16 +90,6 @@ _RENDER_PREFIX = ".render-"
 _STALE_RENDER_S = 3600.0
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return pid > 0
-    return True
-
-
 def remove_stale_render_dirs(out_dir: Path) -> list[Path]:
     """Delete `.render-<pid>-*` temp dirs in `out_dir` left by a renderer that no longer
     runs (a SIGKILL skips the cleanup); a live renderer's dir is left alone."""
@@ -112,7 +102,7 @@ def remove_stale_render_dirs(out_dir: Path) -> list[Path]:
             continue
         pid_text = path.name[len(_RENDER_PREFIX) :].split("-", 1)[0]
         if pid_text.isdigit():
-            stale = not _pid_alive(int(pid_text))
+            stale = not storage.pid_alive(int(pid_text))
         else:
             try:
                 stale = now - path.stat().st_mtime > _STALE_RENDER_S

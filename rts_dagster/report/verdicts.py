@@ -10,6 +10,7 @@ import math
 
 from rts_dagster.analysis.verdict import Evidence, Verdict
 from rts_dagster.report.document import Bullets, Heading, Paragraph, Report, Table
+from rts_dagster.report.figures import number
 
 _SOURCES = {
     "data": "data",
@@ -21,9 +22,7 @@ _SUPPORTS = {True: "for the change", False: "against the change", None: "cannot 
 
 
 def _num(value: float) -> str:
-    if not math.isfinite(value):
-        return "n/a"
-    return f"{value:.3g}"
+    return number(value) if math.isfinite(value) else "n/a"
 
 
 def evidence_text(e: Evidence) -> str:
