@@ -8,6 +8,7 @@ from rts_dagster.defs.analysis import (
     timescale_recommendations,
     variance_table,
 )
+from rts_dagster.defs.experiments import experiment_comparison, experiment_plan
 from rts_dagster.defs.lp import lp_recommendations, lp_replay
 from rts_dagster.defs.report import report
 from rts_dagster.defs.resources import RtsStorage, run_source_from_env
@@ -34,6 +35,8 @@ ASSETS = [
     lp_replay,
     lp_recommendations,
     verdicts,
+    experiment_comparison,
+    experiment_plan,
     report,
 ]
 RESOURCES = {"run_source": run_source_from_env(), "rts_storage": RtsStorage()}

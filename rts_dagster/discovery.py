@@ -21,6 +21,13 @@ import polars as pl
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from rts_dagster.arms import (
+    DEFAULT_BOOKKEEPING,
+    RunSettings,
+    arm_key_part,
+    assign_arms,
+    setting_keys,
+)
 from rts_dagster.schema import (
     DISCOVERED_RUNS,
     RUN_STATUS_IGNORED,
@@ -96,9 +103,48 @@ class DiscoveryRule(BaseModel):
         return value
 
 
+# Names of the study plan's recipes -> the recipe. The first name of a recipe is the task
+# name the product shows; a name task that starts with an alias (`fixed.maps.z30`) is that
+# alias' recipe unless its task generator config says otherwise.
+DEFAULT_ALIASES: dict[str, str] = {
+    "fixed_maps": "recipes.prod.cvc.fixed_maps.train",
+    "fixed.maps": "recipes.prod.cvc.fixed_maps.train",
+    "assembly_lines": "recipes.experiment.assembly_lines.train",
+    "assembly.lines": "recipes.experiment.assembly_lines.train",
+    "variants_curriculum": "recipes.experiment.cvc.variants_curriculum.train",
+    "variants": "recipes.experiment.cvc.variants_curriculum.train",
+    "density_curriculum": "recipes.experiment.density_curriculum.train",
+    "density": "recipes.experiment.density_curriculum.train",
+}
+# Where a run config may name its recipe (Metta does not store it; launchers may) and
+# where Metta keeps the curriculum's task generator (shared by all runs of one recipe).
+DEFAULT_RECIPE_KEYS: tuple[str, ...] = ("recipe", "tool_path", "recipe_path")
+DEFAULT_TASK_GENERATOR_KEYS: tuple[str, ...] = (
+    "training_env.curriculum.task_generator",
+    "trainer.curriculum.task_generator",
+    "curriculum.task_generator",
+)
+
+
 class DiscoveryRules(BaseModel):
+    """Task/seed rules plus how tasks, recipes and arms are read from run configs."""
+
     model_config = ConfigDict(extra="forbid")
     rules: list[DiscoveryRule] = Field(default_factory=lambda: [DiscoveryRule()])
+    # name -> recipe; merged over DEFAULT_ALIASES unless use_default_aliases is false
+    aliases: dict[str, str] = Field(default_factory=dict)
+    use_default_aliases: bool = True
+    recipe_config_keys: list[str] = Field(default_factory=lambda: list(DEFAULT_RECIPE_KEYS))
+    task_generator_keys: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TASK_GENERATOR_KEYS)
+    )
+    # fnmatch patterns of config key parts that are run bookkeeping, not settings
+    bookkeeping_keys: list[str] = Field(default_factory=lambda: list(DEFAULT_BOOKKEEPING))
+    # task -> config values of its baseline arm, e.g. {fixed_maps: {z_score_amplification: 10}}
+    baselines: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    def all_aliases(self) -> dict[str, str]:
+        return {**(DEFAULT_ALIASES if self.use_default_aliases else {}), **self.aliases}
 
 
 def load_rules(path: Path | None) -> DiscoveryRules:
@@ -238,12 +284,34 @@ def with_run_urls(table: pl.DataFrame, base_url: str | None = None) -> pl.DataFr
     return table.with_columns(pl.Series("url", urls, dtype=pl.String))
 
 
+# Columns a discovered_runs.parquet written before issue 11 lacks; read back as null.
+_ADDED_COLUMNS = (
+    "rule",
+    "recipe",
+    "task_source",
+    "arm",
+    "arm_id",
+    "arm_settings",
+    "baseline",
+    "baseline_reason",
+)
+
+
+def upgrade_discovered(table: pl.DataFrame, base_url: str | None = None) -> pl.DataFrame:
+    """An older discovered_runs table in today's columns: `url` filled (`with_run_urls`)
+    and the task/arm columns added as null, so `conform` passes."""
+    table = with_run_urls(table, base_url)
+    missing = [c for c in _ADDED_COLUMNS if c not in table.columns]
+    return table.with_columns(pl.lit(None, DISCOVERED_RUNS[c]).alias(c) for c in missing)
+
+
 @dataclass(frozen=True)
 class Match:
     task: str | None
     seed: int | None
     reason: str
     unreadable: bool = False  # the run cannot be keyed at all (e.g. a seed beyond Int64)
+    rule: str | None = None  # the name of the rule that matched
 
 
 def match_run(run: RunRecord, rules: DiscoveryRules) -> Match:
@@ -286,8 +354,125 @@ def match_run(run: RunRecord, rules: DiscoveryRules) -> Match:
                 f"nor config key {rule.seed_config_key!r}"
             )
             continue
-        return Match(task=task, seed=seed, reason=f"rule {rule.name}")
+        return Match(task=task, seed=seed, reason=f"rule {rule.name}", rule=rule.name)
     return Match(task=None, seed=None, reason="; ".join(misses) or "no rules")
+
+
+@dataclass(frozen=True)
+class TaskIdentity:
+    task: str
+    recipe: str | None
+    source: str  # how the task was decided, for discovered_runs.task_source
+
+
+def _config_text(config: dict[str, Any], keys: Sequence[str]) -> str | None:
+    for key in keys:
+        value = config_get(config, key)
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return None
+
+
+def task_generator_fingerprint(config: dict[str, Any], keys: Sequence[str]) -> str | None:
+    """A hash of the run's curriculum task generator config (equal for every run of one
+    recipe), or None when the config has none."""
+    for key in keys:
+        value = config_get(config, key)
+        if value is not None:
+            text = json.dumps(value, sort_keys=True, default=str)
+            return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
+    return None
+
+
+def _alias_for(name_task: str, aliases: Mapping[str, str]) -> tuple[str, bool] | None:
+    """(alias, exact) for the alias equal to `name_task`, else the longest alias that is a
+    dotted prefix of it (`fixed.maps` of `fixed.maps.z30`)."""
+    if name_task in aliases:
+        return name_task, True
+    prefixes = [a for a in aliases if name_task.startswith(a + ".")]
+    return (max(prefixes, key=len), False) if prefixes else None
+
+
+def _common_dotted_prefix(names: Sequence[str]) -> str:
+    parts = [n.split(".") for n in names]
+    common: list[str] = []
+    for column in zip(*parts, strict=False):
+        if len(set(column)) != 1:
+            break
+        common.append(column[0])
+    return ".".join(common)
+
+
+def _arm_settings(config: dict[str, Any], rules: DiscoveryRules) -> dict[str, Any]:
+    """What defines a run's arm: its settings without bookkeeping and without the recipe
+    name (task identity, not a setting: an aliased run and one naming its recipe agree)."""
+    settings = setting_keys(config, rules.bookkeeping_keys)
+    for key in rules.recipe_config_keys:
+        settings.pop(key, None)
+    return settings
+
+
+def resolve_tasks(
+    named: Mapping[str, tuple[str, dict[str, Any]]], rules: DiscoveryRules
+) -> dict[str, TaskIdentity]:
+    """run_id -> task identity, from `named` (run_id -> (task from the name rule, config)).
+
+    In order: a recipe the config names (`recipe_config_keys`), shown by its first alias;
+    the name task equal to an alias; the name task starting with an alias, unless the run's
+    task generator differs from that recipe's other runs'; runs sharing a task generator
+    config under different name tasks (`fixed.maps` and `fixed.maps.z30`: one recipe) get
+    their common dotted prefix when it is one of their tasks; otherwise the name task.
+    """
+    aliases = rules.all_aliases()
+    shown: dict[str, str] = {}  # recipe -> the task name shown (its first alias)
+    for alias, recipe in aliases.items():
+        shown.setdefault(recipe, alias)
+    tg = {
+        rid: task_generator_fingerprint(cfg, rules.task_generator_keys)
+        for rid, (_, cfg) in named.items()
+    }
+    out: dict[str, TaskIdentity] = {}
+    prefixed: dict[str, tuple[str, str]] = {}  # run_id -> (alias, recipe), decided later
+    for rid, (name_task, cfg) in named.items():
+        recipe = _config_text(cfg, rules.recipe_config_keys)
+        if recipe is not None:
+            out[rid] = TaskIdentity(shown.get(recipe, name_task), recipe, "config recipe")
+            continue
+        hit = _alias_for(name_task, aliases)
+        if hit is None:
+            continue
+        alias, exact = hit
+        if exact:
+            out[rid] = TaskIdentity(shown[aliases[alias]], aliases[alias], f"alias {alias}")
+        else:
+            prefixed[rid] = (alias, aliases[alias])
+    # a prefix match holds unless the run's task generator contradicts the recipe's
+    recipe_tgs: dict[str, set[str]] = {}
+    for rid, ident in out.items():
+        if ident.recipe is not None and tg[rid] is not None:
+            recipe_tgs.setdefault(ident.recipe, set()).add(tg[rid])
+    for rid, (alias, recipe) in prefixed.items():
+        known = recipe_tgs.get(recipe)
+        if tg[rid] is not None and known and tg[rid] not in known:
+            continue  # another recipe whose name starts like this one: use its name task
+        out[rid] = TaskIdentity(
+            shown[recipe], recipe, f"alias {alias} (prefix of name task {named[rid][0]!r})"
+        )
+    # the rest: one recipe per shared task generator, else the name task
+    groups: dict[str, list[str]] = {}
+    for rid in named:
+        if rid not in out and tg[rid] is not None:
+            groups.setdefault(tg[rid], []).append(rid)
+    for members in groups.values():
+        tasks = sorted({named[rid][0] for rid in members})
+        common = _common_dotted_prefix(tasks)
+        if len(tasks) > 1 and common in tasks:
+            for rid in members:
+                source = f"task generator shared with name task {common!r}"
+                out[rid] = TaskIdentity(common, None, source)
+    for rid, (name_task, _) in named.items():
+        out.setdefault(rid, TaskIdentity(name_task, None, "name"))
+    return out
 
 
 def _as_int(value: Any) -> int | None:
@@ -320,10 +505,15 @@ def stream_file_stem(seed: int, run_id: str | None = None) -> str:
 
 def partition_files(task: str, seed: int, run_id: str, key: str) -> tuple[str, str]:
     """(task folder, file stem) of a matched run's partition: `<task slug>/<seed>` for the
-    run holding the plain key, `<task slug>/<seed>.<run slug>` for a run-id key. One key,
-    one pair of files: a run never writes another run's files."""
-    per_run = key != partition_key(task, seed)
-    return slug(task), stream_file_stem(seed, run_id if per_run else None)
+    run holding the plain key, `<task slug>/<seed>.<suffix>` for a key
+    `<task>.seed<N>.<suffix>` (a run-id slug, or an arm's name). Keys are unique, so one
+    key, one pair of files: a run never writes another run's files."""
+    plain = partition_key(task, seed)
+    if key == plain:
+        return slug(task), stream_file_stem(seed)
+    if key.startswith(plain + "."):
+        return slug(task), f"{seed}.{key[len(plain) + 1 :]}"
+    return slug(task), stream_file_stem(seed, run_id)
 
 
 def row_files(row: Mapping[str, Any]) -> tuple[str, str]:
@@ -351,6 +541,7 @@ def classify_runs(
         base_url = os.environ.get(ENV_WANDB_BASE_URL)
     rows: list[dict[str, Any]] = []
     matched: dict[str, tuple[str, int]] = {}  # run_id -> (task, seed)
+    configs: dict[str, tuple[str, dict[str, Any]]] = {}  # run_id -> (name task, config)
     seen_ids: dict[str, str] = {}  # run_id -> location of the first run listed with it
     ordered = sorted(runs, key=lambda r: (r.created_at is None, r.created_at or 0, r.run_id))
     for run in ordered:
@@ -373,11 +564,43 @@ def classify_runs(
             row.update(status=status, reason=match.reason)
         else:
             matched[run.run_id] = (match.task, match.seed)
-            row.update(status=RUN_STATUS_MATCHED, task=match.task, seed=match.seed)
+            configs[run.run_id] = (match.task, run.config)
+            row.update(status=RUN_STATUS_MATCHED, seed=match.seed, rule=match.rule)
             row["reason"] = match.reason
         rows.append(row)
 
-    keys = _assign_keys(matched, previous, set(reserved_keys))
+    identities = resolve_tasks(configs, rules)
+    order = {run.run_id: i for i, run in enumerate(ordered)}
+    arms = assign_arms(
+        [
+            RunSettings(
+                run_id=rid,
+                task=identities[rid].task,
+                settings=_arm_settings(cfg, rules),
+                created_order=order[rid],
+            )
+            for rid, (_, cfg) in configs.items()
+        ],
+        rules.baselines,
+    )
+    for row in rows:
+        if row["status"] != RUN_STATUS_MATCHED:
+            continue
+        rid = row["run_id"]
+        ident, arm = identities[rid], arms[rid]
+        matched[rid] = (ident.task, matched[rid][1])
+        row.update(
+            task=ident.task,
+            recipe=ident.recipe,
+            task_source=ident.source,
+            arm=arm.arm,
+            arm_id=arm.arm_id,
+            arm_settings=json.dumps(arm.differences, sort_keys=True, default=str),
+            baseline=arm.baseline,
+            baseline_reason=arm.baseline_reason,
+        )
+    arm_of = {rid: (arms[rid].arm_id, arms[rid].arm, arms[rid].baseline) for rid in matched}
+    keys = _assign_keys(matched, previous, set(reserved_keys), arm_of)
     holders: dict[str, str] = {}
     for row in rows:
         if row["status"] != RUN_STATUS_MATCHED:
@@ -393,13 +616,14 @@ def classify_runs(
             continue
         holders[key] = row["run_id"]
         row["partition_key"] = key
+        mine = (matched[row["run_id"]], arm_of[row["run_id"]][0])
         others = sorted(
             rid
             for rid, ts in matched.items()
-            if ts == matched[row["run_id"]] and rid != row["run_id"]
+            if (ts, arm_of[rid][0]) == mine and rid != row["run_id"]
         )
         if others:
-            row["reason"] += f"; duplicate task/seed: also claimed by run(s) {others!r}"
+            row["reason"] += f"; duplicate task/arm/seed: also claimed by run(s) {others!r}"
 
     for bad in unreadable:
         rows.append(
@@ -422,16 +646,22 @@ def _assign_keys(
     matched: Mapping[str, tuple[str, int]],
     previous: pl.DataFrame | None,
     reserved: set[str],
+    arm_of: Mapping[str, tuple[str, str, bool]] | None = None,
 ) -> dict[str, str]:
     """run_id -> partition key, independent of listing order:
 
-    - a run keeps the key `previous` gave it (same task and seed, a key of its own form,
-      held by no other previous run);
-    - otherwise it gets the plain `<task>.seed<N>` only if it is the one run of its
-      (task, seed), no earlier run had that (task, seed), and the key is not reserved;
+    - a run keeps the key `previous` gave it (same task and seed, a key of its own form
+      `<task>.seed<N>[.<suffix>]`, held by no other previous run);
+    - otherwise, within its (task, seed), a run that is the only one of its arm gets the
+      plain `<task>.seed<N>` if its arm is the baseline (or it is the only run of that
+      (task, seed)), `<task>.seed<N>.<arm name slug>` for another arm; provided no earlier
+      run had that (task, seed[, arm]) and the key is not reserved;
     - every other run's key is derived from its run id, so a run found later never takes
       over an existing run's key, or its files.
+
+    `arm_of`: run_id -> (arm id, arm name, is baseline); absent = one arm per task.
     """
+    arm_of = arm_of or {}
     kept: dict[str, str] = {}
     earlier_groups: set[tuple[str, int]] = set()
     if previous is not None and previous.height:
@@ -446,27 +676,35 @@ def _assign_keys(
                 continue
             earlier_groups.add((row["task"], row["seed"]))
             now = matched.get(row["run_id"])
-            own_forms = {
-                partition_key(row["task"], row["seed"]),
-                partition_key(row["task"], row["seed"], row["run_id"]),
-            }
+            plain = partition_key(row["task"], row["seed"])
             key = row["partition_key"]
-            if now == (row["task"], row["seed"]) and key in unique and key in own_forms:
+            own_form = key == plain or key.startswith(plain + ".")
+            if now == (row["task"], row["seed"]) and key in unique and own_form:
                 kept[row["run_id"]] = key
     group_sizes: dict[tuple[str, int], int] = {}
-    for task_seed in matched.values():
+    arm_sizes: dict[tuple[str, int, str], int] = {}
+    for run_id, task_seed in matched.items():
         group_sizes[task_seed] = group_sizes.get(task_seed, 0) + 1
+        aid = arm_of.get(run_id, ("", "", True))[0]
+        arm_sizes[(*task_seed, aid)] = arm_sizes.get((*task_seed, aid), 0) + 1
     keys: dict[str, str] = {}
     for run_id, (task, seed) in matched.items():
+        aid, name, is_baseline = arm_of.get(run_id, ("", "", True))
         plain = partition_key(task, seed)
         if run_id in kept:
             keys[run_id] = kept[run_id]
-        elif (
-            group_sizes[(task, seed)] == 1
-            and (task, seed) not in earlier_groups
-            and plain not in reserved
-        ):
-            keys[run_id] = plain
+            continue
+        alone_in_arm = arm_sizes[(task, seed, aid)] == 1
+        if group_sizes[(task, seed)] == 1 or (alone_in_arm and is_baseline):
+            wanted = plain
+        elif alone_in_arm:
+            wanted = f"{plain}.{slug(arm_key_part(name))}"
+        else:
+            wanted = None
+        fresh = (task, seed) not in earlier_groups or wanted != plain
+        if wanted is not None and fresh and wanted not in reserved:
+            keys[run_id] = wanted
+            reserved.add(wanted)
         else:
             keys[run_id] = partition_key(task, seed, run_id)
     return keys
@@ -491,4 +729,12 @@ def _base_row(run: RunRecord, base_url: str | None) -> dict[str, Any]:
         "location": run.location,
         "fingerprint": run.fingerprint,
         "url": wandb_run_url(run.entity, run.project, run.run_id, base_url),
+        "rule": None,
+        "recipe": None,
+        "task_source": None,
+        "arm": None,
+        "arm_id": None,
+        "arm_settings": None,
+        "baseline": None,
+        "baseline_reason": None,
     }

@@ -6,8 +6,8 @@ chunk files `reward_stream/part-w<worker:04d>-<seq:06d>.parquet` inside the Wand
 files directory (`run.dir`), so they travel with the run as run files instead of as
 history rows. Format and rationale: docs/reward_stream_format.md.
 
-This module imports neither wandb nor anything heavy at import time: a training job pays
-only for polars, and only when it flushes.
+This module imports no wandb: a training job pays for numpy and pyarrow (which writes the
+chunks) and polars (which reads them back).
 """
 
 from __future__ import annotations
@@ -23,8 +23,22 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from rts_dagster.schema import COMPLETION_RECORD
+
+# COMPLETION_RECORD as arrow types (the writer's; `test_recorder` checks they agree)
+_ARROW_TYPES = {
+    "completion_index": pa.int64(),
+    "worker": pa.int32(),
+    "label": pa.large_string(),
+    "task_id": pa.int64(),
+    "reward": pa.float64(),
+    "agent_step": pa.int64(),
+    "epoch": pa.int64(),
+    "wall_time": pa.float64(),
+}
 
 STREAM_DIRNAME = "reward_stream"
 SUMMARY_KEY = "reward_stream/completions_recorded"
@@ -195,25 +209,27 @@ class RewardStreamRecorder:
         if n == 0:
             self._last_flush = time.time()
             return None
-        frame = pl.DataFrame(
-            {
-                "completion_index": np.arange(self._next_index, self._next_index + n),
-                "worker": np.full(n, self.worker, dtype=np.int32),
-                "label": self._labels,
-                "task_id": self._task_ids,
-                "reward": self._rewards,
-                "agent_step": self._agent_steps,
-                "epoch": self._epochs,
-                "wall_time": self._wall_times,
-            },
-            schema=COMPLETION_RECORD,
+        # pyarrow, not polars: polars hangs in a worker forked after the parent used it
+        # (vectorised env workers are often forked), pyarrow does not.
+        columns = {
+            "completion_index": np.arange(self._next_index, self._next_index + n, dtype=np.int64),
+            "worker": np.full(n, self.worker, dtype=np.int32),
+            "label": self._labels,
+            "task_id": np.asarray(self._task_ids, dtype=np.int64),
+            "reward": np.asarray(self._rewards, dtype=np.float64),
+            "agent_step": np.asarray(self._agent_steps, dtype=np.int64),
+            "epoch": np.asarray(self._epochs, dtype=np.int64),
+            "wall_time": np.asarray(self._wall_times, dtype=np.float64),
+        }
+        table = pa.table(
+            {name: pa.array(columns[name], type=_ARROW_TYPES[name]) for name in columns}
         )
         path = self.directory / chunk_name(self.worker, self._seq)
         # Readers (and wandb's uploader) must never see a half-written chunk: write a
         # hidden temp file in the same directory, then rename it into place atomically.
         tmp = self.directory / f".{path.name}.{os.getpid()}.tmp"
         try:
-            frame.write_parquet(tmp)
+            pq.write_table(table, tmp)
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)

@@ -267,6 +267,15 @@ def refresh(force: bool = False, quiet: bool = False) -> int:
     if lp_recs.exists():
         n_tasks = pl.read_parquet(lp_recs, columns=["task"])["task"].n_unique()
         print(f"LP recommendations ({n_tasks} tasks, with evidence in the report): {tt(lp_recs)}")
+    experiment = storage.experiment_paths(data_dir)
+    if experiment["comparison"].exists():
+        compared = pl.read_parquet(experiment["comparison"], columns=["task", "arm"]).unique()
+        print(
+            f"experiments ({compared.height} arms compared with their baseline): "
+            f"{tt(experiment['comparison'])}"
+        )
+    if experiment["plan_md"].exists():
+        print(f"experiment plan: {tt(experiment['plan_md'])}")
     if failures:
         print(f"{len(failures)} FAILED: " + ", ".join(tt(k) for k, _ in failures))
         return 1

@@ -51,6 +51,15 @@ DISCOVERED_RUNS = pl.Schema(
         "fingerprint": pl.String,  # changes whenever the run's data may have changed
         # WandB page of the run (entity/project/run id known), parts URL-quoted; else null
         "url": pl.String,
+        # --- task and arm (discovery.resolve_tasks, arms.assign_arms); null unless matched
+        "rule": pl.String,  # the discovery rule that matched
+        "recipe": pl.String,  # the recipe (from the config or an alias); null: unknown
+        "task_source": pl.String,  # how the task was decided: config recipe | alias ... | name
+        "arm": pl.String,  # "baseline" or how its config differs, e.g. "z_score_amplification=30"
+        "arm_id": pl.String,  # hash of the config without seed and bookkeeping
+        "arm_settings": pl.String,  # JSON: dotted key -> value where the arm differs
+        "baseline": pl.Boolean,  # the run's arm is its task's baseline
+        "baseline_reason": pl.String,  # why that arm is the task's baseline
     }
 )
 
@@ -459,6 +468,8 @@ SERIES_QUALITY = pl.Schema(
         "reward_max": pl.Float64,
         "status": pl.String,  # ok | constant | mostly_stale | too_short | no_finite
         "reason": pl.String,  # plain words; "" when ok
+        "arm": pl.String,  # the run's arm ("baseline" unless its task has several)
+        "baseline_arm": pl.Boolean,  # False: feeds only the Experiments comparison
     }
 )
 
@@ -537,6 +548,115 @@ VERDICTS = pl.Schema(
         "settle_seeds_per_arm": pl.Int64,  # for 80% power at the observed effect; null: unknown
         "settle_reason": pl.String,
         "evidence": pl.List(EVIDENCE),
+    }
+)
+
+
+# === Experiments: arms of one task compared with its baseline (analysis.experiments) ==============
+# An arm = the runs of one task whose configs agree on everything but the seed and run
+# bookkeeping (discovery.py). Values are per run (one seed) and then compared across seeds.
+
+# --- experiments.run_metrics: one row per (run, granularity, metric) -------------------------------
+EXPERIMENT_RUN_METRICS = pl.Schema(
+    {
+        "task": pl.String,
+        "arm": pl.String,  # readable arm name ("baseline" or "z_score_amplification=30")
+        "seed": pl.Int64,
+        "run_id": pl.String,
+        "granularity": pl.String,  # epoch | completion: never pooled
+        "metric": pl.String,  # final_reward, time_to_threshold, noise_diff, ...
+        "unit": pl.String,  # e.g. "reward", "agent steps", "reward per 1M agent steps"
+        "value": pl.Float64,  # the run's value (mean over its labels unless the metric says)
+        "n_labels": pl.Int64,  # labels that gave a finite value
+        "note": pl.String,  # e.g. "2 of 6 labels never reached the threshold (censored)"
+    }
+)
+
+# --- experiments.label_final_rewards: one row per (run, granularity, label) -----------------------
+# Input of compare_arms' probability_of_improvement (rliable: per label, over run pairs).
+EXPERIMENT_LABEL_FINALS = pl.Schema(
+    {
+        "task": pl.String,
+        "arm": pl.String,
+        "seed": pl.Int64,
+        "run_id": pl.String,
+        "granularity": pl.String,
+        "label": pl.String,
+        "final_reward": pl.Float64,  # mean reward over the last final_fraction of agent steps
+    }
+)
+
+# --- experiments.compare_arms: one row per (task, non-baseline arm, granularity, metric) ---------
+EXPERIMENT_COMPARISON = pl.Schema(
+    {
+        "task": pl.String,
+        "arm": pl.String,
+        "baseline": pl.String,  # the baseline arm's name
+        "granularity": pl.String,
+        "metric": pl.String,
+        "unit": pl.String,
+        "scale": pl.String,  # "difference" (arm - baseline) | "ratio" (arm / baseline)
+        "arm_value": pl.Float64,  # mean over the arm's seeds (geometric for ratio metrics)
+        "baseline_value": pl.Float64,
+        "difference": pl.Float64,  # arm - baseline, or arm / baseline when scale == "ratio"
+        "ci_low": pl.Float64,  # null when no valid interval exists (say why in note)
+        "ci_high": pl.Float64,
+        "n_seeds_arm": pl.Int64,
+        "n_seeds_baseline": pl.Int64,
+        "paired": pl.Boolean,  # paired by seed (the arms share seeds) or Welch
+        "method": pl.String,  # e.g. "paired t, 95%, n=3 pairs"
+        "seeds_for_80pct_power": pl.Int64,  # seeds per arm to detect this difference; null: n/a
+        "note": pl.String,
+    }
+)
+
+# --- experiments.arm_curves: reward over training per arm, band over seeds ------------------------
+EXPERIMENT_CURVES = pl.Schema(
+    {
+        "task": pl.String,
+        "arm": pl.String,
+        "granularity": pl.String,
+        "bin": pl.Int64,  # 0 .. n_bins-1 over the task's common agent-step range
+        "agent_step": pl.Float64,  # bin centre
+        "mean_reward": pl.Float64,  # mean over seeds of the run's mean over labels in the bin
+        "ci_low": pl.Float64,  # t interval over seeds; null with one seed
+        "ci_high": pl.Float64,
+        "n_seeds": pl.Int64,
+        "method": pl.String,
+    }
+)
+
+# --- experiments.difference_over_training: arm - baseline per bin -------------------------------
+EXPERIMENT_DIFFERENCE = pl.Schema(
+    {
+        "task": pl.String,
+        "arm": pl.String,
+        "baseline": pl.String,
+        "granularity": pl.String,
+        "bin": pl.Int64,
+        "agent_step": pl.Float64,
+        "difference": pl.Float64,  # reward units
+        "ci_low": pl.Float64,
+        "ci_high": pl.Float64,
+        "n": pl.Int64,  # pairs (paired) or the smaller arm's seeds (Welch)
+        "paired": pl.Boolean,
+        "method": pl.String,
+    }
+)
+
+# --- experiment_plan: one row per planned run ------------------------------------------------------
+EXPERIMENT_PLAN = pl.Schema(
+    {
+        "task": pl.String,
+        "recipe": pl.String,  # the recipe the launch command trains; null: unknown
+        "arm": pl.String,  # "baseline" or the proposed settings, e.g. "ema_timescale=0.003"
+        "seed": pl.Int64,
+        "run_name": pl.String,  # follows the discovery rules: maps back to task and arm
+        "overrides": pl.List(pl.String),  # `<dotted key>=<value>` config overrides
+        "command": pl.String,  # the launch command (template in the plan's config)
+        "reason": pl.String,  # the verdict that asked for it
+        "exists": pl.Boolean,  # a discovered run has this name
+        "found_arm": pl.String,  # the arm discovery gave that run (null: not found)
     }
 )
 

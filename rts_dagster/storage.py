@@ -20,7 +20,17 @@ import polars as pl
 
 # Names under the data dir that are ours; a task slug never takes one of them.
 RESERVED_NAMES = frozenset(
-    {"wandb", "report", "dagster_home", "bench", "cache", "discovered_runs", "metrics", "lp"}
+    {
+        "wandb",
+        "report",
+        "dagster_home",
+        "bench",
+        "cache",
+        "discovered_runs",
+        "metrics",
+        "lp",
+        "experiments",
+    }
     # aggregate files sharing a folder with task folders (metrics/, lp/)
     | {
         "discovered_runs.parquet",
@@ -214,6 +224,21 @@ def lp_aggregate_paths(data_dir: Path) -> dict[str, Path]:
         "closed_loop_runs": base / "closed_loop_runs.parquet",
         "closed_loop": base / "closed_loop.parquet",
     }
+
+
+def experiments_dir(data_dir: Path) -> Path:
+    return data_dir / "experiments"
+
+
+EXPERIMENT_TABLES = ("comparison", "run_metrics", "curves", "difference")
+
+
+def experiment_paths(data_dir: Path) -> dict[str, Path]:
+    """experiment_comparison's tables (`experiments/<name>.parquet`) and the plan's files."""
+    base = experiments_dir(data_dir)
+    paths = {name: base / f"{name}.parquet" for name in EXPERIMENT_TABLES}
+    paths.update(plan=base / "plan.parquet", plan_json=base / "plan.json", plan_md=base / "plan.md")
+    return paths
 
 
 def report_dir(data_dir: Path) -> Path:

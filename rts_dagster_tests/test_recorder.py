@@ -165,3 +165,38 @@ def test_bulk_recording_sanity(tmp_path: Path) -> None:
     assert [p.name[-14:-8] for p in list_chunks(tmp_path)] == ["000000", "000001", "000002"]
     frame = read_reward_stream(tmp_path)
     assert frame.height == 120_000 and frame["completion_index"].is_sorted()
+
+
+def test_chunks_have_exactly_the_completion_record_schema(tmp_path):
+    from rts_dagster.recorder import _ARROW_TYPES
+    from rts_dagster.schema import COMPLETION_RECORD
+
+    assert list(_ARROW_TYPES) == COMPLETION_RECORD.names()
+    rec = RewardStreamRecorder(tmp_path, flush_every=10_000)
+    rec.record("a", 0.5, agent_step=10, epoch=1, task_id=3)
+    path = rec.flush()
+    assert pl.read_parquet(path).schema == COMPLETION_RECORD
+
+
+def _record_in_child(directory: str) -> None:
+    rec = RewardStreamRecorder(directory, worker=5)
+    for i in range(100):
+        rec.record("x", 0.01 * i, agent_step=i)
+    rec.close()
+
+
+def test_a_forked_worker_can_flush_after_the_parent_used_polars(tmp_path):
+    import multiprocessing
+
+    # polars' thread pool does not survive fork; the chunk writer must not need it
+    pl.DataFrame({"a": range(10_000)}).group_by(pl.col("a") % 7).len()
+    child = multiprocessing.get_context("fork").Process(
+        target=_record_in_child, args=(str(tmp_path),)
+    )
+    child.start()
+    child.join(timeout=60)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+    assert not hung and child.exitcode == 0
+    assert read_reward_stream(tmp_path)["reward"].to_list() == [0.01 * i for i in range(100)]

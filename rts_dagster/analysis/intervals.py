@@ -340,3 +340,77 @@ def chi2_variance_interval(
     estimate = float(variance) if df >= 1 else math.nan
     method = f"chi-square (df={int(df)})"
     return Interval(estimate, float(low), float(high), method, size, level)
+
+
+# --- Two independent groups: Welch t (unequal variances) ----------------------------------
+def welch_df(
+    var_a: np.ndarray | float,
+    n_a: np.ndarray | float,
+    var_b: np.ndarray | float,
+    n_b: np.ndarray | float,
+) -> np.ndarray:
+    """Welch-Satterthwaite degrees of freedom of mean_a - mean_b:
+    (va/na + vb/nb)^2 / ((va/na)^2/(na-1) + (vb/nb)^2/(nb-1)); NaN where a group has < 2."""
+    va, na = np.asarray(var_a, dtype=np.float64), np.asarray(n_a, dtype=np.float64)
+    vb, nb = np.asarray(var_b, dtype=np.float64), np.asarray(n_b, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        qa, qb = va / na, vb / nb
+        df = (qa + qb) ** 2 / (qa * qa / (na - 1.0) + qb * qb / (nb - 1.0))
+    return np.where((na >= 2) & (nb >= 2), df, np.nan)
+
+
+def welch_t_bounds(
+    mean_a: np.ndarray | float,
+    var_a: np.ndarray | float,
+    n_a: np.ndarray | float,
+    mean_b: np.ndarray | float,
+    var_b: np.ndarray | float,
+    n_b: np.ndarray | float,
+    level: float = LEVEL,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Vectorised Welch interval for mean_a - mean_b from each group's mean, sample variance
+    (ddof=1) and size: (difference, low, high, df). NaN bounds where a group has fewer than 2
+    values. When both variances are 0 the df is undefined and the interval is the point."""
+    ma, mb = np.asarray(mean_a, dtype=np.float64), np.asarray(mean_b, dtype=np.float64)
+    va, na = np.asarray(var_a, dtype=np.float64), np.asarray(n_a, dtype=np.float64)
+    vb, nb = np.asarray(var_b, dtype=np.float64), np.asarray(n_b, dtype=np.float64)
+    ok = (na >= 2) & (nb >= 2)
+    df = welch_df(va, na, vb, nb)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        se = np.sqrt(va / na + vb / nb)
+        q = stats.t.ppf(0.5 + level / 2.0, np.where(np.isfinite(df) & (df > 0), df, 1.0))
+        half = np.where(se == 0.0, 0.0, q * se)
+    diff = ma - mb
+    half = np.where(ok, half, np.nan)
+    return diff, diff - half, diff + half, df
+
+
+def welch_t_interval(
+    a: np.ndarray | list[float], b: np.ndarray | list[float], level: float = LEVEL
+) -> Interval:
+    """mean(a) - mean(b) over the finite values of two independent groups (different seeds)
+    with its Welch t interval (Welch-Satterthwaite df); n = len(a) + len(b)."""
+    xa, xb = _finite(a), _finite(b)
+    var_a = xa.var(ddof=1) if len(xa) >= 2 else math.nan
+    var_b = xb.var(ddof=1) if len(xb) >= 2 else math.nan
+    mean_a = xa.mean() if len(xa) else math.nan
+    mean_b = xb.mean() if len(xb) else math.nan
+    diff, low, high, _ = welch_t_bounds(mean_a, var_a, len(xa), mean_b, var_b, len(xb), level)
+    return Interval(float(diff), float(low), float(high), "Welch t", len(xa) + len(xb), level)
+
+
+def t_summary_bounds(
+    mean: np.ndarray | float,
+    var: np.ndarray | float,
+    n: np.ndarray | float,
+    level: float = LEVEL,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Vectorised one-sample (or paired-difference) t interval from a mean, its sample
+    variance (ddof=1) and n: (low, high); NaN where n < 2."""
+    m = np.asarray(mean, dtype=np.float64)
+    v = np.asarray(var, dtype=np.float64)
+    k = np.asarray(n, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        q = stats.t.ppf(0.5 + level / 2.0, np.where(k >= 2, k - 1.0, 1.0))
+        half = np.where(k >= 2, q * np.sqrt(v / k), np.nan)
+    return m - half, m + half

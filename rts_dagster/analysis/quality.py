@@ -24,6 +24,11 @@ granularity) gets one `status`:
 Two uses follow (`PURPOSE_LEVEL`, `PURPOSE_DYNAMICS`): reward-level summaries (variance of
 mean reward) take `ok` and `constant` series; noise, drift, timescale and LP evidence take
 `ok` series only (`absurd_values` feeds neither). A run contributes to a purpose when at least one of its series does.
+
+Arms: a run whose config differs from its task's baseline in a setting (discovery) is
+another arm of the task. Its series keep their status, but the task-level aggregates use
+the baseline arm only (seeds are never pooled across settings); the other arms feed the
+Experiments comparison (`usable(..., all_arms=True)`), and `left_out` names them.
 Pure polars; no I/O.
 """
 
@@ -69,13 +74,15 @@ def _num(col: str) -> pl.Expr:
 
 def series_quality(
     streams: pl.DataFrame,
+    arms: pl.DataFrame | None = None,
     min_samples: int = MIN_SAMPLES,
     stale_share: float = STALE_SHARE,
     reward_bound: float = REWARD_BOUND,
     max_nan_share: float = MAX_NAN_SHARE,
 ) -> pl.DataFrame:
     """One row per series of a `reward_streams` table: counts, `status` and `reason`
-    (see the module docstring). Columns: `schema.SERIES_QUALITY`."""
+    (see the module docstring). `arms`: run_id, arm, baseline (bool) per run; runs not in
+    it (or no table) count as their task's baseline. Columns: `schema.SERIES_QUALITY`."""
     finite = pl.col("reward").is_finite().fill_null(False)
     # +-inf and finite values beyond the bound (not NaN: polars orders NaN above everything)
     reward = pl.col("reward")
@@ -155,18 +162,57 @@ def series_quality(
         .with_columns(reason.alias("reason"))
         .drop("_n_absurd", "_n_nan", "_absurd_max")
     )
-    return conform(out, SERIES_QUALITY, "series_quality")
+    return conform(with_arms(out, arms), SERIES_QUALITY, "series_quality")
 
 
-def usable(quality: pl.DataFrame, purpose: str) -> pl.DataFrame:
-    """The series keys fit for `purpose` (PURPOSE_LEVEL or PURPOSE_DYNAMICS)."""
-    return quality.filter(pl.col("status").is_in(_USABLE[purpose])).select(SERIES_KEYS)
+def with_arms(quality: pl.DataFrame, arms: pl.DataFrame | None) -> pl.DataFrame:
+    """`quality` with `arm` and `baseline_arm` from `arms` (run_id, arm, baseline); a usable
+    series of another arm gets the reason why the task aggregates leave it out."""
+    quality = quality.drop("arm", "baseline_arm", strict=False)
+    if arms is None or arms.height == 0:
+        return quality.with_columns(
+            pl.lit("baseline").alias("arm"), pl.lit(True).alias("baseline_arm")
+        )
+    table = arms.select(
+        pl.col("run_id").cast(pl.String),
+        pl.col("arm").cast(pl.String),
+        pl.col("baseline").cast(pl.Boolean).alias("baseline_arm"),
+    ).unique("run_id", keep="first")
+    out = quality.join(table, on="run_id", how="left").with_columns(
+        pl.col("arm").fill_null("baseline"), pl.col("baseline_arm").fill_null(True)
+    )
+    usable_any = pl.col("status").is_in(_USABLE[PURPOSE_LEVEL])
+    return out.with_columns(
+        pl.when(~pl.col("baseline_arm") & usable_any)
+        .then(
+            pl.format(
+                "arm {}: another setting of this task, kept out of the task's pooled "
+                "analyses and compared with the baseline in Experiments",
+                pl.col("arm"),
+            )
+        )
+        .otherwise(pl.col("reason"))
+        .alias("reason")
+    )
 
 
-def keep_usable(table: pl.DataFrame, quality: pl.DataFrame, purpose: str) -> pl.DataFrame:
+def _fit(purpose: str, all_arms: bool = False) -> pl.Expr:
+    fit = pl.col("status").is_in(_USABLE[purpose])
+    return fit if all_arms else fit & pl.col("baseline_arm")
+
+
+def usable(quality: pl.DataFrame, purpose: str, all_arms: bool = False) -> pl.DataFrame:
+    """The series keys fit for `purpose` (PURPOSE_LEVEL or PURPOSE_DYNAMICS): of the
+    baseline arms only, unless `all_arms` (the Experiments comparison)."""
+    return quality.filter(_fit(purpose, all_arms)).select(SERIES_KEYS)
+
+
+def keep_usable(
+    table: pl.DataFrame, quality: pl.DataFrame, purpose: str, all_arms: bool = False
+) -> pl.DataFrame:
     """Rows of `table` (any frame with the series key columns) whose series is fit for
     `purpose`; series missing from `quality` are dropped too (unknown = not checked)."""
-    return table.join(usable(quality, purpose), on=list(SERIES_KEYS), how="semi")
+    return table.join(usable(quality, purpose, all_arms), on=list(SERIES_KEYS), how="semi")
 
 
 def run_quality(quality: pl.DataFrame) -> pl.DataFrame:
@@ -174,14 +220,17 @@ def run_quality(quality: pl.DataFrame) -> pl.DataFrame:
     and, when it contributes nothing to a purpose, why. Columns: `schema.RUN_QUALITY`."""
     keys = ["task", "seed", "run_id", "granularity"]
     status = pl.col("status")
+    # another arm's usable series are left out of the task aggregates under that name
+    shown = pl.when(pl.col("baseline_arm") | ~status.is_in(_USABLE[PURPOSE_LEVEL]))
+    shown = shown.then(status).otherwise(pl.lit("other arm")).alias("status")
     out = (
         quality.group_by(keys, maintain_order=True)
         .agg(
             pl.len().cast(pl.Int64).alias("n_series"),
-            status.is_in(_USABLE[PURPOSE_LEVEL]).sum().cast(pl.Int64).alias("n_level"),
-            status.is_in(_USABLE[PURPOSE_DYNAMICS]).sum().cast(pl.Int64).alias("n_dynamics"),
+            _fit(PURPOSE_LEVEL).sum().cast(pl.Int64).alias("n_level"),
+            _fit(PURPOSE_DYNAMICS).sum().cast(pl.Int64).alias("n_dynamics"),
             # the reasons of the series left out, most common first
-            pl.col("status").filter(status != STATUS_OK).value_counts(sort=True).alias("_counts"),
+            shown.filter(shown != STATUS_OK).value_counts(sort=True).alias("_counts"),
         )
         .with_columns(
             (pl.col("n_level") > 0).alias("contributes_level"),
@@ -218,12 +267,15 @@ def left_out(quality: pl.DataFrame, purpose: str) -> pl.DataFrame:
     """What a section built for `purpose` leaves out, for the report to name: whole runs
     (label "*" when none of a run's series of that granularity is usable) and single series
     of runs that do contribute. Columns: task, seed, run_id, granularity, label, reason."""
-    fit = pl.col("status").is_in(_USABLE[purpose])
+    fit = _fit(purpose)
+    other_arm = ~pl.col("baseline_arm") & pl.col("status").is_in(_USABLE[PURPOSE_LEVEL])
     runs = quality.group_by("task", "seed", "run_id", "granularity", maintain_order=True).agg(
         fit.any().alias("_any"),
         pl.len().alias("_n"),
         pl.col("reason").filter(~fit).first().alias("_first"),
         (~fit).sum().alias("_bad"),
+        other_arm.any().alias("_arm"),
+        pl.col("reason").filter(other_arm).first().alias("_arm_reason"),
     )
     whole = runs.filter(~pl.col("_any")).select(
         "task",
@@ -231,7 +283,10 @@ def left_out(quality: pl.DataFrame, purpose: str) -> pl.DataFrame:
         "run_id",
         "granularity",
         pl.lit("*").alias("label"),
-        pl.when(pl.col("_n") == 1)
+        # a run of another arm is left out as such, whatever its labels' quality
+        pl.when(pl.col("_arm"))
+        .then(pl.col("_arm_reason"))
+        .when(pl.col("_n") == 1)
         .then(pl.col("_first"))
         .otherwise(pl.format("all {} labels unusable, e.g. {}", pl.col("_n"), pl.col("_first")))
         .alias("reason"),
@@ -247,7 +302,7 @@ def left_out(quality: pl.DataFrame, purpose: str) -> pl.DataFrame:
 def granularity_runs(quality: pl.DataFrame, purpose: str = PURPOSE_DYNAMICS) -> pl.DataFrame:
     """Per (task, granularity): the runs that feed it (`runs`, sorted run ids) and how
     many, so a task whose seeds mix granularities is never summarised under one."""
-    fit = quality.filter(pl.col("status").is_in(_USABLE[purpose]))
+    fit = quality.filter(_fit(purpose))
     return (
         fit.group_by("task", "granularity")
         .agg(pl.col("run_id").unique().sort().alias("runs"))

@@ -154,11 +154,35 @@ def load_all(
 def _lp_configs(
     rts_storage: RtsStorage, rows: list[dict[str, Any]] | None = None
 ) -> dict[str, dict[str, Any]]:
-    """Task -> LP config of its runs (the first run's; runs of a task normally agree)."""
+    """Task -> LP config of its baseline arm (the first baseline run's: one arm's runs agree
+    on every setting)."""
     out: dict[str, dict[str, Any]] = {}
     for row in _matched_rows(rts_storage) if rows is None else rows:
+        if row.get("baseline") is False:
+            continue
         out.setdefault(row["task"], json.loads(row["lp_config"] or "{}"))
     return out
+
+
+def arms_table(rows: list[dict[str, Any]]) -> pl.DataFrame:
+    """run_id, task, seed, arm, baseline of the matched runs (discovered_runs); a table
+    written before arms existed reads as one baseline arm per task."""
+    return pl.DataFrame(
+        {
+            "run_id": [r["run_id"] for r in rows],
+            "task": [r["task"] for r in rows],
+            "seed": [r["seed"] for r in rows],
+            "arm": [r.get("arm") or "baseline" for r in rows],
+            "baseline": [r.get("baseline") is not False for r in rows],
+        },
+        schema={
+            "run_id": pl.String,
+            "task": pl.String,
+            "seed": pl.Int64,
+            "arm": pl.String,
+            "baseline": pl.Boolean,
+        },
+    )
 
 
 @dg.asset(
@@ -166,14 +190,16 @@ def _lp_configs(
     deps=[series_metrics],
     automation_condition=dg.AutomationCondition.eager(),
     description="Which series and runs can feed the aggregates: every series classified ok, "
-    "constant, mostly_stale, too_short, absurd_values or no_finite, with the reason; per (run, granularity) "
-    "whether it contributes. Files: metrics/series_quality.parquet, metrics/run_quality.parquet.",
+    "constant, mostly_stale, too_short, absurd_values or no_finite, with the reason, and its arm "
+    "(task aggregates use the baseline arm; other arms feed experiment_comparison); per (run, "
+    "granularity) whether it contributes. Files: metrics/series_quality.parquet, metrics/run_quality.parquet.",
 )
 def data_quality(
     context: dg.AssetExecutionContext, rts_storage: RtsStorage
 ) -> dg.MaterializeResult:
-    tables = load_all(rts_storage, context, names=("streams",))
-    series_q = quality.series_quality(tables["streams"])
+    rows = _matched_rows(rts_storage)
+    tables = load_all(rts_storage, context, names=("streams",), rows=rows)
+    series_q = quality.series_quality(tables["streams"], arms_table(rows))
     runs_q = quality.run_quality(series_q)
     paths = storage.quality_paths(rts_storage.root())
     storage.write_parquet(series_q, paths["series"])

@@ -188,7 +188,8 @@ def lp_recommendations(
     if dropped.height:
         names = sorted(set(dropped["run_id"].to_list()))
         context.log.warning(
-            f"left out of the LP recommendations (no usable series): {', '.join(names)}"
+            f"left out of the LP recommendations (no usable series of a baseline arm): "
+            f"{', '.join(names)}"
         )
     metrics = metrics.join(usable, on=["run_id", "granularity"], how="semi")
     summary = lp_sweep.summarise_sweep(metrics)

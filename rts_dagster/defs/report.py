@@ -12,10 +12,16 @@ from rts_dagster.analysis.verdict import verdicts_from_table
 from rts_dagster.defs.analysis import (
     _lp_configs,
     _matched_rows,
+    arms_table,
     load_all,
     read_quality,
     timescale_recommendations,
     variance_table,
+)
+from rts_dagster.defs.experiments import (
+    experiment_comparison,
+    experiment_plan,
+    read_experiment_tables,
 )
 from rts_dagster.defs.lp import lp_recommendations, lp_tables
 from rts_dagster.defs.resources import RtsStorage
@@ -24,7 +30,14 @@ from rts_dagster.defs.verdicts import verdicts as verdicts_asset
 
 @dg.asset(
     group_name="report",
-    deps=[variance_table, timescale_recommendations, lp_recommendations, verdicts_asset],
+    deps=[
+        variance_table,
+        timescale_recommendations,
+        lp_recommendations,
+        verdicts_asset,
+        experiment_comparison,
+        experiment_plan,
+    ],
     automation_condition=dg.AutomationCondition.eager(),
     description="report.md (+ PNG figures) and a self-contained report.html under "
     "$RTS_DATA_DIR/report/, built from the tables above.",
@@ -39,6 +52,9 @@ def report(context: dg.AssetExecutionContext, rts_storage: RtsStorage) -> dg.Mat
     epoch_path = storage.epoch_view_path(root)
     variance_df = pl.read_parquet(storage.variance_table_path(root))
     recs = pl.read_parquet(storage.timescales_path(root))
+    experiments = read_experiment_tables(rts_storage)
+    if experiments is not None:
+        experiments["discovered"] = arms_table(rows).with_columns(pl.lit("matched").alias("status"))
     doc = build_report(
         tables["streams"],
         tables["series"],
@@ -53,6 +69,7 @@ def report(context: dg.AssetExecutionContext, rts_storage: RtsStorage) -> dg.Mat
         series_quality=read_quality(rts_storage),
         run_urls={r["run_id"]: r["url"] for r in rows if r.get("url")},
         epoch_views=pl.read_parquet(epoch_path) if epoch_path.exists() else None,
+        experiments=experiments,
     )
     written = write_report(doc, storage.report_dir(root))
     if written["note"]:

@@ -22,7 +22,7 @@ from rts_dagster.analysis.streams import (
 )
 from rts_dagster.defs.partitions import runs_partitions
 from rts_dagster.defs.resources import RtsStorage, RunSourceResource
-from rts_dagster.discovery import DiscoveryRules, classify_runs, row_files, with_run_urls
+from rts_dagster.discovery import DiscoveryRules, classify_runs, row_files, upgrade_discovered
 from rts_dagster.escape import md_table
 from rts_dagster.schema import (
     DISCOVERED_RUNS,
@@ -69,8 +69,10 @@ _MIN_TOKEN_ENTROPY_BITS = 4.0  # per character (random base64: ~5; 32 distinct s
 @dg.asset(
     group_name="runs",
     pool="wandb_api",
-    description="Every run the configured source can see, with its task, seed and partition "
-    "key, or why it was ignored/unreadable. Registers new runs as `reward_streams` partitions.",
+    description="Every run the configured source can see, with its task (recipe, from the "
+    "config or an alias), arm (runs differing from the task's baseline in a config value), "
+    "seed, the rule that decided and its partition key, or why it was ignored/unreadable. "
+    "Registers new runs as `reward_streams` partitions.",
 )
 def discovered_runs(
     context: dg.AssetExecutionContext, run_source: RunSourceResource, rts_storage: RtsStorage
@@ -143,7 +145,7 @@ def discovery_metadata(table: pl.DataFrame, path: Path, new_keys: list[str]) -> 
 
 
 def _runs_preview(table: pl.DataFrame, limit: int = 30) -> str:
-    cols = ["partition_key", "run_name", "state", "status", "reason"]
+    cols = ["partition_key", "run_name", "task", "arm", "seed", "state", "status", "reason"]
     rows = [
         [r[c] if r[c] is not None else "" for c in cols]
         for r in table.head(limit).iter_rows(named=True)
@@ -161,7 +163,7 @@ def read_discovered(rts_storage: RtsStorage) -> pl.DataFrame:
 
 def _read_discovered_file(path: Path) -> pl.DataFrame:
     # tables written before the `url` column get it filled in (no rediscovery needed)
-    return conform(with_run_urls(pl.read_parquet(path)), DISCOVERED_RUNS, str(path))
+    return conform(upgrade_discovered(pl.read_parquet(path)), DISCOVERED_RUNS, str(path))
 
 
 def run_for_partition(discovered: pl.DataFrame, key: str) -> dict[str, Any]:

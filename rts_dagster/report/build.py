@@ -15,6 +15,7 @@ from rts_dagster.analysis import epoch_view, quality, summaries
 from rts_dagster.analysis.verdict import Verdict
 from rts_dagster.report import figures
 from rts_dagster.report.document import Bullets, Figure, Heading, Paragraph, Report, Table
+from rts_dagster.report.experiments import add_experiments_section
 from rts_dagster.report.lp_section import add_lp_section
 from rts_dagster.report.verdicts import add_verdict_section
 
@@ -390,6 +391,7 @@ def build_report(
     series_quality: pl.DataFrame | None = None,
     epoch_views: pl.DataFrame | None = None,
     run_urls: dict[str, str] | None = None,
+    experiments: dict[str, pl.DataFrame] | None = None,
 ) -> Report:
     """The whole report. `findings`: descriptive sentences of the timescale analysis;
     `lp_configs`: task -> LP config found in its runs' config; `lp`: the lp_recommendations
@@ -427,6 +429,10 @@ def build_report(
     _epoch_section(report, epoch_views)
     if lp is not None:
         add_lp_section(report, lp)
+    if experiments is None:
+        experiments = {k: None for k in ("comparison", "curves", "difference", "run_metrics")}
+        experiments["plan"] = None
+    add_experiments_section(report, **experiments)
 
     sel = series.filter(pl.col("granularity") == granularity)
     report.add(Heading("Reward curves"))

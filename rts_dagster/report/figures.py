@@ -686,3 +686,101 @@ def lp_sampling(panels: pl.DataFrame) -> go.Figure:
         **{**_LAYOUT, "margin": {"l": 60, "r": 20, "t": top, "b": bottom}},
     )
     return fig
+
+
+# --- experiments section: arms of one task compared with its baseline -----------------------------
+EXPERIMENT_X_TITLE = "agent steps"
+EXPERIMENT_REWARD_TITLE = "reward (mean over labels)"
+
+
+def _band_trace(
+    x: np.ndarray, low: np.ndarray, high: np.ndarray, colour: str, group: str
+) -> go.Scatter | None:
+    """A filled polygon between `low` and `high` over the bins where both are finite
+    (None when there is none: e.g. a one-seed arm has no interval)."""
+    keep = np.isfinite(x) & np.isfinite(low) & np.isfinite(high)
+    if not keep.any():
+        return None
+    xs, lo, hi = x[keep], low[keep], high[keep]
+    return go.Scatter(
+        x=np.concatenate([xs, xs[::-1]]),
+        y=np.concatenate([hi, lo[::-1]]),
+        mode="lines",
+        line={"width": 0},
+        fill="toself",
+        fillcolor=_rgba(colour, 0.18),
+        showlegend=False,
+        hoverinfo="skip",
+        legendgroup=group,
+    )
+
+
+def _arm_lines(fig: go.Figure, table: pl.DataFrame, arms: list[str], value: str) -> None:
+    """One line per arm (legend = arm name, cut to `plot_label` length) with its interval
+    band; `table`: arm, agent_step, `value`, ci_low, ci_high. An arm keeps its colour (its
+    place in `arms`) in every figure, also where another arm has no rows."""
+    for i, arm in enumerate(arms):
+        part = table.filter(pl.col("arm") == arm).sort("agent_step")
+        if part.height == 0:
+            continue
+        colour = _colour(i)
+        x = part["agent_step"].cast(pl.Float64).fill_null(np.nan).to_numpy()
+        y = part[value].cast(pl.Float64).fill_null(np.nan).to_numpy()
+        low = part["ci_low"].cast(pl.Float64).fill_null(np.nan).to_numpy()
+        high = part["ci_high"].cast(pl.Float64).fill_null(np.nan).to_numpy()
+        group = f"arm {i}"
+        band = _band_trace(x, low, high, colour, group)
+        if band is not None:
+            fig.add_trace(band)
+        full = plot_text(arm)
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=y,
+                mode="lines+markers",
+                name=plot_label(arm),
+                legendgroup=group,
+                line={"color": colour, "width": 1.8},
+                marker={"size": 4, "color": colour},
+                text=[full] * part.height,  # not drawn (mode has no text): hover only
+                hovertemplate="%{text}<br>%{x:.4g} agent steps: %{y:.4g}<extra></extra>",
+            )
+        )
+
+
+def experiment_curves(curves: pl.DataFrame, arms: list[str], title: str) -> go.Figure:
+    """Reward over agent steps of each arm of one task and granularity (mean over seeds of
+    each run's mean over labels), with the interval over seeds as a band.
+
+    `curves`: arm, agent_step, mean_reward, ci_low, ci_high; `arms` in legend order;
+    `title` is untrusted text (escaped here)."""
+    fig = go.Figure()
+    _arm_lines(fig, curves, arms, "mean_reward")
+    fig.update_layout(
+        title=plot_label(title, 120),
+        xaxis_title=EXPERIMENT_X_TITLE,
+        yaxis_title=EXPERIMENT_REWARD_TITLE,
+        height=420,
+        width=1000,
+        **_LAYOUT,
+    )
+    return fig
+
+
+def experiment_difference(difference: pl.DataFrame, arms: list[str], title: str) -> go.Figure:
+    """Arm minus baseline reward over agent steps, one line per arm with its interval band
+    and a dashed zero line (no difference).
+
+    `difference`: arm, agent_step, difference, ci_low, ci_high; `title` is untrusted text."""
+    fig = go.Figure()
+    _arm_lines(fig, difference, arms, "difference")
+    fig.add_hline(y=0.0, line_dash="dash", line_color="#888")
+    fig.update_layout(
+        title=plot_label(title, 120),
+        xaxis_title=EXPERIMENT_X_TITLE,
+        yaxis_title="arm - baseline, reward (mean over labels)",
+        height=420,
+        width=1000,
+        **_LAYOUT,
+    )
+    return fig

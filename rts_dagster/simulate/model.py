@@ -1,31 +1,35 @@
-"""A small closed-loop learner driven by Metta main's LP curriculum (pure numpy).
+"""A small closed-loop learner driven by an LP curriculum (pure numpy).
 
 Each label has a latent competence c in [0, 1] that grows with practice along a logistic
 curve; an episode of that label scores max(0, c + noise) (or 0 on a rare failed episode).
-LP (rts_dagster.analysis.lp) picks the label of every episode and is updated with every
-reward, so what gets practised depends on what LP saw: a closed loop. Training is cut
-into epochs of a fixed number of agent steps. Every completion is one episode end in one
-of `n_envs` environments; each epoch yields Metta's per-label epoch values as its stats
-trackers form them (the last reward per label held by each environment, averaged over all
-episode ends of the epoch: `analysis.epoch_model.held_value_epoch_means`), SPS and
-curriculum stats.
+LP (rts_dagster.analysis.lp: Metta main's by default, or an `LPArm`'s variant) picks the
+label of every episode and is updated with every reward, so what gets practised depends on
+what LP saw: a closed loop. Training is cut into epochs of a fixed number of agent steps.
+Every completion is one episode end in one of `n_envs` environments; each epoch yields
+Metta's per-label epoch values as its stats trackers form them (the last reward per label
+held by each environment, averaged over all episode ends of the epoch:
+`analysis.epoch_model.held_value_epoch_means`), SPS and curriculum stats.
 
-Everything is a deterministic function of (task, seed). Label parameters depend on
-(task, label) only, so all seeds of a task share them; a seed changes learning-speed
-multipliers, the initial competence and every random draw. Details and limits:
-docs/simulator.md.
+Everything is a deterministic function of (task, seed, curriculum). Label parameters
+depend on (task, label) only, so all seeds of a task share them; a seed changes
+learning-speed multipliers, the initial competence and every random draw. No random draw
+depends on the curriculum: two LP arms on one seed meet the same learner, SPS trace,
+episode counts, uniform draws, reward noise and environments, and differ only by what their
+LP made the learner practise (so arms pair by seed). Details and limits: docs/simulator.md.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
 from rts_dagster.analysis.epoch_model import held_value_epoch_means
-from rts_dagster.analysis.lp import LPConfig
+from rts_dagster.analysis.lp import LPConfig, ZScoreLPConfig
 from rts_dagster.analysis.lp_replay import CurriculumConfig, StepwiseCurriculum
 
 DEFAULT_EPOCHS = 300
@@ -104,6 +108,66 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
+# Settings both LP variants have, with one meaning: an arm keeps the task's baseline values.
+SHARED_LP_KEYS = (
+    "ema_timescale",
+    "slow_timescale_factor",
+    "exploration_bonus",
+    "progress_smoothing",
+)
+_ARM_TAG = re.compile(r"[a-z0-9_]+")
+
+
+def baseline_curriculum(spec: TaskSpec) -> CurriculumConfig:
+    """The curriculum a task runs by default: Metta main's LP with the task's LP config."""
+    return CurriculumConfig(name="task_default", main=spec.lp)
+
+
+@dataclass(frozen=True)
+class LPArm:
+    """One LP experiment on a task: its runs use `variant` with `overrides`, and every
+    shared setting (SHARED_LP_KEYS) not overridden keeps the task's baseline value, so the
+    arm differs from the baseline only where its LP settings do. `tag` goes into the run
+    name (`<user>.<task>.<tag>.seed<N>`)."""
+
+    task: str
+    tag: str
+    variant: Literal["main", "zscore"] = "main"
+    overrides: tuple[tuple[str, float | int | bool], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; known: {sorted(TASKS)}")
+        if not _ARM_TAG.fullmatch(self.tag) or re.fullmatch(r"seed-?\d+", self.tag):
+            raise ValueError(f"arm tag {self.tag!r} must match [a-z0-9_]+ and not be seed<N>")
+        fields = (LPConfig if self.variant == "main" else ZScoreLPConfig).model_fields
+        unknown = sorted(key for key, _ in self.overrides if key not in fields)
+        if unknown:  # ZScoreLPConfig ignores extra keys: a typo would go unnoticed
+            raise ValueError(f"{self.tag}: no {self.variant} LP setting named {unknown}")
+
+    @property
+    def spec(self) -> TaskSpec:
+        return TASKS[self.task]
+
+    def curriculum(self) -> CurriculumConfig:
+        """The validated curriculum this arm runs (named after its tag)."""
+        base = self.spec.lp
+        settings = dict(self.overrides)
+        if self.variant == "main":
+            main = LPConfig.model_validate({**base.model_dump(), **settings})
+            return CurriculumConfig(name=self.tag, main=main)
+        shared = {key: getattr(base, key) for key in SHARED_LP_KEYS}
+        zscore = ZScoreLPConfig.model_validate({**shared, **settings})
+        return CurriculumConfig(name=self.tag, variant="zscore", zscore=zscore)
+
+
+# The demo's A/B experiment: fixed_maps under the z-score variant with Z = 30 (the top of
+# the study plan's sweep 10/20/30), beside the baseline runs of the same seeds.
+DEFAULT_ARMS: tuple[LPArm, ...] = (
+    LPArm("fixed_maps", "z30", "zscore", (("z_score_amplification", 30.0),)),
+)
+
+
 @dataclass(frozen=True)
 class LabelParams:
     """Ground-truth learner parameters, one array entry per label.
@@ -131,6 +195,7 @@ class SimulatedRun:
     seed: int
     labels: tuple[str, ...]
     params: LabelParams  # this seed's realised parameters
+    curriculum: CurriculumConfig  # the LP configuration the run was driven by
     # per completion, in completion order
     label_index: np.ndarray  # (n,) int64
     reward: np.ndarray  # (n,) float64, what LP was fed
@@ -152,7 +217,7 @@ class SimulatedRun:
     label_fresh: np.ndarray  # (E, L) bool, label completed in that epoch
     reward_mean: np.ndarray  # (E,) mean episode reward of the epoch (NaN if none)
     mean_learning_progress: np.ndarray  # (E,) mean LP score over labels at epoch end
-    mean_recent_score: np.ndarray  # (E,) mean over seen labels of the outcome-memory mean
+    mean_recent_score: np.ndarray  # (E,) tracker: mean over seen labels of recent scores
     num_evicted: np.ndarray  # (E,) always 0: labels are never evicted here
     epoch_competence: np.ndarray  # (E, L) latent competence at the end of the epoch
 
@@ -235,6 +300,39 @@ def _sps_trace(base: float, epochs: int, rng: np.random.Generator) -> np.ndarray
     return base * factor
 
 
+def recent_score_means(
+    label_index: np.ndarray,
+    reward: np.ndarray,
+    epoch_bounds: np.ndarray,
+    n_labels: int,
+    memory: int,
+) -> np.ndarray:
+    """The curriculum tracker's mean recent score at each epoch end: the mean, over the
+    labels seen so far, of the mean of each label's last `memory` scores clipped to [0, 1]
+    (NaN before any completion); what main LP's outcome memory holds. The tracker is not
+    part of an LP variant, so every arm logs it, computed the same way.
+
+    Vectorised: one cumulative sum over the scores sorted by label (stable), read at each
+    label's start plus its completion count at each epoch end, and `memory` before that."""
+    labels = np.asarray(label_index, dtype=np.int64)
+    clipped = np.clip(np.asarray(reward, dtype=np.float64), 0.0, 1.0)
+    order = np.argsort(labels, kind="stable")
+    cumulative = np.concatenate([[0.0], np.cumsum(clipped[order])])
+    starts = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=n_labels))[:-1]])
+    # Completions per label at each epoch end: cumulative counts over epochs.
+    bounds = np.asarray(epoch_bounds, dtype=np.int64)
+    epoch_of = np.repeat(np.arange(bounds.size - 1), np.diff(bounds))
+    n_epochs = bounds.size - 1
+    per_epoch = np.bincount(epoch_of * n_labels + labels, minlength=n_epochs * n_labels)
+    counts = np.cumsum(per_epoch.reshape(n_epochs, n_labels), axis=0)
+    held = np.minimum(counts, memory)
+    sums = cumulative[starts + counts] - cumulative[starts + counts - held]
+    seen = held > 0
+    totals = np.where(seen, sums / np.maximum(held, 1), 0.0).sum(axis=1)
+    n_seen = seen.sum(axis=1)
+    return np.where(n_seen > 0, totals / np.maximum(n_seen, 1), np.nan)
+
+
 def simulate(
     task: str | TaskSpec,
     seed: int,
@@ -242,9 +340,10 @@ def simulate(
     curriculum: CurriculumConfig | None = None,
 ) -> SimulatedRun:
     """Run the closed loop for `epochs` epochs (default DEFAULT_EPOCHS) under `curriculum`
-    (default: Metta main LP with the task's LP config). The learner, SPS and every random
-    draw depend on (task, seed) only, so two curricula on one seed differ only by what
-    they made the learner practise."""
+    (default `baseline_curriculum`: Metta main LP with the task's LP config; an arm's is
+    `LPArm.curriculum()`). The learner, SPS and every random draw depend on (task, seed)
+    only, so two curricula on one seed differ only by what they made the learner
+    practise."""
     spec = TASKS[task] if isinstance(task, str) else task
     n_epochs = DEFAULT_EPOCHS if epochs is None else int(epochs)
     if n_epochs < 1:
@@ -272,10 +371,9 @@ def simulate(
     fast = np.empty((total, n_labels))
     slow = np.empty((total, n_labels))
     mean_lp = np.empty(n_epochs)
-    mean_recent = np.empty(n_epochs)
     epoch_competence = np.empty((n_epochs, n_labels))
 
-    config = curriculum or CurriculumConfig(name="task_default", main=spec.lp)
+    config = curriculum or baseline_curriculum(spec)
     lp = StepwiseCurriculum(config, n_labels)
     expected_total = max(spec.completions_per_epoch * n_epochs, 1.0)  # for an annealed Z
     practice = np.zeros(n_labels)
@@ -319,9 +417,6 @@ def simulate(
         practice = np.where(per_label == 0, practice * (1.0 - params.forgetting), practice)
         epoch_competence[e] = competence(params, practice)
         mean_lp[e] = lp.scores().mean()
-        recent = lp.recent_means()
-        held = recent[~np.isnan(recent)]
-        mean_recent[e] = held.mean() if held.size else np.nan
 
     epoch = np.repeat(np.arange(n_epochs), counts)
     # Agent-step offsets inside the epoch, ascending within each epoch (epoch is sorted).
@@ -339,12 +434,15 @@ def simulate(
     # desynchronised): each completion ends an episode in a uniformly drawn environment.
     env_id = env_rng.integers(0, spec.n_envs, total)
     label_means = held_value_epoch_means(epoch, env_id, label_index, reward, n_epochs, n_labels)
+    # The tracker's window is the task's (its baseline LP memory), whatever the arm.
+    mean_recent = recent_score_means(label_index, reward, bounds, n_labels, spec.lp.memory)
 
     return SimulatedRun(
         task=spec,
         seed=int(seed),
         labels=spec.labels,
         params=params,
+        curriculum=config,
         label_index=label_index,
         reward=reward,
         competence=latent,

@@ -20,6 +20,8 @@ AGGREGATES = [
     "timescale_recommendations",
     "lp_recommendations",
     "verdicts",
+    "experiment_comparison",
+    "experiment_plan",
     "report",
 ]
 # a closed loop short enough for tests (the default is 3 seeds x 300 epochs)

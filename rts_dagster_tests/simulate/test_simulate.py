@@ -12,13 +12,16 @@ import numpy as np
 import polars as pl
 import pytest
 
-from rts_dagster.analysis.lp import LearningProgress
+from rts_dagster.analysis.lp import LearningProgress, ZScoreLearningProgress, ZScoreLPConfig
 from rts_dagster.recorder import list_chunks, read_reward_stream
 from rts_dagster.simulate.model import (
+    DEFAULT_ARMS,
     DEFAULT_EPOCHS,
     TASKS,
+    LPArm,
     SimulatedRun,
     label_params,
+    recent_score_means,
     simulate,
 )
 from rts_dagster.simulate.writer import (
@@ -256,16 +259,206 @@ def test_simulate_run_through_offline_wandb(tmp_path: Path) -> None:
     assert os.environ.get("WANDB_MODE") == mode_before  # the caller's environment is restored
 
 
-def test_simulate_default_writes_nine_runs(
+def test_simulate_default_writes_baselines_then_arms(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Tiny runs (3 epochs) in 2 spawned processes: ~2-3 s, mostly wandb start-up.
     paths = simulate_default(tmp_path, n_jobs=2, epochs=3)
-    assert len(paths) == 9 and all(p.is_file() for p in paths)
-    assert [p.name for p in paths][:3] == [
-        f"run-alice.fixed_maps.seed{seed}.wandb" for seed in (1, 2, 3)
-    ]
-    assert capsys.readouterr().out.count("\n") == 9
+    assert len(paths) == 12 and all(p.is_file() for p in paths)
+    names = [p.name for p in paths]
+    assert names[:3] == [f"run-alice.fixed_maps.seed{seed}.wandb" for seed in (1, 2, 3)]
+    assert names[9:] == [f"run-alice.fixed_maps.z30.seed{seed}.wandb" for seed in (1, 2, 3)]
+    out = capsys.readouterr().out
+    assert out.count("\n") == 12 and "] alice.fixed_maps.z30.seed2: 3 epochs" in out
+    # The arm set is data: none gives the nine baseline runs alone.
+    only = simulate_default(tmp_path / "baseline", n_jobs=1, epochs=2, quiet=True, arms=())
+    assert len(only) == 9 and not any(".z30." in p.name for p in only)
+
+
+# --- the demo's A/B experiment: fixed_maps under the z-score variant, Z = 30 ---------------------
+Z30 = DEFAULT_ARMS[0]
+
+
+def _flatten(config: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_default_arm_is_fixed_maps_zscore_30() -> None:
+    assert (Z30.task, Z30.tag, Z30.variant) == ("fixed_maps", "z30", "zscore")
+    curriculum = Z30.curriculum()
+    assert curriculum.variant == "zscore" and curriculum.zscore.z_score_amplification == 30.0
+    # Shared settings: the task's baseline values (fixed_maps runs Metta main's defaults).
+    zscore = curriculum.zscore
+    assert (zscore.ema_timescale, zscore.slow_timescale_factor) == (0.001, 0.2)
+    assert (zscore.exploration_bonus, zscore.progress_smoothing) == (0.1, 0.05)
+    assert run_id("fixed_maps", 2, arm="z30") == "alice.fixed_maps.z30.seed2"
+
+
+def test_arm_config_differs_from_the_baseline_only_in_lp_variant_keys() -> None:
+    for seed in (1, 3):
+        base = _flatten(run_config(simulate("fixed_maps", seed, epochs=3)))
+        arm_run = simulate("fixed_maps", seed, epochs=3, curriculum=Z30.curriculum())
+        arm = _flatten(run_config(arm_run, arm="z30"))
+        assert base.pop("run") == f"alice.fixed_maps.seed{seed}"
+        assert arm.pop("run") == f"alice.fixed_maps.z30.seed{seed}"
+        lp = "trainer.curriculum.algorithm."
+        # Main's own settings are gone, the variant's own are there (DOMAIN.md defaults)...
+        assert {k for k in base if k not in arm} == {
+            lp + "lp_gain",
+            lp + "memory",
+            lp + "use_bidirectional",
+        }
+        assert {k: v for k, v in arm.items() if k not in base} == {
+            lp + "z_score_amplification": 30.0,
+            lp + "performance_bonus_weight": 0.0,
+            lp + "lp_score_temperature": 0.0,
+            lp + "early_progress_amplification": 0.5,
+            lp + "use_baseline_normalization": True,
+            lp + "min_samples_for_lp": 10,
+        }
+        # ... and every key both have holds the same value, shared LP settings included.
+        common = {k for k in base if k in arm}
+        assert {k: arm[k] for k in common} == {k: base[k] for k in common}
+        assert base[lp + "ema_timescale"] == 0.001 and base[lp + "progress_smoothing"] == 0.05
+        assert base[lp + "type"] == arm[lp + "type"] == "learning_progress"
+
+
+def test_task_generator_identifies_the_task_across_seeds_and_arms() -> None:
+    def generator(task: str, seed: int, arm: LPArm | None = None) -> dict:
+        run = simulate(task, seed, epochs=2, curriculum=arm and arm.curriculum())
+        config = run_config(run, arm=arm and arm.tag)
+        assert config["training_env"]["num_envs"] == 1024
+        return config["training_env"]["curriculum"]["task_generator"]
+
+    fixed = generator("fixed_maps", 1)
+    assert fixed == generator("fixed_maps", 2) == generator("fixed_maps", 3, Z30)
+    assert fixed["recipe"] == "recipes.prod.cvc.fixed_maps.train"
+    assert fixed["labels"] == sorted(TASKS["fixed_maps"].labels) != list(TASKS["fixed_maps"].labels)
+    others = [generator(task, 1) for task in ("assembly_lines", "variants_curriculum")]
+    assert fixed not in others and others[0] != others[1]
+
+
+def test_arm_lp_trace_is_the_zscore_variant_with_its_settings() -> None:
+    """A straightforward stepwise z-score LP with the arm's settings, fed the arm's
+    (label, reward) stream, gives the distributions the simulator drew from; Metta main's
+    LP on the same stream does not."""
+    run = simulate("fixed_maps", 2, epochs=SHORT, curriculum=Z30.curriculum())
+    settings = ZScoreLPConfig(
+        ema_timescale=0.001, progress_smoothing=0.05, z_score_amplification=30.0
+    )
+    lp, main = ZScoreLearningProgress(len(run.labels), settings), LearningProgress(10)
+    worst_main = 0.0
+    for j, (label, reward) in enumerate(zip(run.label_index, run.reward, strict=True)):
+        np.testing.assert_allclose(lp.probabilities(), run.probabilities[j], rtol=0, atol=1e-13)
+        worst_main = max(
+            worst_main, float(np.abs(main.probabilities() - run.probabilities[j]).max())
+        )
+        lp.update(label, reward)
+        main.update(label, reward)
+        np.testing.assert_array_equal(lp.F, run.fast[j])
+        np.testing.assert_array_equal(lp.S, run.slow[j])
+    assert worst_main > 0.1
+    assert lp.scores().mean() == run.mean_learning_progress[-1]
+
+
+def test_written_arm_config_replays_to_the_recorded_lp_choices(tmp_path: Path) -> None:
+    """Through the files a user has: the LP settings in the written run config, replayed
+    on the recorded stream, give the simulator's own distributions (the config is truthful)."""
+    from rts_dagster.analysis.lp_replay import CurriculumConfig, replay
+    from rts_dagster.analysis.lp_sweep import replay_stream
+    from rts_dagster.analysis.streams import completion_streams
+    from rts_dagster.sources.offline import OfflineRunSource
+
+    path = simulate_run("fixed_maps", 1, tmp_path, epochs=SHORT, arm=Z30)
+    assert path.name == "run-alice.fixed_maps.z30.seed1.wandb"
+    config = OfflineRunSource(tmp_path).get_run(str(path)).config
+    algorithm = dict(config["trainer"]["curriculum"]["algorithm"])
+    assert algorithm.pop("type") == "learning_progress"
+    written = CurriculumConfig(name="written", variant="zscore", zscore=ZScoreLPConfig(**algorithm))
+    stream = replay_stream(completion_streams(read_reward_stream(path.parent), None, "t", 1, "r"))
+    run = simulate("fixed_maps", 1, epochs=SHORT, curriculum=Z30.curriculum())
+    to_sorted = np.array([stream.labels.index(label) for label in run.labels])
+    np.testing.assert_array_equal(stream.label_index, to_sorted[run.label_index])
+    n = run.reward.size
+    result = replay(stream.label_index, stream.reward, 10, written, eval_index=np.arange(n))
+    expected = run.probabilities[1:][:, _inverse(to_sorted)]
+    np.testing.assert_allclose(result.probability[:-1], expected, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="arm of 'fixed_maps'"):
+        simulate_run("assembly_lines", 1, tmp_path, epochs=2, arm=Z30)
+
+
+def test_same_seed_same_learner_and_draws_across_arms() -> None:
+    base = simulate("fixed_maps", 3, epochs=SHORT)
+    arm = simulate("fixed_maps", 3, epochs=SHORT, curriculum=Z30.curriculum())
+    assert not np.array_equal(base.label_index, arm.label_index)  # LP made them differ
+    for name in ("floor", "ceiling", "half_practice", "width", "noise", "failure_rate"):
+        np.testing.assert_array_equal(getattr(base.params, name), getattr(arm.params, name))
+    for name in ("sps", "epoch_completions", "agent_step", "epoch", "env_id", "wall_time"):
+        np.testing.assert_array_equal(getattr(base, name), getattr(arm, name), err_msg=name)
+    n_buckets = base.task.n_buckets
+    np.testing.assert_array_equal(base.task_id % n_buckets, arm.task_id % n_buckets)
+    # The same reward noise draw at every completion: recover it from each run's reward,
+    # its latent competence and its label's noise sd (where neither episode scored 0).
+    both = (base.reward > 0) & (arm.reward > 0)
+    assert both.mean() > 0.5  # 74 % here: early competence is low, many episodes score 0
+    shock_base = (base.reward - base.competence) / base.params.noise[base.label_index]
+    shock_arm = (arm.reward - arm.competence) / arm.params.noise[arm.label_index]
+    np.testing.assert_allclose(shock_base[both], shock_arm[both], rtol=0, atol=1e-9)
+
+    # The same uniform draw picked each label: one u lies in both runs' chosen intervals.
+    def interval(run: SimulatedRun) -> tuple[np.ndarray, np.ndarray]:
+        upper = np.cumsum(run.probabilities, axis=1)
+        rows = np.arange(run.reward.size)
+        hi = upper[rows, run.label_index]
+        return hi - run.probabilities[rows, run.label_index], hi
+
+    (lo_b, hi_b), (lo_a, hi_a) = interval(base), interval(arm)
+    assert np.all(np.maximum(lo_b, lo_a) <= np.minimum(hi_b, hi_a) + 1e-12)
+    other = simulate("fixed_maps", 2, epochs=SHORT, curriculum=Z30.curriculum())
+    assert not np.array_equal(other.sps, arm.sps)
+
+
+def test_recent_score_is_the_trackers_whatever_the_arm() -> None:
+    """Against a loop over completions keeping each label's last 25 clipped scores."""
+    for curriculum in (None, Z30.curriculum()):
+        run = simulate("fixed_maps", 1, epochs=25, curriculum=curriculum)
+        recent: dict[int, list[float]] = {}
+        expected = np.full(run.n_epochs, np.nan)
+        bounds = run.epoch_bounds
+        for e in range(run.n_epochs):
+            for j in range(int(bounds[e]), int(bounds[e + 1])):
+                kept = recent.setdefault(int(run.label_index[j]), [])
+                kept.append(min(max(float(run.reward[j]), 0.0), 1.0))
+                del kept[:-25]
+            if recent:
+                expected[e] = sum(sum(v) / len(v) for v in recent.values()) / len(recent)
+        np.testing.assert_allclose(run.mean_recent_score, expected, rtol=0, atol=1e-12)
+    # Epochs without any completion yet, and a label that appears late.
+    bounds = np.array([0, 0, 2, 5])
+    means = recent_score_means(
+        np.array([1, 1, 0, 1, 1]), np.array([0.2, 1.4, 0.5, -1, 0.3]), bounds, 3, 2
+    )
+    np.testing.assert_allclose(means, [np.nan, 0.6, (0.5 + 0.15) / 2])
+
+
+def test_arm_validation() -> None:
+    with pytest.raises(ValueError, match="no zscore LP setting"):
+        LPArm("fixed_maps", "typo", "zscore", (("z_score_amplificaton", 30.0),))
+    with pytest.raises(ValueError, match="arm tag"):
+        LPArm("fixed_maps", "Z.30", "zscore")
+    with pytest.raises(ValueError, match="arm tag"):
+        LPArm("fixed_maps", "seed4", "zscore")
+    with pytest.raises(ValueError, match="unknown task"):
+        LPArm("nope", "z30", "zscore")
+    slower = LPArm("variants_curriculum", "slow", "main", (("slow_timescale_factor", 0.1),))
+    main = slower.curriculum().main
+    assert (main.ema_timescale, main.slow_timescale_factor) == (0.01, 0.1)  # task's 0.01 kept
 
 
 def test_simulator_lp_trace_equals_the_replay_of_its_stream(short_variants: SimulatedRun) -> None:
