@@ -216,6 +216,16 @@ def arm_name(differences: Mapping[str, Any]) -> str:
     return ", ".join(named) + (f", +{more} more" if more > 0 else "")
 
 
+def _without_defaults(settings: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings minus LP keys at their default: a run that writes `ema_timescale: 0.001`
+    and one that leaves it unset trained the same way, so they share an arm."""
+    return {
+        k: v
+        for k, v in settings.items()
+        if not (_leaf(k) in defaults and _same(v, defaults[_leaf(k)]))
+    }
+
+
 def _matches(settings: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
     """The run's settings hold every `wanted` value (a key by its full dotted path or by a
     dotted suffix)."""
@@ -242,7 +252,7 @@ def assign_arms(
     for task, members in by_task.items():
         arms: dict[str, list[RunSettings]] = {}
         for run in members:
-            arms.setdefault(arm_id(run.settings), []).append(run)
+            arms.setdefault(arm_id(_without_defaults(run.settings, defaults)), []).append(run)
 
         def rank(aid: str, arms: dict[str, list[RunSettings]] = arms) -> tuple[int, int]:
             return (-len(arms[aid]), min(r.created_order for r in arms[aid]))

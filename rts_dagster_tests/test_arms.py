@@ -197,3 +197,15 @@ def test_arm_names_are_short_and_unique(n_more):
     name = rows["a.fixed.maps.x.seed1"]["arm"]
     assert name.startswith("ema_timescale=0.01, memory=10")
     assert name.endswith("+1 more") if n_more == 2 else "more" not in name
+
+
+def test_an_lp_key_written_at_its_default_is_the_same_arm_as_unset():
+    explicit = metta_config("a", 1, FIXED_MAPS_TG, memory=25, lp_gain=0.1)
+    unset = metta_config("b", 2, FIXED_MAPS_TG)
+    runs = [
+        run("alice.fixed.maps.seed1", explicit, created=0),
+        run("alice.fixed.maps.seed2", unset, created=1),
+    ]
+    rows = matched(classify_runs(runs, [], DiscoveryRules()))
+    assert {r["arm"] for r in rows.values()} == {"baseline"}
+    assert len({r["arm_id"] for r in rows.values()}) == 1
