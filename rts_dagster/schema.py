@@ -661,6 +661,34 @@ EXPERIMENT_PLAN = pl.Schema(
 )
 
 
+# === Does the reward rise? (analysis.learning) =====================================================
+LEARNING_SLOPES = pl.Schema(
+    {
+        **_KEY_TYPES,
+        "n_bins": pl.Int64,  # agent-step bins of the run with data for the label
+        "slope": pl.Float64,  # reward per 1M agent steps, OLS over the bin means
+        "ci_low": pl.Float64,  # t interval, df = n_bins - 2; null below 3 bins
+        "ci_high": pl.Float64,
+        "method": pl.String,
+    }
+)
+
+LEARNING_SUMMARY = pl.Schema(
+    {
+        "task": pl.String,
+        "label": pl.String,
+        "granularity": pl.String,
+        "n_runs": pl.Int64,
+        "slope": pl.Float64,  # mean over seeds of the runs' slopes, reward per 1M agent steps
+        "ci_low": pl.Float64,  # t interval over seeds; null with one seed
+        "ci_high": pl.Float64,
+        "n_rising": pl.Int64,  # runs whose own interval is above 0
+        "n_falling": pl.Int64,  # runs whose own interval is below 0
+        "method": pl.String,
+    }
+)
+
+
 def conform(df: pl.DataFrame, schema: pl.Schema, table: str = "table") -> pl.DataFrame:
     """Return `df` with exactly the columns of `schema`, in order, cast to its dtypes."""
     missing = [name for name in schema.names() if name not in df.columns]

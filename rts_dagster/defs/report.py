@@ -28,6 +28,16 @@ from rts_dagster.defs.resources import RtsStorage
 from rts_dagster.defs.verdicts import verdicts as verdicts_asset
 
 
+def run_engines(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Engine name (`engine:<name>` tag; "" for none) -> number of matched runs."""
+    out: dict[str, int] = {}
+    for row in rows:
+        tags = row.get("tags") or []
+        name = next((t[len("engine:") :] for t in tags if t.startswith("engine:")), "")
+        out[name] = out.get(name, 0) + 1
+    return out
+
+
 @dg.asset(
     group_name="report",
     deps=[
@@ -70,6 +80,7 @@ def report(context: dg.AssetExecutionContext, rts_storage: RtsStorage) -> dg.Mat
         run_urls={r["run_id"]: r["url"] for r in rows if r.get("url")},
         epoch_views=pl.read_parquet(epoch_path) if epoch_path.exists() else None,
         experiments=experiments,
+        engines=run_engines(rows),
     )
     written = write_report(doc, storage.report_dir(root))
     if written["note"]:

@@ -16,6 +16,7 @@ from rts_dagster.analysis.verdict import Verdict
 from rts_dagster.report import figures
 from rts_dagster.report.document import Bullets, Figure, Heading, Paragraph, Report, Table
 from rts_dagster.report.experiments import add_experiments_section
+from rts_dagster.report.learning import add_learning_section, engine_sentence
 from rts_dagster.report.lp_section import add_lp_section
 from rts_dagster.report.verdicts import add_verdict_section
 
@@ -392,6 +393,7 @@ def build_report(
     epoch_views: pl.DataFrame | None = None,
     run_urls: dict[str, str] | None = None,
     experiments: dict[str, pl.DataFrame] | None = None,
+    engines: dict[str, int] | None = None,
 ) -> Report:
     """The whole report. `findings`: descriptive sentences of the timescale analysis;
     `lp_configs`: task -> LP config found in its runs' config; `lp`: the lp_recommendations
@@ -421,11 +423,13 @@ def build_report(
             ]
         )
     )
+    report.add(Paragraph([engine_sentence(engines or {})]))
     add_verdict_section(report, verdicts or [])
     _data_section(report, series_quality, granularity, run_urls)
 
     report.add(Heading("What the streams show"))
     report.add(Bullets(findings or ["Nothing to describe: too few usable samples."]))
+    add_learning_section(report, streams)
     _epoch_section(report, epoch_views)
     if lp is not None:
         add_lp_section(report, lp)

@@ -37,6 +37,8 @@ from rts_dagster.simulate.model import (
 from rts_dagster.sources.wandb_file import wait_for_exit_record
 
 DEFAULT_USER = "alice"
+# Every run says what produced it; the report names the engine (`engine:<name>` tag).
+ENGINE_TAG = "engine:rts-simulator"
 DEFAULT_SEEDS = (1, 2, 3)
 DEFAULT_PROJECT = "metta"
 # Several chunks per run (~2-3 at the default length), so readers meet multi-chunk streams.
@@ -199,7 +201,7 @@ def simulate_run(
             id=rid,
             name=rid,
             dir=str(out_dir),
-            tags=[f"user:{user}"],
+            tags=[f"user:{user}", ENGINE_TAG],
             config=run_config(sim, user, tag),
             mode="offline",
             settings=wandb.Settings(
