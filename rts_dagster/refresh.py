@@ -13,6 +13,7 @@ string printed (run names, keys, errors) has its control characters escaped.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +31,7 @@ from rts_dagster.defs.resources import RtsStorage
 from rts_dagster.defs.runs import partition_is_current
 from rts_dagster.discovery import row_files
 from rts_dagster.escape import terminal_text as tt
+from rts_dagster.parallel import run_spawned
 from rts_dagster.schema import RUN_STATUS_MATCHED
 
 _QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
@@ -150,7 +152,12 @@ def _materialize(
     instance: dg.DagsterInstance,
     keys: list[dg.AssetKey],
     partition_key: str | None = None,
+    partition_range: tuple[str, str] | None = None,
 ) -> tuple[bool, str]:
+    tags = {"rts/trigger": "rts refresh"}
+    if partition_range is not None:
+        tags["dagster/asset_partition_range_start"] = partition_range[0]
+        tags["dagster/asset_partition_range_end"] = partition_range[1]
     result = dg.materialize(
         ASSETS,
         selection=keys,
@@ -159,7 +166,7 @@ def _materialize(
         resources=RESOURCES,
         run_config=_QUIET_LOGS,
         raise_on_error=False,
-        tags={"rts/trigger": "rts refresh"},
+        tags=tags,
     )
     if result.success:
         return True, ""
@@ -171,13 +178,68 @@ def _materialize(
     return False, " | ".join(errors) or "run failed"
 
 
+def partition_batches(
+    todo: list[str], order: list[str], batch_size: int, jobs: int = 1
+) -> list[list[str]]:
+    """`todo` keys as batches Dagster can run as one partition range: consecutive in the
+    instance's partition `order` (a range covers every key between its ends), at most
+    `batch_size` keys, and split so that `jobs` workers get work of similar size."""
+    position = {key: i for i, key in enumerate(order)}
+    # a key the instance does not list (yet) can only run alone
+    alone = [[k] for k in todo if k not in position]
+    ordered = sorted((k for k in todo if k in position), key=lambda k: position[k])
+    stretches: list[list[str]] = []
+    for key in ordered:
+        if stretches and position[key] == position[stretches[-1][-1]] + 1:
+            stretches[-1].append(key)
+        else:
+            stretches.append([key])
+    size = max(1, min(batch_size, -(-len(ordered) // max(jobs, 1))))
+    return [s[i : i + size] for s in stretches for i in range(0, len(s), size)] + alone
+
+
+def materialize_batch(keys: list[str]) -> list[tuple[str, bool, str, float]]:
+    """Materialize the per-run assets for `keys` (a partition range) in one run on this
+    process' instance; if that run fails, every key again in a run of its own, so each
+    failure is reported alone and each good partition is materialized. Returns
+    (key, ok, error, seconds) per key. Importable: `--jobs` runs it in worker processes."""
+    partitioned, _ = _partitioned_and_aggregate_keys(defs)
+    instance = dg.DagsterInstance.get()
+    started = time.perf_counter()
+    if len(keys) == 1:
+        ok, error = _materialize(instance, partitioned, partition_key=keys[0])
+        return [(keys[0], ok, error, time.perf_counter() - started)]
+    ok, error = _materialize(instance, partitioned, partition_range=(keys[0], keys[-1]))
+    if ok:
+        each = (time.perf_counter() - started) / len(keys)
+        return [(key, True, "", each) for key in keys]
+    out = []
+    for key in keys:
+        t0 = time.perf_counter()
+        ok, error = _materialize(instance, partitioned, partition_key=key)
+        out.append((key, ok, error, time.perf_counter() - t0))
+    return out
+
+
 def _partition_paths(data_dir: Path, row: dict[str, Any]) -> tuple[Path, Path]:
     folder, stem = row_files(row)
     return storage.stream_paths(data_dir, folder, stem)
 
 
-def refresh(force: bool = False, quiet: bool = False) -> int:
-    """Run the whole pipeline; returns a process exit code (1 if anything failed)."""
+DEFAULT_BATCH = 50  # partitions per Dagster run in `rts refresh`
+
+
+def default_jobs() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+def refresh(
+    force: bool = False, quiet: bool = False, jobs: int | None = None, batch: int = DEFAULT_BATCH
+) -> int:
+    """Run the whole pipeline; returns a process exit code (1 if anything failed).
+    `jobs`: worker processes for the per-run assets (default: the machine's cores);
+    `batch`: partitions per Dagster run (1 = one run per partition)."""
+    jobs = default_jobs() if jobs is None else max(1, jobs)
 
     def say(msg: str) -> None:
         if not quiet:
@@ -189,7 +251,7 @@ def refresh(force: bool = False, quiet: bool = False) -> int:
     started = time.perf_counter()
     instance = dg.DagsterInstance.get()
     data_dir = RtsStorage().root()
-    partitioned, aggregates = _partitioned_and_aggregate_keys(defs)
+    _, aggregates = _partitioned_and_aggregate_keys(defs)
 
     say(f"rts refresh: instance {tt(instance.root_directory)}, data {tt(data_dir)}")
     say("[discover] materializing discovered_runs ...")
@@ -218,20 +280,31 @@ def refresh(force: bool = False, quiet: bool = False) -> int:
         else:
             written.append(parquet_path)
     say(f"[partitions] {len(todo)} new or changed, {matched.height - len(todo)} up to date")
-    for i, (row, parquet_path) in enumerate(todo, 1):
-        key = row["partition_key"]
-        t0 = time.perf_counter()
-        with _heartbeat(say, f"[{i}/{len(todo)}] {tt(key)}", instance):
-            ok, error = _materialize(instance, partitioned, partition_key=key)
-        if ok:
-            written.append(parquet_path)
-            say(
-                f"  [{i}/{len(todo)}] {tt(key)}: ok in {time.perf_counter() - t0:.1f}s"
-                f" -> {tt(parquet_path)}"
-            )
-        else:
-            failures.append((key, error))
-            shout(f"  [{i}/{len(todo)}] {tt(key)}: FAILED: {tt(error)}")
+    paths_of = {row["partition_key"]: path for row, path in todo}
+    order = list(instance.get_dynamic_partitions(runs_partitions.name))
+    batches = partition_batches(list(paths_of), order, max(1, batch), jobs)
+    if batches:
+        say(
+            f"[partitions] {len(batches)} Dagster run(s) of up to {max(map(len, batches))} "
+            f"partitions on {min(jobs, len(batches))} worker process(es)"
+        )
+    done = 0
+    t_partitions = time.perf_counter()
+    with _heartbeat(say, "[partitions]", instance):
+        for _, results in run_spawned(materialize_batch, [(b,) for b in batches], jobs):
+            for key, ok, error, seconds in results:
+                done += 1
+                if ok:
+                    written.append(paths_of[key])
+                    say(
+                        f"  [{done}/{len(todo)}] {tt(key)}: ok ({seconds:.2f}s per partition)"
+                        f" -> {tt(paths_of[key])}"
+                    )
+                else:
+                    failures.append((key, error))
+                    shout(f"  [{done}/{len(todo)}] {tt(key)}: FAILED: {tt(error)}")
+    if todo:
+        say(f"[partitions] {len(todo)} in {time.perf_counter() - t_partitions:.1f}s")
 
     inputs = aggregate_inputs(matched)
     if aggregates and (todo or force or not aggregates_current(data_dir, inputs)):

@@ -10,6 +10,7 @@ import polars as pl
 
 from rts_dagster import storage
 from rts_dagster.analysis import epoch_view, kalman, lp_timescales, metrics, quality, variance
+from rts_dagster.defs.batches import BACKFILL_POLICY, PartitionOutcome, materialize_partitions
 from rts_dagster.defs.partitions import runs_partitions
 from rts_dagster.defs.resources import RtsStorage
 from rts_dagster.defs.runs import load_partition_streams, read_discovered, reward_streams
@@ -69,6 +70,7 @@ def _partition_stream_paths(root: Path, row: dict[str, Any]) -> tuple[Path, dict
     group_name="analysis",
     partitions_def=runs_partitions,
     deps=[reward_streams],
+    backfill_policy=BACKFILL_POLICY,
     automation_condition=dg.AutomationCondition.eager(),
     description="Per (label, granularity) series of one run: rolling OLS and EMA slopes, "
     "rolling and trend-robust noise, stale fraction, SPS coupling; plus the per-sample "
@@ -77,7 +79,16 @@ def _partition_stream_paths(root: Path, row: dict[str, Any]) -> tuple[Path, dict
 def series_metrics(
     context: dg.AssetExecutionContext, config: SeriesMetricsConfig, rts_storage: RtsStorage
 ) -> dg.MaterializeResult:
-    part = load_partition_streams(rts_storage, context.partition_key)
+    discovered = read_discovered(rts_storage)
+    return materialize_partitions(
+        context, lambda key: _partition_metrics(config, rts_storage, discovered, key)
+    )
+
+
+def _partition_metrics(
+    config: SeriesMetricsConfig, rts_storage: RtsStorage, discovered: pl.DataFrame, key: str
+) -> PartitionOutcome:
+    part = load_partition_streams(rts_storage, key, discovered)
     paths = storage.metrics_paths(rts_storage.root(), part.folder, part.stem)
     result = metrics.compute_metrics(part.streams, config.to_metrics())
     for name, table in (
@@ -87,7 +98,8 @@ def series_metrics(
     ):
         storage.write_parquet(table, paths[name])
     series = result.series
-    return dg.MaterializeResult(
+    return PartitionOutcome(
+        summary={"series": series.height, "rolling_rows": result.rolling.height},
         metadata={
             "dagster/row_count": series.height,
             "rolling_rows": result.rolling.height,
@@ -109,7 +121,7 @@ def series_metrics(
                     ],
                 )
             ),
-        }
+        },
     )
 
 

@@ -15,9 +15,10 @@ from rts_dagster.analysis import lp_sweep
 from rts_dagster.analysis.lp_replay import stepwise_deviation
 from rts_dagster.analysis.lp_signal import TrendSettings
 from rts_dagster.defs.analysis import _matched_rows, _preview, data_quality, read_quality
+from rts_dagster.defs.batches import BACKFILL_POLICY, PartitionOutcome, materialize_partitions
 from rts_dagster.defs.partitions import runs_partitions
 from rts_dagster.defs.resources import RtsStorage
-from rts_dagster.defs.runs import load_partition_streams, reward_streams
+from rts_dagster.defs.runs import load_partition_streams, read_discovered, reward_streams
 from rts_dagster.discovery import row_files
 from rts_dagster.escape import md
 from rts_dagster.schema import (
@@ -48,6 +49,7 @@ MAX_REFERENCE_DEVIATION = 1e-9  # replay vs the stepwise reference, probability 
     group_name="lp",
     partitions_def=runs_partitions,
     deps=[reward_streams],
+    backfill_policy=BACKFILL_POLICY,
     check_specs=[
         dg.AssetCheckSpec(
             "distributions_valid",
@@ -72,7 +74,20 @@ MAX_REFERENCE_DEVIATION = 1e-9  # replay vs the stepwise reference, probability 
 def lp_replay(
     context: dg.AssetExecutionContext, config: LPReplayConfig, rts_storage: RtsStorage
 ) -> dg.MaterializeResult:
-    part = load_partition_streams(rts_storage, context.partition_key)
+    discovered = read_discovered(rts_storage)
+    return materialize_partitions(
+        context, lambda key: _replay_partition(context, config, rts_storage, discovered, key)
+    )
+
+
+def _replay_partition(
+    context: dg.AssetExecutionContext,
+    config: LPReplayConfig,
+    rts_storage: RtsStorage,
+    discovered: pl.DataFrame,
+    key: str,
+) -> PartitionOutcome:
+    part = load_partition_streams(rts_storage, key, discovered)
     row = part.row
     try:
         stream = lp_sweep.replay_stream(part.streams)
@@ -114,7 +129,7 @@ def lp_replay(
             check_name="distributions_valid",
             passed=sum_error <= 1e-9 and lowest >= 0.0,
             metadata={
-                "partition": str(context.partition_key),
+                "partition": str(key),
                 "max_sum_error": sum_error,
                 "min_probability": lowest,
             },
@@ -123,15 +138,16 @@ def lp_replay(
             check_name="matches_stepwise_reference",
             passed=deviation <= MAX_REFERENCE_DEVIATION,
             metadata={
-                "partition": str(context.partition_key),
+                "partition": str(key),
                 "max_probability_deviation": deviation,
                 "configs": "metta_default, zscore_z30_to_10",
                 "completions_checked": min(2000, int(stream.reward.size)),
             },
         ),
     ]
-    return dg.MaterializeResult(
-        check_results=checks,
+    return PartitionOutcome(
+        checks=checks,
+        summary={"configs": len(configs), "samples": int(stream.reward.size)},
         metadata={
             "dagster/row_count": metrics.height,
             "granularity": stream.granularity,

@@ -20,6 +20,7 @@ from rts_dagster.analysis.streams import (
     describe_step_issues,
     step_issues,
 )
+from rts_dagster.defs.batches import BACKFILL_POLICY, PartitionOutcome, materialize_partitions
 from rts_dagster.defs.partitions import runs_partitions
 from rts_dagster.defs.resources import RtsStorage, RunSourceResource
 from rts_dagster.discovery import DiscoveryRules, classify_runs, row_files, upgrade_discovered
@@ -189,9 +190,13 @@ class PartitionStreams:
     streams: pl.DataFrame  # REWARD_STREAMS
 
 
-def load_partition_streams(rts_storage: RtsStorage, key: str) -> PartitionStreams:
-    """The reward_streams data of partition `key`; a clear Failure if it is not there."""
-    row = run_for_partition(read_discovered(rts_storage), key)
+def load_partition_streams(
+    rts_storage: RtsStorage, key: str, discovered: pl.DataFrame | None = None
+) -> PartitionStreams:
+    """The reward_streams data of partition `key`; a clear Failure if it is not there.
+    `discovered`: the discovered_runs table when the caller has read it (batches)."""
+    table = read_discovered(rts_storage) if discovered is None else discovered
+    row = run_for_partition(table, key)
     folder, stem = row_files(row)
     path = storage.stream_paths(rts_storage.root(), folder, stem)[0]
     if not path.exists():
@@ -292,6 +297,7 @@ MIN_SERIES_SAMPLES = 25  # the default rolling-slope window
     partitions_def=runs_partitions,
     deps=[discovered_runs],
     pool="wandb_api",
+    backfill_policy=BACKFILL_POLICY,
     check_specs=[
         dg.AssetCheckSpec(
             "schema_round_trip",
@@ -326,9 +332,22 @@ MIN_SERIES_SAMPLES = 25  # the default rolling-slope window
 def reward_streams(
     context: dg.AssetExecutionContext, run_source: RunSourceResource, rts_storage: RtsStorage
 ) -> dg.MaterializeResult:
-    key = context.partition_key
-    row = run_for_partition(read_discovered(rts_storage), key)
+    discovered = read_discovered(rts_storage)
     source = run_source.source()
+    return materialize_partitions(
+        context, lambda key: _read_partition(context, source, rts_storage, discovered, key)
+    )
+
+
+def _read_partition(
+    context: dg.AssetExecutionContext,
+    source: Any,
+    rts_storage: RtsStorage,
+    discovered: pl.DataFrame,
+    key: str,
+) -> PartitionOutcome:
+    """One partition of reward_streams: read the run, write its parquet and metadata."""
+    row = run_for_partition(discovered, key)
     run = source.get_run(row["location"])
 
     started = time.perf_counter()
@@ -389,8 +408,9 @@ def reward_streams(
         f"{key}: {streams.height} rows ({counts}) over {len(labels)} labels "
         f"in {time.perf_counter() - started:.2f}s -> {parquet_path}"
     )
-    return dg.MaterializeResult(
-        check_results=stream_checks(streams, parquet_path, str(key)),
+    return PartitionOutcome(
+        checks=stream_checks(streams, parquet_path, str(key)),
+        summary={"rows": streams.height, "labels": len(labels), "run_id": row["run_id"]},
         metadata={
             "dagster/row_count": streams.height,
             "epoch_rows": counts[GRANULARITY_EPOCH],

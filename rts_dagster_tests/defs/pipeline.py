@@ -52,7 +52,7 @@ def materialized(
         assert dg.materialize(
             ASSETS, selection=["discovered_runs"], instance=instance, resources=resources
         ).success
-        for key in instance.get_dynamic_partitions("runs"):
+        for key in instance.get_dynamic_partitions("runs") if per_run else []:
             assert dg.materialize(
                 ASSETS, selection=per_run, partition_key=key, instance=instance, resources=resources
             ).success
