@@ -56,3 +56,10 @@ bench: install
 
 clean-data:
 	rm -rf $(RTS_DATA_DIR)/wandb $(RTS_DATA_DIR)/report $(RTS_DATA_DIR)/dagster_home
+
+# The scale-out path run for real (docs/scale_out.md): Postgres storage, Redis broker, two
+# Celery workers, the daemon's run queue and the UI, all started here and stopped at the end.
+.PHONY: scale-demo
+scale-demo: install
+	$(BIN)/pip install --quiet -e '.[scale]'
+	PYTHON_BIN=$(abspath $(BIN))/python bash deploy/scale_demo.sh

@@ -45,7 +45,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     # wandb.init(dir=D) writes into D/wandb/: aim D at the parent of a `wandb` folder.
     wandb_parent = out.parent if out.name == "wandb" else out
-    paths = simulate_default(wandb_parent, n_jobs=args.jobs, epochs=args.epochs)
+    if args.engine == "mettagrid":
+        paths = _simulate_mettagrid(args, wandb_parent)
+    else:
+        if args.time_budget is not None or args.seeds is not None:
+            print("rts simulate: --time-budget and --seeds apply to --engine mettagrid only")
+            return 2
+        jobs = 2 if args.jobs is None else args.jobs
+        paths = simulate_default(wandb_parent, n_jobs=jobs, epochs=args.epochs)
     written = wandb_parent / "wandb"
     print(
         f"rts simulate: wrote {len(paths)} runs under {written} in "
@@ -57,11 +64,31 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate_mettagrid(args: argparse.Namespace, wandb_parent: Path) -> list[Path]:
+    """Real MettaGrid training runs (needs the `mettagrid` extra; docs/mettagrid_engine.md)."""
+    try:
+        from rts_dagster.mettagrid_engine.run import DEFAULT_SEEDS, train_default
+    except ImportError as error:
+        raise SystemExit(
+            f"rts simulate --engine mettagrid: {error}; install the extra: "
+            "pip install -e '.[mettagrid]'"
+        ) from error
+    seeds = DEFAULT_SEEDS if args.seeds is None else tuple(args.seeds)
+    return train_default(
+        wandb_parent,
+        seeds=seeds,
+        epochs=args.epochs,
+        time_budget=args.time_budget,
+        jobs=args.jobs,
+        policy=args.policy,
+    )
+
+
 def cmd_refresh(args: argparse.Namespace) -> int:
     ensure_instance_home()
     from rts_dagster.refresh import refresh
 
-    return refresh(force=args.force, quiet=args.quiet)
+    return refresh(force=args.force, quiet=args.quiet, jobs=args.jobs, batch=args.batch)
 
 
 def cmd_instance(args: argparse.Namespace) -> int:
@@ -92,8 +119,39 @@ def build_parser() -> argparse.ArgumentParser:
         "run `RTS_OFFLINE_DIR=OUT rts refresh` (the whole tree is searched)",
     )
     sim.add_argument("--if-missing", action="store_true", help="do nothing if runs exist")
-    sim.add_argument("--jobs", type=int, default=2, help="parallel processes (default 2)")
+    sim.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="parallel processes (default 2; mettagrid: one per seed)",
+    )
     sim.add_argument("--epochs", type=int, default=None, help="epochs per run (default: model's)")
+    sim.add_argument(
+        "--engine",
+        choices=("simulator", "mettagrid"),
+        default="simulator",
+        help="simulator (default): the embedded learner model; mettagrid: real MettaGrid "
+        "environments trained by PPO under per-worker LP, logged as Metta logs (needs the "
+        "extra: pip install -e '.[mettagrid]'; default set ~3-4 min on 2 cores, "
+        "docs/mettagrid_engine.md)",
+    )
+    sim.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="mettagrid: stop each run after this many seconds (its length then depends on "
+        "the machine's speed; --epochs stays a cap)",
+    )
+    sim.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="mettagrid: seeds (default 1 2 3)"
+    )
+    sim.add_argument(
+        "--policy",
+        choices=("ppo", "random"),
+        default="ppo",
+        help="mettagrid: the learner (random needs no torch: a smoke run)",
+    )
     sim.set_defaults(func=cmd_simulate)
 
     ref = sub.add_parser(
@@ -105,6 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ref.add_argument("--force", action="store_true", help="re-materialize every partition")
     ref.add_argument("--quiet", action="store_true", help="print only the summary")
+    ref.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="worker processes for the per-run assets (default: the machine's cores)",
+    )
+    ref.add_argument(
+        "--batch",
+        type=int,
+        default=50,
+        help="partitions per Dagster run (default 50; 1 = one run per partition). Every "
+        "partition is still its own materialization; a failed batch is redone key by key",
+    )
     ref.set_defaults(func=cmd_refresh)
 
     inst = sub.add_parser("instance", help="create $DAGSTER_HOME with dagster.yaml; print it")

@@ -434,6 +434,10 @@ LP_CLOSED_LOOP = pl.Schema(
         "reached_competence": pl.Boolean,  # False: never; time_to_competence = epochs
         "final_reward": pl.Float64,  # mean episode reward over the last 10% of epochs
         "competence_final": pl.Float64,  # mean latent competence at the end
+        # simulator: the learner model; mettagrid: real MettaGrid + PPO (competence = mean
+        # over labels of the label's reward in the last 25% of epochs; time in epochs until
+        # the label-mean reward reaches 0.8)
+        "engine": pl.String,
     }
 )
 
@@ -452,6 +456,7 @@ LP_CLOSED_LOOP_SUMMARY = pl.Schema(
         "ci_method": pl.String,  # "paired t"
         "n_pairs": pl.Int64,  # seeds with a finite difference (the interval's n)
         "n_censored": pl.Int64,  # runs that never reached competence (counted as epochs)
+        "engine": pl.String,  # what trained the runs: simulator | mettagrid
     }
 )
 
@@ -534,6 +539,7 @@ EVIDENCE = pl.Struct(
         "sd": pl.Float64,  # sd of the paired differences (seeds an experiment needs)
         "better": pl.Int64,  # +1: positive estimate good for the proposal; -1: negative; 0
         "direction": pl.Int64,  # proposed ema_timescale vs the runs': +1 faster, -1 slower
+        "engine": pl.String,  # closed loop: "simulator" | "mettagrid"; else "simulator"
     }
 )
 VERDICTS = pl.Schema(

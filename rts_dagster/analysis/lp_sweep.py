@@ -848,6 +848,7 @@ def summarise_closed_loop(
                         "ci_method": diff.method,
                         "n_pairs": diff.n,
                         "n_censored": censored,
+                        "engine": paired["engine"][0] if "engine" in paired.columns else None,
                     }
                 )
     if not rows:

@@ -86,6 +86,7 @@ class Evidence:
     sd: float = math.nan  # sd of the paired differences, for the seeds an experiment needs
     better: int = 0  # +1: a positive estimate is good for the proposal, -1: negative, 0: n/a
     direction: int = 0  # proposal vs default ema_timescale: +1 faster, -1 slower, 0 n/a
+    engine: str = "simulator"  # closed loop: what trained the runs (simulator | mettagrid)
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,15 @@ def closed_loop_reading(rows: list[Evidence]) -> str | None:
     return "harmful" if bad_primary else "inconclusive"
 
 
+ENGINE_WORDS = {"simulator": "simulator", "mettagrid": "MettaGrid PPO"}
+
+
+def closed_loop_name(rows: list[Evidence]) -> str:
+    """ "closed loop (simulator)" or "closed loop (MettaGrid PPO)": what trained the runs."""
+    engine = rows[0].engine if rows else "simulator"
+    return f"closed loop ({ENGINE_WORDS.get(engine, engine)})"
+
+
 def mixed_text(rows: list[Evidence]) -> str:
     """ "final competence better; time to competence, final reward worse"."""
     better = [e.metric.replace("_", " ") for e in rows if _good(e)]
@@ -226,7 +236,7 @@ def decide(
                 Experiment(
                     exp.arms,
                     exp.seeds_per_arm,
-                    "the replay favours it; the closed loop (simulator) finds it harmful",
+                    f"the replay favours it; the {closed_loop_name(mine)} finds it harmful",
                 ),
             )
         if reading == "helpful" and not opposite:
@@ -261,7 +271,7 @@ def decide(
             return Experiment(exp.arms, exp.seeds_per_arm, reason)
 
         if replay_check is False or reading == "harmful":
-            against = "the replay" if replay_check is False else "the closed loop (simulator)"
+            against = "the replay" if replay_check is False else f"the {closed_loop_name(mine)}"
             return verdict(
                 "keep_default",
                 proposal.proposal,
@@ -279,7 +289,7 @@ def decide(
                 "3: noise analysis' pair supported",
                 settle(
                     "supported by the model and the "
-                    + ("replay" if replay_check else "closed loop (simulator)")
+                    + ("replay" if replay_check else closed_loop_name(mine))
                     + ": confirm in training"
                 ),
             )
@@ -292,7 +302,7 @@ def decide(
             settle(
                 "the noise analysis proposes it; "
                 + (
-                    f"the closed loop (simulator) is mixed: {mixed_text(mine)}"
+                    f"the {closed_loop_name(mine)} is mixed: {mixed_text(mine)}"
                     if reading == "mixed"
                     else "neither the replay nor the closed loop can tell it from the default"
                     if reading
@@ -590,6 +600,7 @@ def closed_loop_evidence(rows: list[dict]) -> list[Evidence]:
                 int(r.get("n_pairs") or r.get("n_seeds") or 0),
             ),
             better=good,
+            engine=r.get("engine") or "simulator",
         )
         out.append(replace(e, supports=True if _good(e) else False if _bad(e) else None))
     return out

@@ -176,6 +176,10 @@ class LPRecommendationsConfig(dg.Config):
     closed_loop_seeds: list[int] = [101, 102, 103]  # noqa: RUF012  (fresh seeds, not the demo's)
     closed_loop_epochs: int = 300
     workers: int = 2  # simulator processes
+    # "mettagrid": also train MettaGrid engine tasks (mettagrid_*) under the candidates with
+    # the engine's PPO (needs the `mettagrid` extra; minutes per run, so opt-in)
+    closed_loop_engine: str = "simulator"
+    closed_loop_mettagrid_epochs: int = 60
 
 
 @dg.asset(
@@ -217,7 +221,12 @@ def lp_recommendations(
     if config.closed_loop:
         candidates = lp_sweep.closed_loop_candidates(recs, metrics)
         jobs, notes = plan_closed_loop(
-            candidates, metrics, config.closed_loop_seeds, config.closed_loop_epochs
+            candidates,
+            metrics,
+            config.closed_loop_seeds,
+            config.closed_loop_epochs,
+            engine=config.closed_loop_engine,
+            mettagrid_epochs=config.closed_loop_mettagrid_epochs,
         )
         for note in notes:
             context.log.info(f"closed loop: {note}")

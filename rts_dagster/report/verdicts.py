@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from rts_dagster.analysis.verdict import Evidence, Verdict
+from rts_dagster.analysis.verdict import Evidence, Verdict, closed_loop_name
 from rts_dagster.report.document import Bullets, Heading, Paragraph, Report, Table
 from rts_dagster.report.figures import number
 
@@ -21,13 +21,18 @@ _SOURCES = {
 _SUPPORTS = {True: "for the change", False: "against the change", None: "cannot tell"}
 
 
+def source_name(e: Evidence) -> str:
+    """Where a piece of evidence comes from; a closed loop names what trained its runs."""
+    return closed_loop_name([e]) if e.source == "closed_loop" else _SOURCES[e.source]
+
+
 def _num(value: float) -> str:
     return number(value) if math.isfinite(value) else "n/a"
 
 
 def evidence_text(e: Evidence) -> str:
     """ "LP replay: <finding> (+0.12, 95% paired t interval, n=3: +0.02 to +0.22)"."""
-    text = f"{_SOURCES[e.source]}: {e.finding}"
+    text = f"{source_name(e)}: {e.finding}"
     if e.source == "data":  # facts about the data; their numbers are in the finding
         return text
     if math.isfinite(e.estimate) and e.unit.startswith("log "):  # a ratio: show it as one
@@ -124,7 +129,7 @@ def add_verdict_section(report: Report, verdicts: list[Verdict]) -> None:
     )
     report.add(Bullets([headline(v) for v in verdicts]))
     rows = [
-        [v.task, _SOURCES[e.source], _SUPPORTS[e.supports], evidence_text(e)]
+        [v.task, source_name(e), _SUPPORTS[e.supports], evidence_text(e)]
         for v in verdicts
         for e in v.evidence
     ]

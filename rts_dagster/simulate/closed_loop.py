@@ -65,6 +65,8 @@ def plan_closed_loop(
     metrics: pl.DataFrame,
     seeds: Sequence[int],
     epochs: int,
+    engine: str = "simulator",
+    mettagrid_epochs: int = 60,
 ) -> tuple[list[Job], list[str]]:
     """Simulator jobs comparing each task's candidate configurations (names from
     `lp_sweep.closed_loop_candidates`) with Metta's default on `seeds` (each once), and one
@@ -73,12 +75,28 @@ def plan_closed_loop(
     `kalman_matched` and `separation_matched` take the geometric mean of the settings of
     their runs replayed per completion (`metrics`; a weight fitted to epoch means is not a
     per-completion EMA weight)."""
+    from rts_dagster.mettagrid_engine.closed_loop import runnable, task_set_of
+
     jobs: list[Job] = []
     notes: list[str] = []
     for task, pairs in candidates.items():
-        if task not in TASKS:
-            notes.append(f"no simulator model of task {task!r}: skipped")
+        task_set = task_set_of(task)
+        on_mettagrid = engine == "mettagrid" and task_set is not None
+        if task not in TASKS and not on_mettagrid:
+            hint = (
+                " (a MettaGrid engine task: set closed_loop_engine=mettagrid to train it, "
+                "minutes per run)"
+                if task_set is not None
+                else ""
+            )
+            notes.append(f"no simulator model of task {task!r}: skipped{hint}")
             continue
+        if on_mettagrid:
+            from rts_dagster.mettagrid_engine.run import TASK_SETS
+
+            n_labels, run_epochs = len(TASK_SETS[task_set]), mettagrid_epochs
+        else:
+            n_labels, run_epochs = len(TASKS[task].labels), epochs
         gains = metrics.filter(
             (pl.col("task") == task)
             & (pl.col("config") == KALMAN_MATCHED)
@@ -99,18 +117,19 @@ def plan_closed_loop(
             else None
         )
         sweep = {
-            c.name: c
-            for c in default_sweep(
-                len(TASKS[task].labels), matched_gain=gain, separation=separation
-            )
+            c.name: c for c in default_sweep(n_labels, matched_gain=gain, separation=separation)
         }
+        if on_mettagrid:
+            for name in [n for n, _ in pairs if n in sweep and runnable(sweep[n])]:
+                notes.append(f"task {task!r}: {name} skipped ({runnable(sweep[name])})")
+                del sweep[name]
         missing = [name for name, _ in pairs if name not in sweep]
         if missing:
             notes.append(f"task {task!r}: {missing} not in the simulator's sweep: skipped")
         names = [name for name, _ in pairs if name in sweep]
         if names:
             for seed in dict.fromkeys(seeds):
-                jobs.extend((task, seed, epochs, sweep[n]) for n in (METTA_DEFAULT, *names))
+                jobs.extend((task, seed, run_epochs, sweep[n]) for n in (METTA_DEFAULT, *names))
     return jobs, notes
 
 
@@ -120,7 +139,18 @@ def config_key(config: CurriculumConfig) -> str:
 
 
 def _one(job: Job) -> dict:
+    from rts_dagster.mettagrid_engine.closed_loop import task_set_of, train_outcomes
+
     task, seed, epochs, config = job
+    if task not in TASKS and task_set_of(task) is not None:
+        return {
+            "task": task,
+            "config": config.name,
+            "config_key": config_key(config),
+            "seed": seed,
+            **train_outcomes(task, seed, epochs, config),
+            "engine": "mettagrid",
+        }
     run = simulate(task, seed, epochs, curriculum=config)
     return {
         "task": task,
@@ -128,6 +158,7 @@ def _one(job: Job) -> dict:
         "config_key": config_key(config),
         "seed": seed,
         **outcomes(run),
+        "engine": "simulator",
     }
 
 

@@ -307,8 +307,10 @@ def test_closed_loop_summary_by_hand() -> None:
     assert with_matched["t"] == candidates["t"]
     rows = []
     for seed, (d, c) in enumerate([(100, 90), (120, 100), (300, 300)], 1):
-        rows.append(("t", METTA_DEFAULT, "k0", seed, 300, float(d), d < 300, 0.5, 0.6))
-        rows.append(("t", "main_ema_0.006", "k1", seed, 300, float(c), c < 300, 0.55, 0.62))
+        rows.append(("t", METTA_DEFAULT, "k0", seed, 300, float(d), d < 300, 0.5, 0.6, "simulator"))
+        rows.append(
+            ("t", "main_ema_0.006", "k1", seed, 300, float(c), c < 300, 0.55, 0.62, "simulator")
+        )
     outcomes = conform(
         pl.DataFrame(rows, schema=list(LP_CLOSED_LOOP.names()), orient="row"), LP_CLOSED_LOOP
     )
@@ -319,6 +321,7 @@ def test_closed_loop_summary_by_hand() -> None:
     assert ttc["diff"] == pytest.approx(-10.0)
     assert (ttc["diff_ci_low"], ttc["diff_ci_high"]) == pytest.approx((low, high))
     assert (ttc["ci_method"], ttc["n_pairs"]) == ("paired t", 3)
+    assert ttc["engine"] == "simulator"
     assert ttc["n_censored"] == 2  # seed 3 never reached competence in either run
     assert ttc["role"] == "recommended" and ttc["n_seeds"] == 3
     final = summary.filter(pl.col("metric") == "final_reward")["diff"].item()
