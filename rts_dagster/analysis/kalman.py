@@ -643,9 +643,13 @@ def welch_log_ratio_interval(
         return Interval(math.exp(diff), math.exp(diff), math.exp(diff), CI_METHOD_WELCH, n, level)
     df = (va + vb) ** 2 / (va * va / (la.size - 1) + vb * vb / (lb.size - 1))
     half = float(stats.t.ppf(0.5 + level / 2.0, df) * se)
-    return Interval(
-        math.exp(diff), math.exp(diff - half), math.exp(diff + half), CI_METHOD_WELCH, n, level
-    )
+    return Interval(_exp(diff), _exp(diff - half), _exp(diff + half), CI_METHOD_WELCH, n, level)
+
+
+def _exp(x: float) -> float:
+    """exp that saturates: a log-scale bound of a very wide interval (a Bonferroni level
+    over thousands of pairs with 3 seeds) is 0 or inf, not an OverflowError."""
+    return math.inf if x > 709.0 else math.exp(x)
 
 
 def _exclusions(part: pl.DataFrame) -> tuple[int, str]:
@@ -922,8 +926,8 @@ def _adjusted_for_picking(row: dict[str, Any], k: int) -> tuple[float, float, st
     centre, half = (math.log(high) + math.log(low)) / 2, (math.log(high) - math.log(low)) / 2
     widen = stats.t.ppf(1 - (1 - LEVEL) / (2 * k), n - 1) / stats.t.ppf(1 - (1 - LEVEL) / 2, n - 1)
     return (
-        math.exp(centre - half * widen),
-        math.exp(centre + half * widen),
+        _exp(centre - half * widen),
+        _exp(centre + half * widen),
         f"{row['noise_ratio_ci_method']}, Bonferroni over {k} labels",
     )
 

@@ -43,6 +43,10 @@ class LPReplayConfig(dg.Config):
 
 
 MAX_REFERENCE_DEVIATION = 1e-9  # replay vs the stepwise reference, probability units
+# The per-completion reference is a Python loop (by design): checked on the first 500
+# completions of every run, enough to exercise every code path (first completions, memory,
+# z-score switch-on) without costing more than the replay itself.
+REFERENCE_CHECK_COMPLETIONS = 500
 
 
 @dg.asset(
@@ -61,7 +65,7 @@ MAX_REFERENCE_DEVIATION = 1e-9  # replay vs the stepwise reference, probability 
             "matches_stepwise_reference",
             asset="lp_replay",
             description="The vectorised replay equals the per-completion reference "
-            f"(StepwiseCurriculum) on the run's first 2000 completions within "
+            f"(StepwiseCurriculum) on the run's first {REFERENCE_CHECK_COMPLETIONS} completions within "
             f"{MAX_REFERENCE_DEVIATION:g} probability.",
         ),
     ],
@@ -120,7 +124,14 @@ def _replay_partition(
     sum_error = float((sums["probability"] - 1.0).abs().max())
     lowest = float(trace["probability"].min())
     deviation = max(
-        stepwise_deviation(stream.label_index, stream.reward, len(stream.labels), c, sps=stream.sps)
+        stepwise_deviation(
+            stream.label_index,
+            stream.reward,
+            len(stream.labels),
+            c,
+            sps=stream.sps,
+            limit=REFERENCE_CHECK_COMPLETIONS,
+        )
         for c in configs
         if c.name in (lp_sweep.METTA_DEFAULT, "zscore_z30_to_10")
     )
@@ -141,7 +152,7 @@ def _replay_partition(
                 "partition": str(key),
                 "max_probability_deviation": deviation,
                 "configs": "metta_default, zscore_z30_to_10",
-                "completions_checked": min(2000, int(stream.reward.size)),
+                "completions_checked": min(REFERENCE_CHECK_COMPLETIONS, int(stream.reward.size)),
             },
         ),
     ]

@@ -501,3 +501,12 @@ def test_ljung_box_failures_are_counted_and_said(rng: np.random.Generator) -> No
     n_usable = pooled["n_series"] - pooled["n_excluded"]
     sentence = next(x for x in describe_recommendations(table) if x.startswith("t, whole"))
     assert f"{pooled['n_fit_not_ok']} of {n_usable} usable fits fail Ljung-Box" in sentence
+
+
+def test_a_very_wide_log_interval_saturates_instead_of_overflowing():
+    # Bonferroni over thousands of task pairs with 3 seeds: found by bench/refresh.py at
+    # 334 tasks (OverflowError in the aggregate step)
+    from rts_dagster.analysis.kalman import welch_log_ratio_interval
+
+    ci = welch_log_ratio_interval([1e-12, 1, 1], [1, 1.1, 0.9], level=1 - 0.05 / 5565)
+    assert ci.high == math.inf and 0.0 <= ci.low < ci.estimate
