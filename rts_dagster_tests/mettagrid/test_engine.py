@@ -248,3 +248,16 @@ def test_lp_chooses_from_its_own_probabilities() -> None:
     assert all(c.sum() > 0 for c in counts)
     assert not all(np.array_equal(counts[0], c) for c in counts[1:])
     env.close()
+
+
+def test_importing_the_engine_leaves_the_root_log_level_alone() -> None:
+    import logging
+    import subprocess
+    import sys
+
+    code = (
+        "import logging; import rts_dagster.mettagrid_engine.run; "
+        "print(logging.getLogger().getEffectiveLevel())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(out.stdout.strip()) == logging.WARNING
