@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from scipy.signal import lfilter
 
+from rts_dagster.offline_wandb import offline_settings, offline_wandb_env
 from rts_dagster.sources.wandb_file import (
     BLOCK_LEN,
     CHUNK_HEADER_LEN,
@@ -56,12 +57,6 @@ _LABEL_STEMS = (
     "hello_world.energy_starved",
     "machina_1.divide_and_conquer",
 )
-_WANDB_ENV = {
-    "WANDB_MODE": "offline",
-    "WANDB_SILENT": "true",
-    "WANDB_ERROR_REPORTING": "false",
-    "WANDB_CONSOLE": "off",
-}
 
 
 def label_names(n_labels: int) -> list[str]:
@@ -143,9 +138,7 @@ class Template:
 def write_template(work_dir: Path, n_epochs: int, n_labels: int) -> Template:
     """Write one run of `n_epochs` x (`n_labels` labels + sps) with the real wandb library
     (offline, into `work_dir`) and parse it back into a `Template`."""
-    saved = {key: os.environ.get(key) for key in _WANDB_ENV}
-    os.environ.update(_WANDB_ENV)
-    try:
+    with offline_wandb_env():
         import wandb
 
         labels = label_names(n_labels)
@@ -159,16 +152,7 @@ def write_template(work_dir: Path, n_epochs: int, n_labels: int) -> Template:
             tags=[f"user:{USER}"],
             config={"seed": 0, "trainer": {"batch_size": STEPS_PER_EPOCH}},
             mode="offline",
-            settings=wandb.Settings(
-                silent=True,
-                console="off",
-                x_disable_stats=True,
-                x_disable_meta=True,
-                x_disable_machine_info=True,
-                x_save_requirements=False,
-                disable_git=True,
-                save_code=False,
-            ),
+            settings=offline_settings(),
         )
         run.define_metric(KEY_AGENT_STEP)
         run.define_metric("*", step_metric=KEY_AGENT_STEP)
@@ -179,12 +163,6 @@ def write_template(work_dir: Path, n_epochs: int, n_labels: int) -> Template:
             run.log({**row, KEY_AGENT_STEP: step}, step=step)
         run.finish()
         wandb.teardown()  # stop wandb's service process: the bench runs long after this
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     (path,) = Path(work_dir).glob(f"wandb/offline-run-*-{rid}/run-{rid}.wandb")
     wait_for_exit_record(path, timeout_s=60.0)
     from wandb.proto import wandb_internal_pb2 as pb

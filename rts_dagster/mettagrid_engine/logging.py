@@ -12,29 +12,20 @@ logs it once per epoch at `step = agent_step` and records every completion throu
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from rts_dagster.mettagrid_engine.vec import EpisodeEnd
+from rts_dagster.offline_wandb import offline_settings, offline_wandb_env, remove_previous
 from rts_dagster.recorder import RewardStreamRecorder
 from rts_dagster.sources.wandb_file import wait_for_exit_record
 
 ENV_PREFIX = "env_"
 CURRICULUM_PREFIX = "env_env_curriculum/"
 PROJECT = "metta"
-_WANDB_ENV = {
-    "WANDB_MODE": "offline",
-    "WANDB_SILENT": "true",
-    "WANDB_ERROR_REPORTING": "false",
-    "WANDB_CONSOLE": "off",
-}
 
 
 def epoch_means(infos: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -67,30 +58,6 @@ def epoch_row(
     row["metric/total_time"] = float(total_time)
     row.update(extra or {})
     return row
-
-
-@contextmanager
-def offline_wandb_env() -> Iterator[None]:
-    """Offline, silent wandb while inside; the caller's environment is restored after."""
-    saved = {key: os.environ.get(key) for key in _WANDB_ENV}
-    os.environ.update(_WANDB_ENV)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def remove_previous(wandb_dir: Path, run_id: str) -> None:
-    """Delete earlier offline folders of `run_id`, so a rewrite replaces them."""
-    pattern = re.compile(r"^offline-run-\d{8}_\d{6}-" + re.escape(run_id) + "$")
-    if wandb_dir.is_dir():
-        for entry in wandb_dir.iterdir():
-            if entry.is_dir() and pattern.match(entry.name):
-                shutil.rmtree(entry)
 
 
 class MettaRun:
@@ -138,16 +105,7 @@ class MettaRun:
             tags=list(tags),
             config=config,
             mode="offline",
-            settings=wandb.Settings(
-                silent=True,
-                console="off",
-                x_disable_stats=True,
-                x_disable_meta=True,
-                x_disable_machine_info=True,
-                x_save_requirements=False,
-                disable_git=True,
-                save_code=False,
-            ),
+            settings=offline_settings(),
         )
 
     def log_epoch(self, row: dict[str, float | int], episodes: Sequence[EpisodeEnd]) -> None:

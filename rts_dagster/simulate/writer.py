@@ -10,18 +10,15 @@ keys mirror what Metta logs once per epoch (see DOMAIN.md); docs/simulator.md li
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from rts_dagster.analysis.lp_replay import CurriculumConfig
+from rts_dagster.offline_wandb import offline_settings, offline_wandb_env, remove_previous
 from rts_dagster.parallel import run_spawned
 from rts_dagster.recorder import RewardStreamRecorder
 from rts_dagster.simulate.model import (
@@ -49,13 +46,6 @@ CURRICULUM_PREFIX = "env_env_curriculum/"
 KEY_MEAN_LP = CURRICULUM_PREFIX + "algorithm/lp/mean_learning_progress"
 KEY_EVICTED = CURRICULUM_PREFIX + "num_evicted"
 KEY_RECENT_SCORE = CURRICULUM_PREFIX + "algorithm/tracker/mean_recent_score"
-
-_WANDB_ENV = {
-    "WANDB_MODE": "offline",
-    "WANDB_SILENT": "true",
-    "WANDB_ERROR_REPORTING": "false",
-    "WANDB_CONSOLE": "off",
-}
 
 
 def run_id(task: str, seed: int, user: str = DEFAULT_USER, arm: str | None = None) -> str:
@@ -144,30 +134,6 @@ def epoch_rows(sim: SimulatedRun) -> Iterator[dict[str, float | int]]:
         yield row
 
 
-@contextmanager
-def _offline_wandb_env() -> Iterator[None]:
-    """Offline, silent wandb for the duration; the caller's environment is restored."""
-    saved = {key: os.environ.get(key) for key in _WANDB_ENV}
-    os.environ.update(_WANDB_ENV)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def _remove_previous(wandb_dir: Path, rid: str) -> None:
-    """Delete earlier offline folders of the same run id, so a rewrite replaces them."""
-    pattern = re.compile(r"^offline-run-\d{8}_\d{6}-" + re.escape(rid) + "$")
-    if wandb_dir.is_dir():
-        for entry in wandb_dir.iterdir():
-            if entry.is_dir() and pattern.match(entry.name):
-                shutil.rmtree(entry)
-
-
 def simulate_run(
     task: str,
     seed: int,
@@ -192,8 +158,8 @@ def simulate_run(
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     if replace:
-        _remove_previous(out_dir / "wandb", rid)
-    with _offline_wandb_env():
+        remove_previous(out_dir / "wandb", rid)
+    with offline_wandb_env():
         import wandb  # deferred: ~1 s to import, not needed by the model
 
         run = wandb.init(
@@ -204,16 +170,7 @@ def simulate_run(
             tags=[f"user:{user}", ENGINE_TAG],
             config=run_config(sim, user, tag),
             mode="offline",
-            settings=wandb.Settings(
-                silent=True,
-                console="off",
-                x_disable_stats=True,
-                x_disable_meta=True,
-                x_disable_machine_info=True,
-                x_save_requirements=False,
-                disable_git=True,
-                save_code=False,
-            ),
+            settings=offline_settings(),
         )
         try:
             run.define_metric("metric/agent_step")
