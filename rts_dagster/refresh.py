@@ -12,7 +12,6 @@ string printed (run names, keys, errors) has its control characters escaped.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -27,6 +26,7 @@ import polars as pl
 from rts_dagster import storage
 from rts_dagster.definitions import ASSETS, RESOURCES, defs
 from rts_dagster.defs.partitions import runs_partitions
+from rts_dagster.defs.per_run import code_fingerprint
 from rts_dagster.defs.resources import RtsStorage
 from rts_dagster.defs.runs import partition_is_current
 from rts_dagster.discovery import row_files
@@ -38,17 +38,6 @@ _QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
 # Seconds between "still running" lines while one Dagster run is in progress.
 HEARTBEAT_S = 10.0
 _MANIFEST_VERSION = 1
-_PACKAGE_DIR = Path(__file__).resolve().parent
-
-
-def code_fingerprint() -> str:
-    """sha256 of every module of the package (schemas, analysis, report): the aggregates
-    built by other code are out of date."""
-    digest = hashlib.sha256()
-    for path in sorted(_PACKAGE_DIR.rglob("*.py")):
-        digest.update(path.relative_to(_PACKAGE_DIR).as_posix().encode())
-        digest.update(b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()
 
 
 def aggregate_inputs(matched: pl.DataFrame) -> dict[str, Any]:

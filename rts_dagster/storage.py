@@ -243,3 +243,8 @@ def experiment_paths(data_dir: Path) -> dict[str, Path]:
 
 def report_dir(data_dir: Path) -> Path:
     return data_dir / "report"
+
+
+def cache_dir(data_dir: Path) -> Path:
+    """Per-run results of the aggregates (`defs/per_run.py`): derived, safe to delete."""
+    return data_dir / "cache"

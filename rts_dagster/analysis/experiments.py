@@ -256,10 +256,12 @@ def _sps_mean(samples: pl.DataFrame) -> pl.DataFrame:
     per_epoch = (
         samples.filter(pl.col("sps").is_finite())
         .with_columns(key=key)
-        .group_by("run_id", "granularity", "key")
+        # in order: a mean over thread-ordered groups differs in the last bits from run to
+        # run, and two arms with the same SPS would then differ by ~1e-12
+        .group_by("run_id", "granularity", "key", maintain_order=True)
         .agg(pl.col("sps").first())
     )
-    return per_epoch.group_by("run_id", "granularity").agg(
+    return per_epoch.group_by("run_id", "granularity", maintain_order=True).agg(
         sps_mean=pl.col("sps").mean(), n_sps=pl.len()
     )
 

@@ -2,6 +2,7 @@
 `timescale_recommendations`. Thin: the science is in rts_dagster.analysis."""
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +13,14 @@ from rts_dagster import storage
 from rts_dagster.analysis import epoch_view, kalman, lp_timescales, metrics, quality, variance
 from rts_dagster.defs.batches import BACKFILL_POLICY, PartitionOutcome, materialize_partitions
 from rts_dagster.defs.partitions import runs_partitions
+from rts_dagster.defs.per_run import per_run_table
 from rts_dagster.defs.resources import RtsStorage
 from rts_dagster.defs.runs import load_partition_streams, read_discovered, reward_streams
 from rts_dagster.discovery import row_files
 from rts_dagster.escape import md, md_table
 from rts_dagster.schema import (
     EPOCH_VIEW,
+    LOCAL_LEVEL,
     LP_TIMESCALES,
     NOISE_BY_PROGRESS,
     REWARD_STREAMS,
@@ -133,34 +136,69 @@ def _matched_rows(rts_storage: RtsStorage) -> list[dict[str, Any]]:
 ALL_TABLES = ("streams", "series", "rolling", "progress")
 
 
+def materialized_rows(
+    rts_storage: RtsStorage,
+    context: dg.AssetExecutionContext,
+    rows: list[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """The matched discovered_runs rows (or `rows`) whose streams and series_metrics files
+    are all written. Partitions not materialized yet are left out with a warning (they join
+    on the next refresh); none at all is a failure."""
+    root = rts_storage.root()
+    done, missing = [], []
+    for row in _matched_rows(rts_storage) if rows is None else rows:
+        stream_path, paths = _partition_stream_paths(root, row)
+        if stream_path.exists() and all(p.exists() for p in paths.values()):
+            done.append(row)
+        else:
+            missing.append(row["partition_key"])
+    if missing:
+        context.log.warning(f"not yet materialized, left out: {', '.join(missing)}")
+    if not done:
+        raise dg.Failure("no materialized series_metrics partitions yet: run `rts refresh`")
+    return done
+
+
 def load_all(
     rts_storage: RtsStorage,
     context: dg.AssetExecutionContext,
     names: tuple[str, ...] = ALL_TABLES,
     rows: list[dict[str, Any]] | None = None,
 ) -> dict[str, pl.DataFrame]:
-    """Every materialized partition's streams and metric tables (only `names` are read),
-    concatenated. Partitions not materialized yet are skipped with a warning (they join on
-    the next refresh). `rows`: the matched discovered_runs rows, when the caller has them."""
+    """The streams and metric tables (only `names` are read) of every materialized
+    partition (`materialized_rows`), concatenated. Holds them all in memory: aggregates read
+    the per-series tables through it, and whole streams only for a bounded set of runs
+    (the report's figure tasks, an experiment's arms); run-by-run work goes through
+    `per_run.per_run_table`. `rows`: the matched discovered_runs rows to read."""
     root = rts_storage.root()
     parts: dict[str, list[pl.DataFrame]] = {name: [] for name in names}
-    missing = []
-    for row in _matched_rows(rts_storage) if rows is None else rows:
+    for row in materialized_rows(rts_storage, context, rows):
         stream_path, paths = _partition_stream_paths(root, row)
-        if not stream_path.exists() or not all(p.exists() for p in paths.values()):
-            missing.append(row["partition_key"])
-            continue
         if "streams" in parts:
             parts["streams"].append(conform(pl.read_parquet(stream_path), REWARD_STREAMS))
         for name, schema in _TABLE_SCHEMAS.items():
             if name in parts:
                 parts[name].append(conform(pl.read_parquet(paths[name]), schema))
-    if missing:
-        context.log.warning(f"not yet materialized, left out: {', '.join(missing)}")
-    if not next(iter(parts.values())):
-        raise dg.Failure("no materialized series_metrics partitions yet: run `rts refresh`")
     schemas = {"streams": REWARD_STREAMS, **_TABLE_SCHEMAS}
     return {k: pl.concat(v) if v else pl.DataFrame(schema=schemas[k]) for k, v in parts.items()}
+
+
+def baseline_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs of baseline arms among `rows`: the runs the task aggregates pool."""
+    return [r for r in rows if r.get("baseline") is not False]
+
+
+def usable_of_runs(
+    compute: Callable[[pl.DataFrame], pl.DataFrame], purpose: str, schema: pl.Schema
+) -> Callable[[pl.DataFrame], pl.DataFrame]:
+    """`compute` on the series of some runs' streams whose quality status fits `purpose`
+    (the arm is decided later, per run: see `per_run`); an empty table when none does."""
+
+    def run(streams: pl.DataFrame) -> pl.DataFrame:
+        kept = quality.keep_usable(streams, quality.series_quality(streams), purpose)
+        return compute(kept) if kept.height else pl.DataFrame(schema=schema)
+
+    return run
 
 
 def _lp_configs(
@@ -209,9 +247,18 @@ def arms_table(rows: list[dict[str, Any]]) -> pl.DataFrame:
 def data_quality(
     context: dg.AssetExecutionContext, rts_storage: RtsStorage
 ) -> dg.MaterializeResult:
-    rows = _matched_rows(rts_storage)
-    tables = load_all(rts_storage, context, names=("streams",), rows=rows)
-    series_q = quality.series_quality(tables["streams"], arms_table(rows))
+    rows = materialized_rows(rts_storage, context)
+    per_run_quality = per_run_table(
+        rts_storage.root(),
+        rows,
+        "series_quality",
+        quality.series_quality,
+        SERIES_QUALITY,
+        log=context.log.info,
+    )
+    series_q = conform(
+        quality.with_arms(per_run_quality, arms_table(rows)), SERIES_QUALITY, "series_quality"
+    )
     runs_q = quality.run_quality(series_q)
     paths = storage.quality_paths(rts_storage.root())
     storage.write_parquet(series_q, paths["series"])
@@ -332,11 +379,17 @@ def _n_envs_by_run(rts_storage: RtsStorage, rows: list[dict[str, Any]]) -> dict[
 def timescale_recommendations(
     context: dg.AssetExecutionContext, config: TimescaleConfig, rts_storage: RtsStorage
 ) -> dg.MaterializeResult:
-    rows = _matched_rows(rts_storage)
-    tables = load_all(rts_storage, context, names=("streams",), rows=rows)
-    series_q = read_quality(rts_storage)
-    streams = quality.keep_usable(tables["streams"], series_q, quality.PURPOSE_DYNAMICS)
-    per_series = kalman.estimate_local_level(streams)
+    root = rts_storage.root()
+    rows = materialized_rows(rts_storage, context)
+    baseline = baseline_rows(rows)
+    per_series = per_run_table(
+        root,
+        baseline,
+        "local_level",
+        usable_of_runs(kalman.estimate_local_level, quality.PURPOSE_DYNAMICS, LOCAL_LEVEL),
+        LOCAL_LEVEL,
+        log=context.log.info,
+    )
     table = kalman.recommend_timescales(
         per_series, lp_configs_by_task=_lp_configs(rts_storage, rows)
     )
@@ -345,12 +398,19 @@ def timescale_recommendations(
         lp_timescales.lp_separation_table(per_series), LP_TIMESCALES, "lp_timescales"
     )
     storage.write_parquet(separation, storage.lp_timescales_path(rts_storage.root()))
-    view = conform(
-        epoch_view.epoch_view(
-            streams, _n_envs_by_run(rts_storage, rows), config.completions_per_epoch
+    n_envs = _n_envs_by_run(rts_storage, baseline)
+    view = per_run_table(
+        root,
+        baseline,
+        "epoch_view",
+        usable_of_runs(
+            lambda streams: epoch_view.epoch_view(streams, n_envs, config.completions_per_epoch),
+            quality.PURPOSE_DYNAMICS,
+            EPOCH_VIEW,
         ),
         EPOCH_VIEW,
-        "epoch_view",
+        settings={"completions_per_epoch": config.completions_per_epoch},
+        log=context.log.info,
     )
     storage.write_parquet(view, storage.epoch_view_path(rts_storage.root()))
     path = storage.write_parquet(table, storage.timescales_path(rts_storage.root()))

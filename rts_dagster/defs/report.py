@@ -7,15 +7,18 @@ import dagster as dg
 import polars as pl
 
 from rts_dagster import storage
-from rts_dagster.analysis import kalman
+from rts_dagster.analysis import kalman, quality
+from rts_dagster.analysis.learning import learning_slopes
 from rts_dagster.analysis.verdict import verdicts_from_table
 from rts_dagster.defs.analysis import (
     _lp_configs,
-    _matched_rows,
     arms_table,
+    baseline_rows,
     load_all,
+    materialized_rows,
     read_quality,
     timescale_recommendations,
+    usable_of_runs,
     variance_table,
 )
 from rts_dagster.defs.experiments import (
@@ -24,8 +27,10 @@ from rts_dagster.defs.experiments import (
     read_experiment_tables,
 )
 from rts_dagster.defs.lp import lp_recommendations, lp_tables
+from rts_dagster.defs.per_run import per_run_table
 from rts_dagster.defs.resources import RtsStorage
 from rts_dagster.defs.verdicts import verdicts as verdicts_asset
+from rts_dagster.schema import LEARNING_SLOPES
 
 
 def run_engines(rows: list[dict[str, Any]]) -> dict[str, int]:
@@ -53,12 +58,26 @@ def run_engines(rows: list[dict[str, Any]]) -> dict[str, int]:
     "$RTS_DATA_DIR/report/, built from the tables above.",
 )
 def report(context: dg.AssetExecutionContext, rts_storage: RtsStorage) -> dg.MaterializeResult:
-    from rts_dagster.report.build import build_report
+    from rts_dagster.report.build import build_report, figure_tasks
     from rts_dagster.report.document import write_report
 
     root = rts_storage.root()
-    rows = _matched_rows(rts_storage)  # read once: every table below needs the runs
-    tables = load_all(rts_storage, context, rows=rows)
+    rows = materialized_rows(rts_storage, context)  # read once: every table below needs them
+    verdicts = verdicts_from_table(pl.read_parquet(storage.verdicts_path(root)))
+    # whole streams and per-sample tables only for the tasks the figures show: memory and
+    # time stay bounded however many runs there are
+    shown = set(figure_tasks(sorted({r["task"] for r in rows}), verdicts))
+    tables = load_all(rts_storage, context, names=("series", "progress"), rows=rows)
+    shown_rows = [r for r in rows if r["task"] in shown]
+    tables |= load_all(rts_storage, context, names=("streams", "rolling"), rows=shown_rows)
+    learning = per_run_table(
+        root,
+        baseline_rows(rows),
+        "learning_slopes",
+        usable_of_runs(learning_slopes, quality.PURPOSE_LEVEL, LEARNING_SLOPES),
+        LEARNING_SLOPES,
+        log=context.log.info,
+    )
     epoch_path = storage.epoch_view_path(root)
     variance_df = pl.read_parquet(storage.variance_table_path(root))
     recs = pl.read_parquet(storage.timescales_path(root))
@@ -74,13 +93,14 @@ def report(context: dg.AssetExecutionContext, rts_storage: RtsStorage) -> dg.Mat
         recs,
         kalman.describe_recommendations(recs),
         _lp_configs(rts_storage, rows),
-        lp=lp_tables(root, rows),
-        verdicts=verdicts_from_table(pl.read_parquet(storage.verdicts_path(root))),
+        lp=lp_tables(root, shown_rows),
+        verdicts=verdicts,
         series_quality=read_quality(rts_storage),
         run_urls={r["run_id"]: r["url"] for r in rows if r.get("url")},
         epoch_views=pl.read_parquet(epoch_path) if epoch_path.exists() else None,
         experiments=experiments,
         engines=run_engines(rows),
+        learning=learning,
     )
     written = write_report(doc, storage.report_dir(root))
     if written["note"]:

@@ -22,11 +22,47 @@ from rts_dagster.report.verdicts import add_verdict_section
 
 MAX_PLOT_POINTS = 400  # per line: enough for the shape, small HTML
 BAND_POINTS = 60  # slope/noise bands: each bin averages enough windows to show a trend
+# Tasks per figure: a panel per task stops being readable (and kaleido's render time grows
+# with every panel) well before a team's hundreds of tasks; the tables list every task.
+MAX_FIGURE_TASKS = 8
 
 
-def preferred_granularity(streams: pl.DataFrame) -> str:
-    """`completion` (what LP consumes) when recorded, else `epoch`."""
-    return "completion" if (streams["granularity"] == "completion").any() else "epoch"
+def figure_tasks(
+    tasks: list[str], verdicts: list[Verdict] | None, limit: int = MAX_FIGURE_TASKS
+) -> list[str]:
+    """The tasks the figures show, sorted: every task when there are at most `limit`; else
+    first those whose verdict changes an LP setting, then those with conflicting evidence,
+    then the rest, by name within each group."""
+    if len(tasks) <= limit:
+        return sorted(tasks)
+    by_task = {v.task: v for v in verdicts or []}
+
+    def rank(task: str) -> tuple[int, str]:
+        v = by_task.get(task)
+        if v is not None and v.action == "change":
+            return 0, task
+        if v is not None and v.conflict:
+            return 1, task
+        return 2, task
+
+    return sorted(sorted(tasks, key=rank)[:limit])
+
+
+def shown_note(shown: list[str], tasks: list[str]) -> str:
+    """The sentence saying which tasks the figures leave out ("" when none)."""
+    if len(shown) >= len(tasks):
+        return ""
+    return (
+        f"The figures show {len(shown)} of the {len(tasks)} tasks ({', '.join(shown)}): those "
+        "whose verdict changes an LP setting first, then those with conflicting evidence, then "
+        "by name. Every table lists every task."
+    )
+
+
+def preferred_granularity(table: pl.DataFrame) -> str:
+    """`completion` (what LP consumes) when `table` (streams, or any per-series table) has
+    it, else `epoch`."""
+    return "completion" if (table["granularity"] == "completion").any() else "epoch"
 
 
 def _binned(
@@ -394,16 +430,24 @@ def build_report(
     run_urls: dict[str, str] | None = None,
     experiments: dict[str, pl.DataFrame] | None = None,
     engines: dict[str, int] | None = None,
+    learning: pl.DataFrame | None = None,
 ) -> Report:
     """The whole report. `findings`: descriptive sentences of the timescale analysis;
     `lp_configs`: task -> LP config found in its runs' config; `lp`: the lp_recommendations
     tables (`defs.lp.lp_tables`), None when not materialized; `verdicts`: one per task;
-    `series_quality`: the data_quality series table (what was left out and why)."""
-    granularity = preferred_granularity(streams)
-    n_runs = streams.select("task", "seed", "run_id").unique().height
-    tasks = sorted(streams["task"].unique().to_list())
+    `series_quality`: the data_quality series table (what was left out and why); runs,
+    tasks and granularity are counted from it when given.
+
+    `streams` and `rolling` feed only figures: a caller with many tasks may pass only the
+    rows of `figure_tasks(...)`. `learning`: `analysis.learning.learning_slopes` of every
+    run's usable series (computed from `streams` when None)."""
     if series_quality is None:
         series_quality = quality.series_quality(streams)
+    granularity = preferred_granularity(series_quality)
+    n_runs = series_quality.select("task", "seed", "run_id").unique().height
+    tasks = sorted(series_quality["task"].unique().to_list())
+    shown = figure_tasks(tasks, verdicts)
+    in_figures = pl.col("task").is_in(shown)
     # what each section may use (data_quality): levels keep constant series, dynamics not
     streams = quality.keep_usable(streams, series_quality, quality.PURPOSE_LEVEL)
     series = quality.keep_usable(series, series_quality, quality.PURPOSE_LEVEL)
@@ -424,15 +468,17 @@ def build_report(
         )
     )
     report.add(Paragraph([engine_sentence(engines or {})]))
+    if note := shown_note(shown, tasks):
+        report.add(Paragraph([note]))
     add_verdict_section(report, verdicts or [])
     _data_section(report, series_quality, granularity, run_urls)
 
     report.add(Heading("What the streams show"))
     report.add(Bullets(findings or ["Nothing to describe: too few usable samples."]))
-    add_learning_section(report, streams)
+    add_learning_section(report, streams if learning is None else None, slopes=learning)
     _epoch_section(report, epoch_views)
     if lp is not None:
-        add_lp_section(report, lp)
+        add_lp_section(report, lp, shown)
     if experiments is None:
         experiments = {k: None for k in ("comparison", "curves", "difference", "run_metrics")}
         experiments["plan"] = None
@@ -443,13 +489,15 @@ def build_report(
     report.add(
         Figure(
             "reward_curves",
-            figures.reward_curves(reward_curve_table(streams, granularity), granularity),
+            figures.reward_curves(
+                reward_curve_table(streams.filter(in_figures), granularity), granularity
+            ),
             f"Mean reward over labels vs sample index ({granularity} stream), one colour per "
             "seed (smoothed over 25 samples)." + _not_shown(series_quality, granularity),
         )
     )
 
-    roll = rolling.filter(pl.col("granularity") == granularity)
+    roll = rolling.filter((pl.col("granularity") == granularity) & in_figures)
     report.add(Heading("Rate of change and noise over training"))
     report.add(
         Figure(
@@ -483,7 +531,7 @@ def build_report(
         report.add(
             Figure(
                 "noise_vs_progress",
-                figures.noise_vs_progress(noise_bins),
+                figures.noise_vs_progress(noise_bins.filter(in_figures)),
                 f"Noise within each tenth of every label's series ({granularity} stream); "
                 "line = median over (label, seed) series, band = p10-p90.",
             )
@@ -498,7 +546,9 @@ def build_report(
         Figure(
             "noise_by_task",
             figures.noise_distribution(
-                sel, "noise_diff", "trend-robust noise std(diff)/sqrt(2) (reward units)"
+                sel.filter(in_figures),
+                "noise_diff",
+                "trend-robust noise std(diff)/sqrt(2) (reward units)",
             ),
             f"Trend-robust noise of every (label, seed) series, per task ({granularity} stream)."
             + _not_shown(series_quality, granularity),
@@ -597,7 +647,12 @@ def build_report(
             ),
             Figure(
                 "variance_ratios",
-                figures.variance_ratios(named),
+                figures.variance_ratios(
+                    named.filter(
+                        (pl.col("scope") == "across_tasks")
+                        | pl.col("scope").is_in([f"within_task:{t}" for t in shown])
+                    )
+                ),
                 "Seed/task and seed/label variance ratios with exact F 95% intervals (an "
                 "infinite upper bound is drawn to the axis edge).",
             ),
@@ -699,7 +754,9 @@ def build_report(
             report.add(
                 Figure(
                     f"timescales_{'completions' if unit == 'completions' else 'epochs'}",
-                    figures.timescales(named.sort("task", "label", descending=True), unit),
+                    figures.timescales(
+                        named.filter(in_figures).sort("task", "label", descending=True), unit
+                    ),
                     f"Tracking-optimal EMA timescale in the plateau regime, {unit} (dots, 95% "
                     "t interval over seeds on the log scale)"
                     + (

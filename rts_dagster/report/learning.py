@@ -38,10 +38,16 @@ def _interval(low: float | None, high: float | None, method: str) -> str:
     return f"{number(low)} to {number(high)} ({method})"
 
 
-def add_learning_section(report: Report, streams: pl.DataFrame) -> pl.DataFrame:
-    """The section; returns the per-label summary it printed."""
+def add_learning_section(
+    report: Report, streams: pl.DataFrame | None, slopes: pl.DataFrame | None = None
+) -> pl.DataFrame:
+    """The section, from `slopes` (`learning_slopes` of the usable series) or else from
+    `streams`; returns the per-label summary it printed."""
     report.add(Heading("Does the reward rise?"))
-    slopes = learning_slopes(streams)
+    if slopes is None:
+        if streams is None:
+            raise ValueError("add_learning_section needs streams or slopes")
+        slopes = learning_slopes(streams)
     summary = learning_summary(slopes)
     if summary.height == 0:
         report.add(Paragraph(["No usable series to fit a slope to."]))

@@ -217,8 +217,11 @@ def _trace_panels(traces: pl.DataFrame, recs: pl.DataFrame) -> pl.DataFrame:
 
 
 # --- section -------------------------------------------------------------------------------------
-def add_lp_section(report: Report, lp: dict[str, pl.DataFrame]) -> None:
-    """Append the LP configuration section to `report`."""
+def add_lp_section(
+    report: Report, lp: dict[str, pl.DataFrame], figure_tasks: list[str] | None = None
+) -> None:
+    """Append the LP configuration section to `report`; its figures show `figure_tasks`
+    (all tasks when None), its tables every task."""
     report.add(Heading("LP configuration: replay and closed-loop check"))
     tables, problems = _tables(lp)
     summary, recs = tables["summary"], tables["recommendations"].sort("task", "granularity")
@@ -246,8 +249,13 @@ def add_lp_section(report: Report, lp: dict[str, pl.DataFrame]) -> None:
                 ]
             )
         )
-    _snr_figure(report, summary, recs)
-    _sampling_figure(report, traces, recs)
+    if figure_tasks is None:
+        shown, shown_summary = recs, summary
+    else:
+        shown = recs.filter(pl.col("task").is_in(figure_tasks))
+        shown_summary = summary.filter(pl.col("task").is_in(figure_tasks))
+    _snr_figure(report, shown_summary, shown)
+    _sampling_figure(report, traces, shown)
     _pole(report, summary)
     _closed_loop(report, closed, runs, recs)
     _limits(report, recs)
