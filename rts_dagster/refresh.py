@@ -215,7 +215,7 @@ def _partition_paths(data_dir: Path, row: dict[str, Any]) -> tuple[Path, Path]:
     return storage.stream_paths(data_dir, folder, stem)
 
 
-DEFAULT_BATCH = 50  # partitions per Dagster run in `rts refresh`
+DEFAULT_BATCH = 100  # partitions per Dagster run in `rts refresh` (Dagster's own backfills: 100)
 
 
 def default_jobs() -> int:

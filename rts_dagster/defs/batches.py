@@ -70,6 +70,14 @@ def _combined_checks(keys: Sequence[str], outcomes: Sequence[PartitionOutcome]) 
     return combined
 
 
+def partition_log(context: dg.AssetExecutionContext) -> Callable[[str], None]:
+    """`context.log.info` when the run has one partition, else a no-op: every log line is
+    an event-log write (~15 ms on SQLite), and a batch's per-partition table says the same."""
+    if len(context.partition_keys) == 1:
+        return context.log.info
+    return lambda message: None
+
+
 def materialize_partitions(
     context: dg.AssetExecutionContext, compute: Callable[[str], PartitionOutcome]
 ) -> dg.MaterializeResult:

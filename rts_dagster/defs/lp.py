@@ -4,6 +4,7 @@ check in the simulator. Thin: the science is in rts_dagster.analysis.lp_*."""
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,12 @@ from rts_dagster.analysis import lp_sweep
 from rts_dagster.analysis.lp_replay import stepwise_deviation
 from rts_dagster.analysis.lp_signal import TrendSettings
 from rts_dagster.defs.analysis import _matched_rows, _preview, data_quality, read_quality
-from rts_dagster.defs.batches import BACKFILL_POLICY, PartitionOutcome, materialize_partitions
+from rts_dagster.defs.batches import (
+    BACKFILL_POLICY,
+    PartitionOutcome,
+    materialize_partitions,
+    partition_log,
+)
 from rts_dagster.defs.partitions import runs_partitions
 from rts_dagster.defs.resources import RtsStorage
 from rts_dagster.defs.runs import load_partition_streams, read_discovered, reward_streams
@@ -43,10 +49,18 @@ class LPReplayConfig(dg.Config):
 
 
 MAX_REFERENCE_DEVIATION = 1e-9  # replay vs the stepwise reference, probability units
-# The per-completion reference is a Python loop (by design): checked on the first 500
-# completions of every run, enough to exercise every code path (first completions, memory,
-# z-score switch-on) without costing more than the replay itself.
-REFERENCE_CHECK_COMPLETIONS = 500
+# The per-completion reference is a Python loop (by design): checked on the first
+# completions of every run, 40 per label (at least 250, at most 2,000): enough for every
+# label to pass min_samples_for_lp (10) and wrap its outcome memory (25) when labels are
+# drawn evenly, which exercises every code path (first completions, memory, z-score
+# switch-on), without costing more than the replay itself.
+REFERENCE_CHECK_PER_LABEL = 40
+REFERENCE_CHECK_MIN, REFERENCE_CHECK_MAX = 250, 2000
+
+
+def reference_check_completions(n_labels: int) -> int:
+    """Completions of a run checked against the stepwise reference."""
+    return min(REFERENCE_CHECK_MAX, max(REFERENCE_CHECK_MIN, REFERENCE_CHECK_PER_LABEL * n_labels))
 
 
 @dg.asset(
@@ -65,7 +79,8 @@ REFERENCE_CHECK_COMPLETIONS = 500
             "matches_stepwise_reference",
             asset="lp_replay",
             description="The vectorised replay equals the per-completion reference "
-            f"(StepwiseCurriculum) on the run's first {REFERENCE_CHECK_COMPLETIONS} completions within "
+            f"(StepwiseCurriculum) on the run's first {REFERENCE_CHECK_PER_LABEL} completions per "
+            f"label ({REFERENCE_CHECK_MIN} to {REFERENCE_CHECK_MAX}) within "
             f"{MAX_REFERENCE_DEVIATION:g} probability.",
         ),
     ],
@@ -79,13 +94,15 @@ def lp_replay(
     context: dg.AssetExecutionContext, config: LPReplayConfig, rts_storage: RtsStorage
 ) -> dg.MaterializeResult:
     discovered = read_discovered(rts_storage)
+    info = partition_log(context)
     return materialize_partitions(
-        context, lambda key: _replay_partition(context, config, rts_storage, discovered, key)
+        context, lambda key: _replay_partition(context, info, config, rts_storage, discovered, key)
     )
 
 
 def _replay_partition(
     context: dg.AssetExecutionContext,
+    info: Callable[[str], None],
     config: LPReplayConfig,
     rts_storage: RtsStorage,
     discovered: pl.DataFrame,
@@ -116,13 +133,14 @@ def _replay_partition(
     storage.write_parquet(trace, paths["trace"])
     if stream.n_dropped:
         context.log.warning(f"{stream.n_dropped} rows without a finite reward not replayed")
-    context.log.info(
+    info(
         f"{len(configs)} configurations x {stream.reward.size} {stream.granularity} samples "
         f"replayed in {elapsed:.2f}s"
     )
     sums = trace.group_by("config", "eval_index").agg(pl.col("probability").sum())
     sum_error = float((sums["probability"] - 1.0).abs().max())
     lowest = float(trace["probability"].min())
+    check_limit = reference_check_completions(len(stream.labels))
     deviation = max(
         stepwise_deviation(
             stream.label_index,
@@ -130,7 +148,7 @@ def _replay_partition(
             len(stream.labels),
             c,
             sps=stream.sps,
-            limit=REFERENCE_CHECK_COMPLETIONS,
+            limit=check_limit,
         )
         for c in configs
         if c.name in (lp_sweep.METTA_DEFAULT, "zscore_z30_to_10")
@@ -152,13 +170,17 @@ def _replay_partition(
                 "partition": str(key),
                 "max_probability_deviation": deviation,
                 "configs": "metta_default, zscore_z30_to_10",
-                "completions_checked": min(REFERENCE_CHECK_COMPLETIONS, int(stream.reward.size)),
+                "completions_checked": min(check_limit, int(stream.reward.size)),
             },
         ),
     ]
     return PartitionOutcome(
         checks=checks,
-        summary={"configs": len(configs), "samples": int(stream.reward.size)},
+        summary={
+            "configs": len(configs),
+            "samples": int(stream.reward.size),
+            "replay_s": round(elapsed, 3),
+        },
         metadata={
             "dagster/row_count": metrics.height,
             "granularity": stream.granularity,

@@ -5,6 +5,7 @@ import math
 import re
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +21,12 @@ from rts_dagster.analysis.streams import (
     describe_step_issues,
     step_issues,
 )
-from rts_dagster.defs.batches import BACKFILL_POLICY, PartitionOutcome, materialize_partitions
+from rts_dagster.defs.batches import (
+    BACKFILL_POLICY,
+    PartitionOutcome,
+    materialize_partitions,
+    partition_log,
+)
 from rts_dagster.defs.partitions import runs_partitions
 from rts_dagster.defs.resources import RtsStorage, RunSourceResource
 from rts_dagster.discovery import DiscoveryRules, classify_runs, row_files, upgrade_discovered
@@ -334,13 +340,15 @@ def reward_streams(
 ) -> dg.MaterializeResult:
     discovered = read_discovered(rts_storage)
     source = run_source.source()
+    info = partition_log(context)
     return materialize_partitions(
-        context, lambda key: _read_partition(context, source, rts_storage, discovered, key)
+        context, lambda key: _read_partition(context, info, source, rts_storage, discovered, key)
     )
 
 
 def _read_partition(
     context: dg.AssetExecutionContext,
+    info: Callable[[str], None],
     source: Any,
     rts_storage: RtsStorage,
     discovered: pl.DataFrame,
@@ -404,7 +412,7 @@ def _read_partition(
     # Parquet first, metadata last: metadata.json is the "this partition is complete" mark.
     storage.write_parquet(streams, parquet_path)
     storage.write_json(metadata, meta_path)
-    context.log.info(
+    info(
         f"{key}: {streams.height} rows ({counts}) over {len(labels)} labels "
         f"in {time.perf_counter() - started:.2f}s -> {parquet_path}"
     )

@@ -186,6 +186,22 @@ def write_pngs(figures: Sequence[Figure], out_dir: Path, scale: float = 1.5) -> 
         return RenderedPngs({}, {})
     os.environ.setdefault("BROWSER_PATH", browser)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # a figure whose JSON (data, layout, size) and scale are those of its PNG on disk is not
+    # rendered again: after a refresh that changed one task most figures are the same
+    digests = {f.name: _figure_digest(f.figure, scale) for f in figures}
+    manifest_path = out_dir / RENDER_MANIFEST
+    try:
+        previous = storage.read_json(manifest_path)
+    except (OSError, ValueError):
+        previous = {}
+    reused = {
+        f.name: out_dir / f"{f.name}.png"
+        for f in figures
+        if previous.get(f.name) == digests[f.name] and (out_dir / f"{f.name}.png").is_file()
+    }
+    figures = [f for f in figures if f.name not in reused]
+    if not figures:
+        return RenderedPngs(reused, {})
     failed: dict[str, str] = {}
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=f"{_RENDER_PREFIX}{os.getpid()}-") as tmp:
         tmp_paths = [Path(tmp) / f"{f.name}.png" for f in figures]
@@ -213,6 +229,8 @@ def write_pngs(figures: Sequence[Figure], out_dir: Path, scale: float = 1.5) -> 
                 else:
                     tmp_path.write_bytes(png)
         final = {}
+        # the manifest names what the PNGs show: gone while they are replaced
+        manifest_path.unlink(missing_ok=True)
         for f, tmp_path in zip(figures, tmp_paths, strict=True):
             target = out_dir / f"{f.name}.png"
             if f.name in failed:
@@ -220,7 +238,19 @@ def write_pngs(figures: Sequence[Figure], out_dir: Path, scale: float = 1.5) -> 
                 continue
             os.replace(tmp_path, target)
             final[f.name] = target
-    return RenderedPngs(final, failed)
+    rendered = {**reused, **final}
+    storage.write_json({name: digests[name] for name in rendered}, manifest_path)
+    return RenderedPngs(rendered, failed)
+
+
+RENDER_MANIFEST = "render_manifest.json"  # figure name -> digest of what its PNG shows
+
+
+def _figure_digest(figure: go.Figure, scale: float) -> str:
+    import hashlib
+
+    text = f"{scale}|{figure.layout.width}|{figure.layout.height}|{figure.to_json()}"
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _fmt(value: object) -> str:

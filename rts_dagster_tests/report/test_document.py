@@ -1,5 +1,6 @@
 import os
 import struct
+from pathlib import Path
 
 import plotly.graph_objects as go
 import pytest
@@ -124,3 +125,37 @@ def test_labels_with_controls_and_markup_render_in_the_timescales_figure(tmp_pat
     rep.add(Figure("timescales", figures.timescales(recs, "completions"), "c"))
     out = write_report(rep, tmp_path)
     assert out["failed_figures"] == {} and set(out["pngs"]) == {"timescales"}
+
+
+@pytest.mark.skipif(find_browser() is None, reason="no chromium for kaleido")
+def test_an_unchanged_figure_is_not_rendered_again(tmp_path, monkeypatch):
+    """The second render of the same figures reuses their PNGs (kaleido is not called); a
+    changed figure, or a PNG whose manifest entry is missing, is rendered again."""
+    import plotly.io as pio
+
+    from rts_dagster.report.document import RENDER_MANIFEST, write_pngs
+
+    def figs(y2: float) -> list[Figure]:
+        return [
+            Figure("a", go.Figure(go.Scatter(x=[0, 1], y=[1, 2])), "a"),
+            Figure("b", go.Figure(go.Scatter(x=[0, 1], y=[1, y2])), "b"),
+        ]
+
+    figures_dir = tmp_path / "figures"
+    first = write_pngs(figs(2.0), figures_dir)
+    assert set(first.paths) == {"a", "b"} and not first.failed
+    rendered: list[list[str]] = []
+    real = pio.write_images
+
+    def counting(figures, paths, **kwargs):
+        rendered.append(sorted(Path(p).stem for p in paths))
+        return real(figures, paths, **kwargs)
+
+    monkeypatch.setattr(pio, "write_images", counting)
+    again = write_pngs(figs(2.0), figures_dir)
+    assert rendered == [] and set(again.paths) == {"a", "b"}
+    changed = write_pngs(figs(3.0), figures_dir)
+    assert rendered == [["b"]] and set(changed.paths) == {"a", "b"}
+    (figures_dir / RENDER_MANIFEST).unlink()
+    write_pngs(figs(3.0), figures_dir)
+    assert rendered[-1] == ["a", "b"]
