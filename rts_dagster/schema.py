@@ -250,13 +250,14 @@ TIMESCALE_RECOMMENDATIONS = pl.Schema(
         "timescale_ratio": pl.Float64,
         "lp_comparison": pl.String,  # what the comparison means, or why it is null
         "note": pl.String,
-        # Noise vs the quietest label of the same (task, unit, regime) (label rows) or the
-        # quietest task (pooled rows); null when there is nothing to compare with.
-        "reference_label": pl.String,  # that label (label rows) or task (pooled rows)
+        # Noise vs the typical label of the same (task, unit, regime) (label rows), or vs
+        # the quietest task (pooled rows, <= 10 tasks) / the typical task (> 10 tasks);
+        # null when there is nothing to compare with (kalman._add_references).
+        "reference_label": pl.String,  # that reference, named
         "noise_ratio": pl.Float64,  # geometric mean over seeds of noise / reference noise
         "noise_ratio_ci_low": pl.Float64,
         "noise_ratio_ci_high": pl.Float64,
-        "noise_ratio_ci_method": pl.String,  # "paired t on log ratios" | "Welch t on log ratios"
+        "noise_ratio_ci_method": pl.String,  # the interval's method (kalman.CI_METHOD_*)
         "noise_ratio_n": pl.Int64,  # pairs of seeds (paired) or the smaller seed count (Welch)
         "timescale_vs_reference": pl.Float64,  # timescale / the reference's timescale
     }

@@ -574,3 +574,123 @@ def test_selection_adjusted_interval_covers_the_winner_at_three_seeds() -> None:
         f"({chosen.height} of {reps}), winner unadjusted {plain:.3f}"
     )
     assert plain < covered.mean()
+
+
+def _reference_summary(metrics: pl.DataFrame) -> pl.DataFrame:
+    """The per-group loop summarise_sweep replaced: scalar intervals module calls."""
+    from rts_dagster.analysis import intervals
+    from rts_dagster.analysis.lp_sweep import (
+        _SETTING_COLUMNS,
+        GROUP_KEYS,
+        PER_RUN_CONFIGS,
+        SUMMARY_METRICS,
+    )
+    from rts_dagster.schema import LP_SWEEP_SUMMARY
+
+    def log(v):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(v > 0, np.log(v), np.nan)
+
+    rows = []
+    ordered = metrics.sort(GROUP_KEYS, maintain_order=True)
+    for (task, granularity), group in ordered.group_by(GROUP_KEYS, maintain_order=True):
+        runs = sorted(group["run_id"].unique().to_list())
+        default = group.filter(pl.col("config") == METTA_DEFAULT)
+        for _, per_config in group.group_by(["config"], maintain_order=True):
+            settings = per_config.select(_SETTING_COLUMNS).row(0, named=True)
+            if settings["config"] in PER_RUN_CONFIGS:
+                for name in ("ema_timescale", "slow_timescale_factor"):
+                    settings[name] = float(np.exp(np.log(per_config[name].to_numpy()).mean()))
+            paired = per_config.join(default, on=["seed", "run_id"], suffix="_d", how="left")
+            for metric in SUMMARY_METRICS:
+                values = per_config[metric].to_numpy()
+                ours = paired[metric].to_numpy().astype(float)
+                theirs = paired[f"{metric}_d"].cast(pl.Float64).fill_null(np.nan).to_numpy()
+                if metric == "lp_snr":
+                    level = intervals.log_t_interval(values)
+                    diff = intervals.t_interval(log(ours) - log(theirs))
+                    methods = ("t on logs", "paired t on logs")
+                else:
+                    level = intervals.t_interval(values)
+                    diff = intervals.paired_t_interval(ours, theirs)
+                    methods = ("t", "paired t")
+                rows.append(
+                    {
+                        **settings,
+                        "task": task,
+                        "granularity": granularity,
+                        "metric": metric,
+                        "runs": runs,
+                        "n_seeds": level.n,
+                        "mean": level.estimate,
+                        "ci_low": level.low,
+                        "ci_high": level.high,
+                        "ci_method": methods[0],
+                        "n_pairs": diff.n,
+                        "diff_vs_default": diff.estimate,
+                        "diff_ci_low": diff.low,
+                        "diff_ci_high": diff.high,
+                        "diff_ci_method": methods[1],
+                    }
+                )
+    return conform(pl.DataFrame(rows, infer_schema_length=None), LP_SWEEP_SUMMARY)
+
+
+def test_summarise_sweep_equals_the_scalar_intervals_per_group() -> None:
+    """Every (task, granularity, config, metric) row: the same n, mean and bounds as the
+    intervals module's scalar functions, with NaN, inf, zero and negative values, a run
+    missing its default replay, a one-run task and per-run fitted settings."""
+    from polars.testing import assert_frame_equal
+
+    from rts_dagster.analysis.lp_sweep import KALMAN_MATCHED, SUMMARY_METRICS
+
+    rng = np.random.default_rng(11)
+    configs = [METTA_DEFAULT, "ema_0.01", KALMAN_MATCHED, "zscore_z30"]
+    rows = []
+    for task, seeds in (("b_task", 4), ("a_task", 3), ("one_run", 1)):
+        for granularity in ("completion", "epoch"):
+            for config in configs:
+                for seed in range(1, seeds + 1):
+                    if task == "a_task" and seed == 2 and config == METTA_DEFAULT:
+                        continue  # no default replay for this run: no pair
+                    row = {
+                        "task": task,
+                        "seed": seed,
+                        "run_id": f"{task}.seed{seed}",
+                        "granularity": granularity,
+                        "config": config,
+                        "variant": "main",
+                        "ema_timescale": 0.001 * rng.uniform(0.5, 2.0),
+                        "slow_timescale_factor": 0.5,
+                    }
+                    for m in SUMMARY_METRICS:
+                        row[m] = float(rng.lognormal(0.0, 0.5))
+                    rows.append(row)
+    frame = pl.DataFrame(rows)
+    frame = frame.with_columns(
+        # odd values the intervals must drop exactly as the scalar functions do
+        pl.when((pl.col("seed") == 1) & (pl.col("config") == "ema_0.01"))
+        .then(float("inf"))
+        .otherwise(pl.col("lag_median"))
+        .alias("lag_median"),
+        pl.when((pl.col("seed") == 3) & (pl.col("task") == "b_task"))
+        .then(0.0)
+        .otherwise(pl.col("lp_snr"))
+        .alias("lp_snr"),
+        pl.when(pl.col("seed") == 2)
+        .then(float("nan"))
+        .otherwise(pl.col("gini_mean"))
+        .alias("gini_mean"),
+        pl.when(pl.col("config") == "zscore_z30")
+        .then(-pl.col("entropy_mean"))
+        .otherwise(pl.col("entropy_mean"))
+        .alias("entropy_mean"),
+    )
+    for name, dtype in LP_REPLAY_METRICS.items():
+        if name not in frame.columns:
+            frame = frame.with_columns(pl.lit(None, dtype=dtype).alias(name))
+    metrics = conform(frame, LP_REPLAY_METRICS)
+    got, want = summarise_sweep(metrics), _reference_summary(metrics)
+    assert got.height == want.height == 3 * 2 * len(configs) * len(SUMMARY_METRICS)
+    assert_frame_equal(got, want, check_exact=False, rel_tol=1e-12, abs_tol=1e-14)
+    assert (got["n_seeds"] == 0).sum() + (got["n_seeds"] == 1).sum() > 0
