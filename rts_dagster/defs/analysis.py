@@ -171,16 +171,24 @@ def load_all(
     (the report's figure tasks, an experiment's arms); run-by-run work goes through
     `per_run.per_run_table`. `rows`: the matched discovered_runs rows to read."""
     root = rts_storage.root()
-    parts: dict[str, list[pl.DataFrame]] = {name: [] for name in names}
+    files: dict[str, list[Path]] = {name: [] for name in names}
     for row in materialized_rows(rts_storage, context, rows):
         stream_path, paths = _partition_stream_paths(root, row)
-        if "streams" in parts:
-            parts["streams"].append(conform(pl.read_parquet(stream_path), REWARD_STREAMS))
-        for name, schema in _TABLE_SCHEMAS.items():
-            if name in parts:
-                parts[name].append(conform(pl.read_parquet(paths[name]), schema))
+        for name in names:
+            files[name].append(stream_path if name == "streams" else paths[name])
     schemas = {"streams": REWARD_STREAMS, **_TABLE_SCHEMAS}
-    return {k: pl.concat(v) if v else pl.DataFrame(schema=schemas[k]) for k, v in parts.items()}
+    return {name: _read_tables(files[name], schemas[name]) for name in names}
+
+
+def _read_tables(paths: list[Path], schema: pl.Schema) -> pl.DataFrame:
+    """The files concatenated, in order, conformed to `schema`: one multi-file read (polars
+    reads them in parallel), or file by file when their schemas differ (older files)."""
+    if not paths:
+        return pl.DataFrame(schema=schema)
+    try:
+        return conform(pl.read_parquet(paths), schema)
+    except (pl.exceptions.PolarsError, ValueError):
+        return pl.concat([conform(pl.read_parquet(path), schema, str(path)) for path in paths])
 
 
 def baseline_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

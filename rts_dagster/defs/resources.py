@@ -60,7 +60,9 @@ class OfflineRunsSource(RunSourceResource):
         root = Path(self.directory).resolve() if self.directory else settings.offline_dir()
         with _OFFLINE_LOCK:
             if root not in _OFFLINE_SOURCES:
-                _OFFLINE_SOURCES[root] = OfflineRunSource(root)
+                _OFFLINE_SOURCES[root] = OfflineRunSource(
+                    root, scan_cache=settings.data_dir() / "cache" / "offline_scans.json"
+                )
             return _OFFLINE_SOURCES[root]
 
 

@@ -18,6 +18,7 @@ the sensor takes it although the run's own clock is old.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import threading
@@ -37,8 +38,46 @@ from rts_dagster.sources.wandb_file import (
     run_state,
     scan_run_file,
 )
+from rts_dagster.storage import read_json, write_json
 
 SOURCE_NAME = "offline"
+_SCAN_CACHE_VERSION = 1
+_SCAN_DATES = ("start_time", "last_timestamp")
+
+
+def _scan_to_json(scan: RunFile) -> dict:
+    out = {k: v for k, v in vars(scan).items() if k != "history"}
+    out["tags"] = list(scan.tags)
+    for name in _SCAN_DATES:
+        value = out[name]
+        out[name] = value.isoformat() if value is not None else None
+    return out
+
+
+def _scan_from_json(data: dict) -> RunFile:
+    data = dict(data)
+    data["tags"] = tuple(data["tags"])
+    for name in _SCAN_DATES:
+        if data[name] is not None:
+            data[name] = datetime.fromisoformat(data[name])
+    return RunFile(**data)
+
+
+def _load_scans(path: Path) -> dict[str, tuple[int, int, RunFile]]:
+    """The scans a previous process saved (`OfflineRunSource(scan_cache=...)`); nothing if
+    the file is missing, of another version or unreadable (it is only a cache)."""
+    try:
+        saved = read_json(path)
+        if saved.get("version") != _SCAN_CACHE_VERSION:
+            return {}
+        return {
+            key: (int(size), int(mtime), _scan_from_json(scan))
+            for key, (size, mtime, scan) in saved["scans"].items()
+        }
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return {}
+
+
 # The biggest file taken for a run file: a long real run is a few GB; anything far above
 # is not a wandb log (a sparse file, a disk image renamed...) and would take hours.
 MAX_RUN_FILE_BYTES = 64 << 30
@@ -69,7 +108,10 @@ class OfflineRunSource:
     """A `RunSource` over the `.wandb` files found (recursively) under `root`.
 
     Scans are cached in memory by (path, size, mtime): repeated `list_runs` calls only
-    re-read files that changed. The state of a run without an exit record is recomputed
+    re-read files that changed. With `scan_cache` (a JSON file; the Dagster resource uses
+    `$RTS_DATA_DIR/cache/offline_scans.json`) the cache outlives the process: each Dagster
+    run is a new process, and a full scan checks every CRC of every file (~9 ms for a
+    small run, 1,000 runs ~9 s). The state of a run without an exit record is recomputed
     at every call ("running" until the file has been quiet for `running_grace_s`).
     """
 
@@ -81,12 +123,17 @@ class OfflineRunSource:
         *,
         running_grace_s: float = DEFAULT_RUNNING_GRACE_S,
         max_file_bytes: int = MAX_RUN_FILE_BYTES,
+        scan_cache: str | os.PathLike[str] | None = None,
     ) -> None:
         self.root = Path(root)
         self.running_grace_s = running_grace_s
         self.max_file_bytes = max_file_bytes
         self._cache: dict[str, tuple[int, int, RunFile | RunReadError]] = {}
         self._lock = threading.Lock()
+        self._scan_cache = Path(scan_cache) if scan_cache is not None else None
+        self._scans_added = False
+        if self._scan_cache is not None:
+            self._cache.update(_load_scans(self._scan_cache))
 
     def run_files(self) -> list[Path]:
         """Every path named `run-*.wandb` under the root (files, and anything else so
@@ -143,7 +190,24 @@ class OfflineRunSource:
                     f"{folder}: run folder without a run-*.wandb file (empty, or not written yet)"
                 )
                 unreadable.append(UnreadableRun(str(folder), reason, SOURCE_NAME))
+        self._save_scans()
         return runs, unreadable
+
+    def _save_scans(self) -> None:
+        """Write the scan cache if a file was scanned anew (errors are not kept: a file
+        that could not be read is tried again next time)."""
+        if self._scan_cache is None or not self._scans_added:
+            return
+        with self._lock:
+            entries = {
+                key: [size, mtime, _scan_to_json(scan)]
+                for key, (size, mtime, scan) in self._cache.items()
+                if isinstance(scan, RunFile)
+            }
+            self._scans_added = False
+        # a cache: a read-only data dir only makes the next scan slower
+        with contextlib.suppress(OSError):
+            write_json({"version": _SCAN_CACHE_VERSION, "scans": entries}, self._scan_cache)
 
     def _check_file(self, path: Path, st: os.stat_result) -> None:
         """Raise `RunReadError` unless `path` is a regular file of a sane size."""
@@ -209,6 +273,7 @@ class OfflineRunSource:
                 result = exc
             with self._lock:
                 self._cache[key] = (st.st_size, st.st_mtime_ns, result)
+                self._scans_added = True
         if isinstance(result, RunReadError):
             raise result
         return result

@@ -322,3 +322,36 @@ def test_a_run_copied_in_late_is_listed_as_late_data(tree: dict[str, Any], tmp_p
     assert run.heartbeat_at is not None and run.heartbeat_at < since - timedelta(hours=2)
     (full,), _ = source.list_runs()  # a full listing has no cutoff to be late for
     assert "late_data" not in full.extra
+
+
+def test_the_scan_cache_outlives_the_process(tiny_offline_dir, tmp_path, monkeypatch) -> None:
+    """A second source on the same scan cache lists the same runs without scanning a file;
+    a changed file is scanned again; a corrupt cache is ignored, not an error."""
+    root = tmp_path / "runs"
+    shutil.copytree(tiny_offline_dir, root, symlinks=True)
+    cache = tmp_path / "cache" / "offline_scans.json"
+    first, unreadable = OfflineRunSource(root, scan_cache=cache).list_runs()
+    assert cache.exists() and not unreadable and len(first) == 5
+
+    scanned: list[str] = []
+    real_scan = offline.scan_run_file
+
+    def counting(path, **kwargs):
+        scanned.append(str(path))
+        return real_scan(path, **kwargs)
+
+    monkeypatch.setattr(offline, "scan_run_file", counting)
+    again, _ = OfflineRunSource(root, scan_cache=cache).list_runs()
+    assert scanned == []
+    assert [r.__dict__ for r in again] == [r.__dict__ for r in first]
+
+    changed = Path(first[0].location)
+    stat = changed.stat()
+    os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    OfflineRunSource(root, scan_cache=cache).list_runs()
+    assert scanned == [str(changed)]
+
+    cache.write_text("{not json")
+    scanned.clear()
+    listed, _ = OfflineRunSource(root, scan_cache=cache).list_runs()
+    assert len(listed) == 5 and len(scanned) == 5
