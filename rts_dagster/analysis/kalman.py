@@ -87,7 +87,7 @@ import polars as pl
 from scipy import stats
 from scipy.signal import lfilter
 
-from rts_dagster.analysis.intervals import LEVEL, Interval, log_t_interval
+from rts_dagster.analysis.intervals import LEVEL, Interval, log_t_bounds, log_t_interval
 from rts_dagster.analysis.metrics import (
     MetricsConfig,
     first_differences,
@@ -768,20 +768,23 @@ def recommend_timescales(
                 "noise": np.exp(np.nanmean(np.log(noise), axis=1)),
                 "drift": np.exp(np.nanmean(np.log(drift), axis=1)),
             }
-        groups = [(lab, part.filter(pl.col("label") == lab), l_idx[lab]) for lab in labels]
+        by_label = part.partition_by("label", as_dict=True, maintain_order=True)
+        groups = [(lab, by_label[(lab,)], l_idx[lab]) for lab in labels]
         groups.append(("*", part, -1))
+        # every label's interval (and the pooled one, last) in one vectorised call: the
+        # same numbers as `log_t_interval` on each column
+        geo, low, high, count = log_t_bounds(np.column_stack([ts, pooled_seed["ts"]]).T)
         for label, members, col in groups:
             if col >= 0:
-                t_seed, n_seed, d_seed = ts[:, col], noise[:, col], drift[:, col]
+                n_seed, d_seed = noise[:, col], drift[:, col]
                 n_bad = int(not_ok[:, col].sum())
             else:
-                t_seed, n_seed, d_seed = (
-                    pooled_seed["ts"],
-                    pooled_seed["noise"],
-                    pooled_seed["drift"],
-                )
+                n_seed, d_seed = pooled_seed["noise"], pooled_seed["drift"]
                 n_bad = int(not_ok.sum())
-            interval = log_t_interval(t_seed, method=CI_METHOD_LOG_T)
+            c = col if col >= 0 else len(labels)
+            interval = Interval(
+                float(geo[c]), float(low[c]), float(high[c]), CI_METHOD_LOG_T, int(count[c]), LEVEL
+            )
             n_excl, why = _exclusions(members)
             epoch_only = members.filter(pl.col("_epoch_only"))["_unit_seed"].n_unique()
             seed_noise[(task, granularity, unit, regime, label)] = dict(
