@@ -55,7 +55,8 @@ def shown_note(shown: list[str], tasks: list[str]) -> str:
     return (
         f"The figures show {len(shown)} of the {len(tasks)} tasks ({', '.join(shown)}): those "
         "whose verdict changes an LP setting first, then those with conflicting evidence, then "
-        "by name. Every table lists every task."
+        "by name. Every table lists every task (the timescale table: label rows for the "
+        "tasks shown, pooled rows for every task)."
     )
 
 
@@ -703,6 +704,18 @@ def build_report(
     )
     if recommendations.height:
         recs = recommendations.sort("task", "granularity", "group", "label", "regime")
+        # beyond the figure tasks, one pooled row per (task, regime): the label rows of
+        # hundreds of tasks (thousands of rows) are in the parquet, not in a document
+        listed = (
+            recs if len(shown) >= len(tasks) else recs.filter(in_figures | (pl.col("label") == "*"))
+        )
+        some = (
+            ""
+            if listed.height == recs.height
+            else f" Label rows only for the {len(shown)} tasks the figures show, pooled rows "
+            f"('*') for all {len(tasks)}: every row is in "
+            "metrics/timescale_recommendations.parquet."
+        )
         report.add(
             Table(
                 [
@@ -734,10 +747,10 @@ def build_report(
                         r["lp_timescale"],
                         r["lp_comparison"] or "",
                     ]
-                    for r in recs.iter_rows(named=True)
+                    for r in listed.iter_rows(named=True)
                 ],
                 caption="label '*' = all labels of the task pooled; timescales in the row's "
-                "unit; noise sd in reward units.",
+                "unit; noise sd in reward units." + some,
             )
         )
         for unit in recs["unit"].unique(maintain_order=True).to_list():

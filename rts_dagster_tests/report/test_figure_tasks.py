@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from rts_dagster.analysis import metrics, quality, variance
+from rts_dagster.analysis import kalman, metrics, quality, variance
 from rts_dagster.analysis.learning import learning_slopes
 from rts_dagster.analysis.verdict import Verdict
 from rts_dagster.report.build import MAX_FIGURE_TASKS, build_report, figure_tasks, shown_note
@@ -57,14 +57,18 @@ def many_tasks() -> dict[str, pl.DataFrame]:
     }
 
 
-def _build(t: dict[str, pl.DataFrame], streams, rolling, learning=None):
+def _build(t: dict[str, pl.DataFrame], streams, rolling, learning=None, recommendations=False):
+    recs = empty(TIMESCALE_RECOMMENDATIONS)
+    if recommendations:
+        dynamics = quality.keep_usable(t["streams"], t["quality"], quality.PURPOSE_DYNAMICS)
+        recs = kalman.recommend_timescales(kalman.estimate_local_level(dynamics))
     return build_report(
         streams,
         t["series"],
         rolling,
         t["progress"],
         t["variance"],
-        empty(TIMESCALE_RECOMMENDATIONS),
+        recs,
         [],
         {},
         verdicts=[_verdict("task11", "change")],
@@ -80,6 +84,22 @@ def _figure_tasks_in(figure: Figure) -> set[str]:
 
 def test_figures_show_at_most_the_cap_and_tables_every_task(many_tasks) -> None:
     doc = _build(many_tasks, many_tasks["streams"], many_tasks["rolling"])
+    with_timescales = _build(
+        many_tasks, many_tasks["streams"], many_tasks["rolling"], recommendations=True
+    )
+    (timescales,) = [
+        b
+        for b in with_timescales.blocks
+        if isinstance(b, Table) and "timescale 1/K" in " ".join(b.header)
+    ]
+    listed = {(row[0], row[1]) for row in timescales.rows}
+    assert {task for task, _ in listed} == {f"task{t:02d}" for t in range(N_TASKS)}
+    for task, label in listed:  # label rows only for the tasks the figures show
+        assert label == "*" or task in figure_tasks(
+            [f"task{t:02d}" for t in range(N_TASKS)], [_verdict("task11", "change")]
+        ), (task, label)
+    assert any(label != "*" for _, label in listed)
+    assert "every row is in metrics/timescale_recommendations.parquet" in timescales.caption
     shown = figure_tasks([f"task{t:02d}" for t in range(N_TASKS)], [_verdict("task11", "change")])
     assert len(shown) == MAX_FIGURE_TASKS and "task11" in shown
     per_task_figures = [f for f in doc.figures if _figure_tasks_in(f)]
