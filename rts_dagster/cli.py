@@ -172,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument(
         "--batch",
         type=int,
-        default=50,
-        help="partitions per Dagster run (default 50; 1 = one run per partition). Every "
+        default=settings.REFRESH_BATCH,
+        help=f"partitions per Dagster run (default {settings.REFRESH_BATCH}; 1 = one run per partition). Every "
         "partition is still its own materialization; a failed batch is redone key by key",
     )
     ref.set_defaults(func=cmd_refresh)

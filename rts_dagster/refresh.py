@@ -33,6 +33,7 @@ from rts_dagster.discovery import row_files
 from rts_dagster.escape import terminal_text as tt
 from rts_dagster.parallel import run_spawned
 from rts_dagster.schema import RUN_STATUS_MATCHED
+from rts_dagster.settings import REFRESH_BATCH
 
 _QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
 # Seconds between "still running" lines while one Dagster run is in progress.
@@ -215,7 +216,7 @@ def _partition_paths(data_dir: Path, row: dict[str, Any]) -> tuple[Path, Path]:
     return storage.stream_paths(data_dir, folder, stem)
 
 
-DEFAULT_BATCH = 100  # partitions per Dagster run in `rts refresh` (Dagster's own backfills: 100)
+DEFAULT_BATCH = REFRESH_BATCH
 
 
 def default_jobs() -> int:

@@ -8,6 +8,8 @@ from pathlib import Path
 ENV_DATA_DIR = "RTS_DATA_DIR"
 ENV_OFFLINE_DIR = "RTS_OFFLINE_DIR"
 ENV_RULES_FILE = "RTS_RULES"
+# Partitions per Dagster run in `rts refresh` (Dagster's own UI/automation backfills: 100).
+REFRESH_BATCH = 100
 
 
 def data_dir() -> Path:

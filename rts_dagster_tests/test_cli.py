@@ -76,3 +76,15 @@ def test_refresh_then_incremental_then_cli_materialize(tiny_offline_dir, tmp_pat
     assert one.returncode == 0, one.stdout + one.stderr
     assert (data / "fixed_maps" / "1.metadata.json").stat().st_mtime_ns > before
     assert pl.read_parquet(data / "fixed_maps" / "1.parquet").height > 0
+
+
+def test_refresh_batch_default_is_the_refresh_default() -> None:
+    """`rts refresh` without --batch batches as `refresh.refresh()` does (they drifted once:
+    the CLI said 50 after the library moved to 100)."""
+    import inspect
+
+    from rts_dagster import refresh
+
+    args = build_parser().parse_args(["refresh"])
+    assert args.batch == refresh.DEFAULT_BATCH
+    assert inspect.signature(refresh.refresh).parameters["batch"].default == args.batch
