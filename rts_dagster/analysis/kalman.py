@@ -742,6 +742,16 @@ def recommend_timescales(
     rows: list[dict[str, Any]] = []
     seed_noise: dict[tuple[str, str, str, str, str], dict[str, float]] = {}
     group_keys = ("task", "granularity", "unit", "regime")
+    # seeds whose run has no completion stream, per (group, label) and per group: counted
+    # once here rather than filtered row by row
+    epoch_rows = df.filter(pl.col("_epoch_only"))
+    seeds_of = pl.col("_unit_seed").n_unique()
+    epoch_only_of: dict[tuple, int] = {
+        (*k, "*"): n for *k, n in epoch_rows.group_by(group_keys).agg(seeds_of).iter_rows()
+    }
+    epoch_only_of |= {
+        tuple(k): n for *k, n in epoch_rows.group_by(*group_keys, "label").agg(seeds_of).iter_rows()
+    }
     for key, part in df.group_by(group_keys, maintain_order=True):
         task, granularity, unit, regime = (str(v) for v in key)
         lp_weight = _lp_weight(by_task.get(task, lp_config))
@@ -786,7 +796,7 @@ def recommend_timescales(
                 float(geo[c]), float(low[c]), float(high[c]), CI_METHOD_LOG_T, int(count[c]), LEVEL
             )
             n_excl, why = _exclusions(members)
-            epoch_only = members.filter(pl.col("_epoch_only"))["_unit_seed"].n_unique()
+            epoch_only = epoch_only_of.get((task, granularity, unit, regime, label), 0)
             seed_noise[(task, granularity, unit, regime, label)] = dict(
                 zip(seeds, n_seed, strict=True)
             )
