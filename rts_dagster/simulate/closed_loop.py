@@ -60,6 +60,13 @@ def outcomes(run: SimulatedRun, competence_fraction: float = COMPETENCE_FRACTION
 Job = tuple[str, int, int, CurriculumConfig]  # (task, seed, epochs, configuration)
 
 
+def _geometric_mean(values: pl.Series) -> float:
+    """Of the values in sorted order: a mean in another row order (the metrics' order
+    follows joins) differs in the last bit, and so would the config's hash, the key that
+    lets an identical earlier closed-loop run be reused."""
+    return math.exp(float(values.sort().log().mean()))
+
+
 def plan_closed_loop(
     candidates: Mapping[str, Sequence[tuple[str, str]]],
     metrics: pl.DataFrame,
@@ -102,7 +109,7 @@ def plan_closed_loop(
             & (pl.col("config") == KALMAN_MATCHED)
             & (pl.col("granularity") == GRANULARITY_COMPLETION)  # a gain per completion only
         )
-        gain = math.exp(float(gains["ema_timescale"].log().mean())) if gains.height else None
+        gain = _geometric_mean(gains["ema_timescale"]) if gains.height else None
         pairs_run = metrics.filter(
             (pl.col("task") == task)
             & (pl.col("config") == SEPARATION_MATCHED)
@@ -110,8 +117,8 @@ def plan_closed_loop(
         )
         separation = (
             (
-                math.exp(float(pairs_run["ema_timescale"].log().mean())),
-                math.exp(float(pairs_run["slow_timescale_factor"].log().mean())),
+                _geometric_mean(pairs_run["ema_timescale"]),
+                _geometric_mean(pairs_run["slow_timescale_factor"]),
             )
             if pairs_run.height
             else None

@@ -125,3 +125,23 @@ def test_plan_closed_loop() -> None:
         "task 'fixed_maps': ['metta_default_cap_9'] not in the simulator's sweep: skipped",
         "no simulator model of task 'not_simulated': skipped",
     ]
+    # the same runs in another row order plan configs with the same keys (reuse)
+    from rts_dagster.simulate.closed_loop import config_key
+
+    rng = np.random.default_rng(5)
+    many = pl.DataFrame(
+        {
+            "task": ["fixed_maps"] * 7,
+            "granularity": ["completion"] * 7,
+            "config": ["kalman_matched"] * 7,
+            "ema_timescale": rng.lognormal(-4.0, 1.0, 7),
+        }
+    )
+    keys = set()
+    for order in range(5):
+        shuffled = many.sample(fraction=1.0, shuffle=True, seed=order)
+        planned, _ = plan_closed_loop(
+            {"fixed_maps": [("kalman_matched", "x")]}, shuffled, seeds=[1], epochs=5
+        )
+        keys.add(config_key(next(c for _, _, _, c in planned if c.name == "kalman_matched")))
+    assert len(keys) == 1
