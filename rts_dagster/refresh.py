@@ -217,6 +217,9 @@ def _partition_paths(data_dir: Path, row: dict[str, Any]) -> tuple[Path, Path]:
 
 
 DEFAULT_BATCH = REFRESH_BATCH
+# Up to this many partitions, one line each (progress and the final list); beyond, a line
+# per batch and the folder: a refresh of a thousand runs stays readable.
+LIST_PARTITIONS_UP_TO = 50
 
 
 def default_jobs() -> int:
@@ -280,19 +283,29 @@ def refresh(
         )
     done = 0
     t_partitions = time.perf_counter()
+    one_line_each = len(todo) <= LIST_PARTITIONS_UP_TO
     with _heartbeat(say, "[partitions]", instance):
         for _, results in run_spawned(materialize_batch, [(b,) for b in batches], jobs):
+            good = 0
             for key, ok, error, seconds in results:
                 done += 1
                 if ok:
+                    good += 1
                     written.append(paths_of[key])
-                    say(
-                        f"  [{done}/{len(todo)}] {tt(key)}: ok ({seconds:.2f}s per partition)"
-                        f" -> {tt(paths_of[key])}"
-                    )
+                    if one_line_each:
+                        say(
+                            f"  [{done}/{len(todo)}] {tt(key)}: ok ({seconds:.2f}s per "
+                            f"partition) -> {tt(paths_of[key])}"
+                        )
                 else:
                     failures.append((key, error))
                     shout(f"  [{done}/{len(todo)}] {tt(key)}: FAILED: {tt(error)}")
+            if not one_line_each and results:
+                first, last, seconds = results[0][0], results[-1][0], results[-1][3]
+                say(
+                    f"  [{done}/{len(todo)}] {tt(first)} .. {tt(last)}: {good} of "
+                    f"{len(results)} ok ({seconds:.2f}s per partition)"
+                )
     if todo:
         say(f"[partitions] {len(todo)} in {time.perf_counter() - t_partitions:.1f}s")
 
@@ -311,9 +324,15 @@ def refresh(
             storage.write_json(inputs, storage.aggregates_manifest_path(data_dir))
 
     print(f"\nrts refresh: done in {time.perf_counter() - started:.1f}s")
-    print(f"reward_streams partitions ({len(written)}):")
-    for path in sorted(written):
-        print(f"  {tt(path)}")
+    if len(written) <= LIST_PARTITIONS_UP_TO:
+        print(f"reward_streams partitions ({len(written)}):")
+        for path in sorted(written):
+            print(f"  {tt(path)}")
+    else:  # a path per run is a thousand lines: where they are and where the list is
+        print(
+            f"reward_streams partitions ({len(written)}): {tt(data_dir)}/<task>/<seed>.parquet "
+            f"(partition_key and run of each: {tt(storage.discovered_runs_path(data_dir))})"
+        )
     verdicts_file = storage.verdicts_path(data_dir)
     if verdicts_file.exists():
         from rts_dagster.analysis.verdict import verdicts_from_table

@@ -211,3 +211,22 @@ def test_a_fresh_process_renders_with_the_filter_and_prints_no_traceback(mode):
         assert "JSONError decoding message" in done.stderr and "Traceback" in done.stderr
     else:
         assert done.stderr == ""
+
+
+def test_a_large_refresh_prints_a_line_per_batch_and_the_folder(pipeline, capsys, monkeypatch):
+    """Beyond LIST_PARTITIONS_UP_TO partitions: one progress line per batch (first .. last
+    key, how many ok) and the partitions' folder instead of a path per run."""
+    monkeypatch.setattr(refresh_mod, "LIST_PARTITIONS_UP_TO", 0)
+    assert refresh_mod.refresh() == 0
+    out = capsys.readouterr().out
+    assert "  [1/1] fixed_maps.seed1 .. fixed_maps.seed1: 1 of 1 ok" in out
+    assert "-> " not in out  # no per-partition path line
+    assert "reward_streams partitions (1): " in out and "<task>/<seed>.parquet" in out
+    assert "discovered_runs.parquet" in out
+
+
+def test_a_small_refresh_lists_every_partition(pipeline, capsys):
+    assert refresh_mod.refresh() == 0
+    out = capsys.readouterr().out
+    assert "  [1/1] fixed_maps.seed1: ok (" in out
+    assert "reward_streams partitions (1):\n" in out
