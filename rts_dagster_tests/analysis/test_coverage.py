@@ -22,7 +22,8 @@ from rts_dagster.analysis.kalman import (
     welch_log_ratio_interval,
 )
 from rts_dagster.analysis.variance import additive_fit, variance_table
-from rts_dagster.schema import LOCAL_LEVEL, REWARD_STREAMS, conform
+from rts_dagster.schema import REWARD_STREAMS, conform
+from rts_dagster_tests.synthetic import local_level_table
 
 R = 4000
 SEEDS = 3
@@ -377,37 +378,13 @@ def _fits(noise: np.ndarray, tasks: list[str], labels: list[str]) -> pl.DataFram
     `recommend_timescales` pools (q fixed, so only the noise differs)."""
     t_idx, l_idx, s_idx = (a.ravel() for a in np.indices(noise.shape))
     r = noise.ravel() ** 2
-    q = np.full_like(r, 1e-4)
-    gain = np.asarray(kalman.steady_state_gain(q, r))
-    return conform(
-        pl.DataFrame(
-            {
-                "task": np.asarray(tasks)[t_idx],
-                "seed": s_idx,
-                "run_id": [f"r{s}" for s in s_idx],
-                "label": np.asarray(labels)[l_idx],
-                "granularity": "completion",
-                "regime": "whole",
-                "unit": "completions",
-                "regime_start": 0,
-                "regime_end": 1000,
-                "n_samples": 1000,
-                "trend_slope": 0.0,
-                "var_diff": np.nan,
-                "cov_diff_lag1": np.nan,
-                "q": q,
-                "r": r,
-                "signal_to_noise": q / r,
-                "gain": gain,
-                "timescale": 1.0 / gain,
-                "at_bound": False,
-                "ljung_box_p": 0.5,
-                "ljung_box_lags": 10,
-                "fit_ok": True,
-                "note": "",
-            }
-        ),
-        LOCAL_LEVEL,
+    return local_level_table(
+        np.asarray(tasks)[t_idx],
+        s_idx,
+        [f"r{s}" for s in s_idx],
+        np.asarray(labels)[l_idx],
+        np.full_like(r, 1e-4),
+        r,
     )
 
 

@@ -21,43 +21,13 @@ from rts_dagster.schema import (
     REWARD_STREAMS,
     conform,
 )
+from rts_dagster_tests.synthetic import series
 
 SEEDS = 3
 THRESHOLD = 0.93
 
 
 # --- synthetic inputs ------------------------------------------------------------------------------
-
-
-def series(
-    run_id: str,
-    label: str,
-    reward: np.ndarray,
-    *,
-    granularity: str = "completion",
-    step0: int = 0,
-    dstep: int = 100,
-    sps: np.ndarray | None = None,
-    per_epoch: int = 1,
-    task: str = "t",
-    seed: int = 0,
-) -> pl.DataFrame:
-    n = len(reward)
-    return pl.DataFrame(
-        {
-            "task": task,
-            "seed": seed,
-            "run_id": run_id,
-            "label": label,
-            "granularity": granularity,
-            "sample_index": np.arange(n),
-            "agent_step": step0 + dstep * np.arange(n),
-            "epoch": np.arange(n) // per_epoch,
-            "reward": np.asarray(reward, dtype=float),
-            "sps": np.full(n, 1000.0) if sps is None else sps,
-            "is_stale": np.zeros(n, dtype=bool),
-        }
-    )
 
 
 def runs_table(rows: list[tuple[str, str, str, bool, int]]) -> pl.DataFrame:

@@ -27,6 +27,7 @@ from rts_dagster.analysis.kalman import (
     steady_state_gain,
 )
 from rts_dagster.schema import LOCAL_LEVEL, REWARD_STREAMS, TIMESCALE_RECOMMENDATIONS, conform
+from rts_dagster_tests.synthetic import local_level_table
 
 GAIN_RTOL_VS_STATSMODELS = 0.10  # observed: within 0.5% on these designs
 
@@ -517,38 +518,14 @@ def pooled_fits(noise: np.ndarray, at_bound: np.ndarray | None = None) -> pl.Dat
     (tasks x seeds): the pooled row's per-seed noise is that sd (sqrt r)."""
     t_idx, s_idx = (a.ravel() for a in np.indices(noise.shape))
     r = noise.ravel() ** 2
-    q = np.full_like(r, 1e-4) * (1.0 + t_idx)  # timescales differ between tasks
-    gain = np.asarray(steady_state_gain(q, r))
-    bound = np.zeros(r.size, bool) if at_bound is None else np.asarray(at_bound).ravel()
-    return conform(
-        pl.DataFrame(
-            {
-                "task": [f"t{i:03d}" for i in t_idx],
-                "seed": s_idx,
-                "run_id": [f"t{t}.s{s}" for t, s in zip(t_idx, s_idx, strict=True)],
-                "label": "l",
-                "granularity": "completion",
-                "regime": "whole",
-                "unit": "completions",
-                "regime_start": 0,
-                "regime_end": 1000,
-                "n_samples": 1000,
-                "trend_slope": 0.0,
-                "var_diff": np.nan,
-                "cov_diff_lag1": np.nan,
-                "q": q,
-                "r": r,
-                "signal_to_noise": q / r,
-                "gain": gain,
-                "timescale": 1.0 / gain,
-                "at_bound": bound,
-                "ljung_box_p": 0.5,
-                "ljung_box_lags": 10,
-                "fit_ok": True,
-                "note": "",
-            }
-        ),
-        LOCAL_LEVEL,
+    return local_level_table(
+        [f"t{i:03d}" for i in t_idx],
+        s_idx,
+        [f"t{t}.s{s}" for t, s in zip(t_idx, s_idx, strict=True)],
+        ["l"] * r.size,
+        np.full_like(r, 1e-4) * (1.0 + t_idx),  # timescales differ between tasks
+        r,
+        np.zeros(r.size, bool) if at_bound is None else np.asarray(at_bound).ravel(),
     )
 
 
