@@ -216,7 +216,6 @@ def _partition_paths(data_dir: Path, row: dict[str, Any]) -> tuple[Path, Path]:
     return storage.stream_paths(data_dir, folder, stem)
 
 
-DEFAULT_BATCH = REFRESH_BATCH
 # Up to this many partitions, one line each (progress and the final list); beyond, a line
 # per batch and the folder: a refresh of a thousand runs stays readable.
 LIST_PARTITIONS_UP_TO = 50
@@ -227,7 +226,7 @@ def default_jobs() -> int:
 
 
 def refresh(
-    force: bool = False, quiet: bool = False, jobs: int | None = None, batch: int = DEFAULT_BATCH
+    force: bool = False, quiet: bool = False, jobs: int | None = None, batch: int = REFRESH_BATCH
 ) -> int:
     """Run the whole pipeline; returns a process exit code (1 if anything failed).
     `jobs`: worker processes for the per-run assets (default: the machine's cores);

@@ -79,7 +79,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -967,14 +967,9 @@ def _task_references(
         name = f"the typical task (geometric mean of {len(peers) - 1} other tasks)"
         for i, row in enumerate(peers):
             others = np.exp(np.delete(log_noise, i))
-            interval = welch_log_ratio_interval(list(noise_of(row).values()), others, hsu_df=True)
-            interval = Interval(
-                interval.estimate,
-                interval.low,
-                interval.high,
-                CI_METHOD_WELCH_TYPICAL,
-                interval.n,
-                LEVEL,
+            interval = replace(
+                welch_log_ratio_interval(list(noise_of(row).values()), others, hsu_df=True),
+                method=CI_METHOD_WELCH_TYPICAL,
             )
             typical_ts = _geomean(np.delete(timescales, i))
             with np.errstate(divide="ignore", invalid="ignore"):
@@ -993,18 +988,14 @@ def _task_references(
                 "timescale_vs_reference": 1.0,
             }
             continue
-        interval = welch_log_ratio_interval(
-            list(noise_of(row).values()),
-            list(theirs.values()),
-            level=1.0 - (1.0 - LEVEL) / pairs,
-        )
-        interval = Interval(
-            interval.estimate,
-            interval.low,
-            interval.high,
-            f"{CI_METHOD_WELCH}, Bonferroni over {pairs} task pairs",
-            interval.n,
-            LEVEL,
+        interval = replace(
+            welch_log_ratio_interval(
+                list(noise_of(row).values()),
+                list(theirs.values()),
+                level=1.0 - (1.0 - LEVEL) / pairs,
+            ),
+            method=f"{CI_METHOD_WELCH}, Bonferroni over {pairs} task pairs",
+            level=LEVEL,  # all pairs hold together at LEVEL
         )
         with np.errstate(divide="ignore", invalid="ignore"):
             ts_ratio = row["timescale"] / ref["timescale"] if ref["timescale"] else math.nan

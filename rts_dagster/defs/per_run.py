@@ -89,30 +89,24 @@ def per_run_table(
     run by run) over the runs of `rows` (matched discovered_runs rows) whose stream file
     exists, concatenated in the order of `rows`. Cached per run (module docstring);
     `settings`: whatever else the result depends on (JSON-able)."""
-    present, keys = [], {}
+    present: list[tuple[dict[str, Any], Path, Path]] = []  # (row, stream file, cache file)
     for row in rows:
         stream_path, metadata_path = storage.stream_paths(root, *row_files(row))
         if stream_path.exists():
-            present.append((row, stream_path))
-            keys[row["run_id"]] = cache_key(name, settings, stream_path, metadata_path)
-    todo = [
-        (row, path)
-        for row, path in present
-        if not cache_path(root, name, row, keys[row["run_id"]]).exists()
-    ]
+            key = cache_key(name, settings, stream_path, metadata_path)
+            present.append((row, stream_path, cache_path(root, name, row, key)))
+    todo = [entry for entry in present if not entry[2].exists()]
     for start in range(0, len(todo), chunk):
         part = todo[start : start + chunk]
         streams = pl.concat(
-            [conform(pl.read_parquet(path), REWARD_STREAMS, str(path)) for _, path in part]
+            [conform(pl.read_parquet(path), REWARD_STREAMS, str(path)) for _, path, _ in part]
         )
         result = conform(compute(streams), schema, name)
         by_run = result.partition_by("run_id", as_dict=True, maintain_order=True)
-        for row, _ in part:
-            rows_of_run = by_run.get((row["run_id"],), result.clear())
-            _store(cache_path(root, name, row, keys[row["run_id"]]), rows_of_run)
+        for row, _, cached in part:
+            _store(cached, by_run.get((row["run_id"],), result.clear()))
     if log is not None and present:
         log(f"{name}: {len(todo)} run(s) computed, {len(present) - len(todo)} from the cache")
-    paths = [cache_path(root, name, row, keys[row["run_id"]]) for row, _ in present]
-    if not paths:
+    if not present:
         return pl.DataFrame(schema=schema)
-    return conform(pl.read_parquet(paths), schema, name)
+    return conform(pl.read_parquet([cached for _, _, cached in present]), schema, name)

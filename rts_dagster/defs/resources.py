@@ -8,7 +8,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from rts_dagster import settings
+from rts_dagster import settings, storage
 from rts_dagster.discovery import DiscoveryRules, load_rules
 from rts_dagster.sources.base import RunSource
 
@@ -61,7 +61,7 @@ class OfflineRunsSource(RunSourceResource):
         with _OFFLINE_LOCK:
             if root not in _OFFLINE_SOURCES:
                 _OFFLINE_SOURCES[root] = OfflineRunSource(
-                    root, scan_cache=settings.data_dir() / "cache" / "offline_scans.json"
+                    root, scan_cache=storage.cache_dir(settings.data_dir()) / "offline_scans.json"
                 )
             return _OFFLINE_SOURCES[root]
 

@@ -476,7 +476,7 @@ def build_report(
 
     report.add(Heading("What the streams show"))
     report.add(Bullets(findings or ["Nothing to describe: too few usable samples."]))
-    add_learning_section(report, streams if learning is None else None, slopes=learning)
+    add_learning_section(report, streams, slopes=learning)
     _epoch_section(report, epoch_views)
     if lp is not None:
         add_lp_section(report, lp, shown)

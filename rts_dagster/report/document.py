@@ -7,6 +7,7 @@ in `Text.parts` marked as `Raw` only for our own formatting.
 
 from __future__ import annotations
 
+import hashlib
 import html as _html
 import logging
 import os
@@ -247,8 +248,6 @@ RENDER_MANIFEST = "render_manifest.json"  # figure name -> digest of what its PN
 
 
 def _figure_digest(figure: go.Figure, scale: float) -> str:
-    import hashlib
-
     text = f"{scale}|{figure.layout.width}|{figure.layout.height}|{figure.to_json()}"
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -39,14 +39,12 @@ def _interval(low: float | None, high: float | None, method: str) -> str:
 
 
 def add_learning_section(
-    report: Report, streams: pl.DataFrame | None, slopes: pl.DataFrame | None = None
+    report: Report, streams: pl.DataFrame, slopes: pl.DataFrame | None = None
 ) -> pl.DataFrame:
-    """The section, from `slopes` (`learning_slopes` of the usable series) or else from
-    `streams`; returns the per-label summary it printed."""
+    """The section, from `slopes` (`learning_slopes` of the usable series, when the caller
+    has them) or else from `streams`; returns the per-label summary it printed."""
     report.add(Heading("Does the reward rise?"))
     if slopes is None:
-        if streams is None:
-            raise ValueError("add_learning_section needs streams or slopes")
         slopes = learning_slopes(streams)
     summary = learning_summary(slopes)
     if summary.height == 0:

@@ -167,6 +167,7 @@ class OfflineRunSource:
         unreadable: list[UnreadableRun] = []
         cutoff_ns = int(updated_since.timestamp() * 1e9) if updated_since else None
         paths, empty = self._walk()
+        self._forget_gone(paths)
         for path in sorted(paths):
             try:
                 st = path.stat()  # follows a link: what would be read
@@ -192,6 +193,17 @@ class OfflineRunSource:
                 unreadable.append(UnreadableRun(str(folder), reason, SOURCE_NAME))
         self._save_scans()
         return runs, unreadable
+
+    def _forget_gone(self, paths: list[Path]) -> None:
+        """Drop the scans of files under the root that are gone, so the saved cache does not
+        grow with every run ever seen (other roots' entries in a shared cache are kept)."""
+        here = {str(p) for p in paths}
+        root = str(self.root)
+        with self._lock:
+            gone = [k for k in self._cache if Path(k).is_relative_to(root) and k not in here]
+            for key in gone:
+                del self._cache[key]
+            self._scans_added = self._scans_added or bool(gone)
 
     def _save_scans(self) -> None:
         """Write the scan cache if a file was scanned anew (errors are not kept: a file

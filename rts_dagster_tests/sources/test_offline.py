@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -355,3 +356,9 @@ def test_the_scan_cache_outlives_the_process(tiny_offline_dir, tmp_path, monkeyp
     scanned.clear()
     listed, _ = OfflineRunSource(root, scan_cache=cache).list_runs()
     assert len(listed) == 5 and len(scanned) == 5
+
+    # a run that is gone leaves the saved cache too (it does not grow with every run seen)
+    shutil.rmtree(changed.parent)
+    listed, _ = OfflineRunSource(root, scan_cache=cache).list_runs()
+    saved = json.loads(cache.read_text())["scans"]
+    assert len(listed) == 4 and str(changed) not in saved and len(saved) == 4
