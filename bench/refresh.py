@@ -10,10 +10,10 @@ process' peak RSS is the aggregate step's (`--aggregates-alone`: also measured i
 that materializes only the aggregate assets). The last
 lines follow the project's `BENCH <name> <value> <unit> target ...` convention.
 
-The refresh subprocess runs what `rts refresh --quiet` runs (`cli.ensure_instance_home`, then
-`refresh.refresh`), with `--jobs` / `--batch` passed through, and reports its own peak RSS
-(the process that runs discovery and the aggregate step; the partitions run in its
-worker processes). Children's peak RSS is not reported: a child forked late (e.g. for the
+The refresh subprocess runs what `rts refresh --quiet` runs (`cli.ensure_instance_home`,
+`refresh.refresh`, then `cli.exit_now`), with `--jobs` / `--batch` passed through, and
+reports its own peak RSS (the process that runs discovery and the aggregate step; the
+partitions run in its worker processes). Children's peak RSS is not reported: a child forked late (e.g. for the
 report's figures) inherits its parent's peak, so it would not say what the workers used.
 """
 
@@ -61,12 +61,12 @@ RSS_PREFIX = "RTS_BENCH_RSS"
 # Runs in the refresh subprocess: what `rts refresh --quiet` runs, plus its peak RSS.
 _REFRESH_SCRIPT = f"""
 import json, resource, sys
-from rts_dagster.cli import ensure_instance_home
+from rts_dagster.cli import ensure_instance_home, exit_now
 ensure_instance_home()
 from rts_dagster.refresh import refresh
 rc = refresh(quiet=True, **json.loads(sys.argv[1]))
 print("{RSS_PREFIX}", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, flush=True)
-sys.exit(rc)
+exit_now(rc)
 """
 
 # Runs in its own process: materialize only the unpartitioned assets (what the aggregate

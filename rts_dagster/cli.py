@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import shutil
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from rts_dagster import settings
 
@@ -189,5 +191,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     return args.func(args)
 
 
+def exit_now(code: int) -> NoReturn:
+    """Exit with `code` once exit handlers have run and output is flushed, skipping the
+    interpreter's teardown: freeing Dagster's module graph object by object takes ~0.9 s
+    after every command and does nothing we need (every file we write is closed, and
+    replaced atomically, before this)."""
+    atexit._run_exitfuncs()  # logging.shutdown, Dagster's and multiprocessing's handlers
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run() -> NoReturn:
+    """The `rts` console script: `main`, then `exit_now`."""
+    try:
+        code = main()
+    except SystemExit as stop:  # argparse's --help and usage errors
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
+        if stop.code is not None and not isinstance(stop.code, int):
+            print(stop.code, file=sys.stderr)
+    exit_now(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -602,6 +602,9 @@ def classify_runs(
     arm_of = {rid: (arms[rid].arm_id, arms[rid].arm, arms[rid].baseline) for rid in matched}
     keys = _assign_keys(matched, previous, set(reserved_keys), arm_of)
     holders: dict[str, str] = {}
+    claimants: dict[tuple, list[str]] = {}  # (task/seed, arm) -> its runs: duplicates
+    for rid, claim in matched.items():
+        claimants.setdefault((claim, arm_of[rid][0]), []).append(rid)
     for row in rows:
         if row["status"] != RUN_STATUS_MATCHED:
             continue
@@ -617,11 +620,7 @@ def classify_runs(
         holders[key] = row["run_id"]
         row["partition_key"] = key
         mine = (matched[row["run_id"]], arm_of[row["run_id"]][0])
-        others = sorted(
-            rid
-            for rid, ts in matched.items()
-            if (ts, arm_of[rid][0]) == mine and rid != row["run_id"]
-        )
+        others = sorted(rid for rid in claimants[mine] if rid != row["run_id"])
         if others:
             row["reason"] += f"; duplicate task/arm/seed: also claimed by run(s) {others!r}"
 

@@ -87,3 +87,27 @@ def test_refresh_batch_default_is_the_refresh_default() -> None:
 
     args = build_parser().parse_args(["refresh"])
     assert inspect.signature(refresh.refresh).parameters["batch"].default == args.batch
+
+
+def test_exit_now_runs_exit_handlers_flushes_and_keeps_the_code(tmp_path: Path) -> None:
+    marker = tmp_path / "handler_ran"
+    code = (
+        "import atexit, pathlib, sys\n"
+        "from rts_dagster.cli import exit_now\n"
+        f"atexit.register(lambda: pathlib.Path({str(marker)!r}).write_text('yes'))\n"
+        "sys.stdout.write('x' * 100000)\n"  # buffered, no newline: must still arrive
+        "sys.stderr.write('err')\n"
+        "exit_now(3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3
+    assert done.stdout == "x" * 100000
+    assert done.stderr.endswith("err")
+    assert marker.read_text() == "yes"
+
+
+def test_the_console_script_keeps_usage_exit_codes() -> None:
+    ok = subprocess.run([str(BIN / "rts"), "--help"], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "refresh" in ok.stdout
+    bad = subprocess.run([str(BIN / "rts"), "bogus"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr

@@ -86,6 +86,9 @@ class AdditiveFit:
     identified: bool  # seeds connected through shared labels
 
 
+_MS_FIELDS = ("between", "within", "df_between", "df_within", "k", "n_groups", "n_obs", "balanced")
+
+
 def additive_fit(x: np.ndarray) -> AdditiveFit:
     """Fit x[label, seed] (NaN = missing cell; no empty rows or columns) with label and
     seed effects, by least squares on the observed cells.
@@ -93,43 +96,98 @@ def additive_fit(x: np.ndarray) -> AdditiveFit:
     The label mean square is the reduction in residual sum of squares from adding labels
     to a seeds-only model (equal to the usual two-way one when every cell is present);
     its df is G - 1 and the residual df is N - G - S + 1."""
-    n_labels, n_seeds = x.shape
-    observed = np.isfinite(x)
-    label_idx, seed_idx = np.nonzero(observed)
-    y = x[observed]
-    n_obs = y.size
-    design = np.zeros((n_obs, n_labels + n_seeds))
-    design[np.arange(n_obs), label_idx] = 1.0
-    design[np.arange(n_obs), n_labels + seed_idx] = 1.0
-    coef, _, rank, _ = np.linalg.lstsq(design, y, rcond=None)
-    identified = int(rank) == n_labels + n_seeds - 1
-    resid = y - design @ coef
-    ss_resid = float(resid @ resid)
+    fits = _additive_fits(np.asarray(x, dtype=np.float64)[None])
+    ms = fits.mean_squares
+    one = MeanSquares(
+        **{f: np.asarray(getattr(ms, f)[0]) for f in _MS_FIELDS},
+        model=ms.model,
+    )
+    return AdditiveFit(
+        run_value=fits.run_value[0], mean_squares=one, identified=bool(fits.identified[0])
+    )
 
-    seed_count = observed.sum(axis=0)
-    seed_mean = np.where(observed, x, 0.0).sum(axis=0) / seed_count
-    dev_seed_only = y - seed_mean[seed_idx]
-    ss_label = max(float(dev_seed_only @ dev_seed_only) - ss_resid, 0.0)
+
+@dataclass(frozen=True)
+class _Fits:
+    """`additive_fit` of many tables at once; every field has a leading table axis."""
+
+    run_value: np.ndarray  # [table, seed]: NaN for padding seeds and unidentified tables
+    mean_squares: MeanSquares
+    identified: np.ndarray
+    n_labels: np.ndarray
+    n_seeds: np.ndarray
+    spread: np.ndarray  # variance of the observed values, 0 when fewer than 2 (`_spread`)
+
+
+def _additive_fits(x: np.ndarray) -> _Fits:
+    """`additive_fit` of every x[table, label, seed] (NaN = missing cell; a label or seed
+    with no cell is padding and not counted), without a loop over tables.
+
+    Absorbing the label effects leaves the seeds' normal equations C beta = q with
+    C = diag(n_s) - N' diag(1/n_l) N (N: which cells are observed). C is singular along the
+    indicator of each connected set of seeds (linked by shared labels); adding the
+    projector onto those indicators makes it invertible without changing the fitted
+    values, so one batched solve serves connected and disconnected tables alike. The
+    design's rank is then labels + seeds - components."""
+    n_cols = x.shape[2]
+    obs = np.isfinite(x)
+    w = obs.astype(np.float64)
+    y = np.where(obs, x, 0.0)
+    n_l, n_s = w.sum(axis=2), w.sum(axis=1)
+    has_seed = n_s > 0
+    n_labels, n_seeds = (n_l > 0).sum(axis=1), has_seed.sum(axis=1)
+    n_obs = obs.sum(axis=(1, 2))
+    inv_l = 1.0 / np.maximum(n_l, 1.0)
+    row_sum, col_sum = y.sum(axis=2), y.sum(axis=1)
+    diag = np.arange(n_cols)
+
+    # Seeds reachable through shared labels: boolean closure by repeated squaring.
+    reach = (np.einsum("tls,tlr->tsr", w, w) > 0).astype(np.float64)
+    for _ in range(math.ceil(math.log2(max(n_cols - 1, 1)))):
+        reach = (reach @ reach > 0).astype(np.float64)
+    size = reach.sum(axis=2)  # each seed's component size (0: padding)
+    n_components = np.rint(np.where(has_seed, 1.0 / np.maximum(size, 1.0), 0.0).sum(axis=1))
+    rank = n_labels + n_seeds - n_components.astype(np.int64)
+
+    c = -np.einsum("tls,tl,tlr->tsr", w, inv_l, w)
+    c[:, diag, diag] += n_s + ~has_seed  # padding seeds: beta = 0
+    c += reach / np.maximum(size, 1.0)[:, :, None]
+    q = col_sum - np.einsum("tls,tl->ts", w, row_sum * inv_l)
+    beta = np.linalg.solve(c, q[..., None])[..., 0]
+    alpha = (row_sum - np.einsum("tls,ts->tl", w, beta)) * inv_l
+    fitted = alpha[:, :, None] + beta[:, None, :]
+    resid = np.where(obs, x - fitted, 0.0)
+    ss_resid = (resid * resid).sum(axis=(1, 2))
+    # The seeds-only fit is nested in the additive one, so the reduction in residual SS
+    # is the SS between the two fits: no cancellation when labels barely differ.
+    seed_mean = col_sum / np.maximum(n_s, 1.0)
+    gain = np.where(obs, fitted - seed_mean[:, None, :], 0.0)
+    ss_label = (gain * gain).sum(axis=(1, 2))
 
     df_between = n_labels - 1
-    df_resid = n_obs - int(rank)
-    label_count = observed.sum(axis=1)
-    k0 = (n_obs - float((label_count**2).sum()) / n_obs) / df_between if df_between else math.nan
+    df_resid = n_obs - rank
+    has_between, has_resid = df_between > 0, df_resid > 0
+    per_between = np.maximum(df_between, 1)
+    k0 = (n_obs - (n_l * n_l).sum(axis=1) / np.maximum(n_obs, 1)) / per_between
     ms = MeanSquares(
-        between=np.asarray(ss_label / df_between if df_between else math.nan),
-        within=np.asarray(ss_resid / df_resid if df_resid > 0 else math.nan),
-        df_between=np.asarray(df_between),
-        df_within=np.asarray(df_resid),
-        k=np.asarray(k0),
-        n_groups=np.asarray(n_labels),
-        n_obs=np.asarray(n_obs),
-        balanced=np.asarray(bool(observed.all())),
+        between=np.where(has_between, ss_label / per_between, np.nan),
+        within=np.where(has_resid, ss_resid / np.maximum(df_resid, 1), np.nan),
+        df_between=df_between,
+        df_within=df_resid,
+        k=np.where(has_between, k0, np.nan),
+        n_groups=n_labels,
+        n_obs=n_obs,
+        balanced=n_obs == n_labels * n_seeds,
         model=TWO_WAY_MODEL,
     )
-    run_value = coef[:n_labels].mean() + coef[n_labels:]
-    if not identified:
-        run_value = np.full(n_seeds, math.nan)
-    return AdditiveFit(run_value=run_value, mean_squares=ms, identified=identified)
+    identified = n_components == 1
+    run_value = (alpha.sum(axis=1) / np.maximum(n_labels, 1))[:, None] + beta
+    run_value = np.where(has_seed & identified[:, None], run_value, np.nan)
+
+    n = np.maximum(n_obs, 1)
+    dev = np.where(obs, x - (y.sum(axis=(1, 2)) / n)[:, None, None], 0.0)
+    spread = np.where(n_obs >= 2, (dev * dev).sum(axis=(1, 2)) / n, 0.0)
+    return _Fits(run_value, ms, identified, n_labels, n_seeds, spread)
 
 
 def cell_values(
@@ -148,21 +206,32 @@ def cell_values(
     )
 
 
-def _task_matrix(part: pl.DataFrame) -> tuple[np.ndarray, list[int], list[str]]:
-    """x[label, seed] of one (granularity, task), NaN where the seed lacks the label."""
-    seeds = sorted(part["seed"].unique().to_list())
-    labels = sorted(part["label"].unique().to_list())
-    s_idx = {s: i for i, s in enumerate(seeds)}
-    l_idx = {lab: i for i, lab in enumerate(labels)}
-    x = np.full((len(labels), len(seeds)), np.nan)
-    rows = part["label"].replace_strict(l_idx, return_dtype=pl.Int64).to_numpy()
-    cols = part["seed"].replace_strict(s_idx, return_dtype=pl.Int64).to_numpy()
-    x[rows, cols] = part["value"].to_numpy()
-    return x, seeds, labels
-
-
-def _runs_of(part: pl.DataFrame) -> list[str]:
-    return sorted(set(part["runs"].explode().drop_nulls().to_list()))
+def _tables(cells: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame, np.ndarray]:
+    """The cells of `cell_values` as tables x[table, label, seed] (NaN = no cell), one per
+    (granularity, task) in sorted order, labels and seeds sorted within each. Returns the
+    cells with their table, seed_idx and label_idx, one row per table (granularity, task,
+    the run ids behind it sorted) and x."""
+    first = pl.int_range(pl.len()) == 0  # cells are sorted by granularity, task
+    keyed = cells.with_columns(
+        table=(
+            first
+            | pl.col("granularity").ne_missing(pl.col("granularity").shift())
+            | pl.col("task").ne_missing(pl.col("task").shift())
+        ).cum_sum()
+        - 1
+    ).with_columns(
+        seed_idx=(pl.col("seed").rank("dense").over("table") - 1).cast(pl.Int64),
+        label_idx=(pl.col("label").rank("dense").over("table") - 1).cast(pl.Int64),
+    )
+    tables = keyed.group_by("table", maintain_order=True).agg(
+        pl.col("granularity").first(),
+        pl.col("task").first(),
+        pl.col("runs").explode().drop_nulls().unique().sort(),
+    )
+    t, lab, seed = (keyed[c].to_numpy() for c in ("table", "label_idx", "seed_idx"))
+    x = np.full((tables.height, int(lab.max()) + 1, int(seed.max()) + 1), np.nan)
+    x[t, lab, seed] = keyed["value"].to_numpy()
+    return keyed, tables, x
 
 
 def _spread(x: np.ndarray) -> float:
@@ -171,95 +240,192 @@ def _spread(x: np.ndarray) -> float:
     return float(values.var()) if values.size >= 2 else 0.0
 
 
-def _finite(v: Any) -> float:
-    v = float(v)
-    return v if math.isfinite(v) or v == math.inf else math.nan
+def _finite(v: np.ndarray) -> np.ndarray:
+    """v where finite or +inf, else NaN."""
+    return np.where(np.isfinite(v) | (v == np.inf), v, np.nan)
 
 
-def _components_row(
-    ms: MeanSquares, scale: float, level: float, reasons: list[str], group_word: str
-) -> dict[str, Any]:
-    """var_seed, var_task_or_label, ratio, icc and their intervals from mean squares.
-    A mean square below 1e-12 x `scale` (the variance of all the values) is rounding
-    noise, e.g. of the least-squares fit: it counts as 0 and gives no F interval (an
-    interval from F = 1e30 would end at ICC = 1 to rounding)."""
-    tiny = 1e-12 * scale if math.isfinite(scale) else 0.0
-    no_seed_var = float(ms.within) <= tiny
-    equal_means = float(ms.between) <= tiny
-    usable = bool(ms.usable) and not (no_seed_var or equal_means)
-    var_seed = _finite(ms.var_within) if int(ms.df_within) >= 1 else math.nan
-    if no_seed_var:
-        var_seed = 0.0
+def _reason_texts(group_word: str) -> tuple[str, str, str]:
+    """What `_components` flags, in words: seed variance 0, equal means, negative."""
+    return (
+        "seed variance is 0: no F interval",
+        f"all {group_word} means are equal: ratio undefined",
+        f"var_task_or_label <= 0: {group_word}s differ less than seed noise alone "
+        "predicts (ratio +inf, icc <= 0; the CIs still hold)",
+    )
+
+
+def _components(ms: MeanSquares, scale: np.ndarray, level: float) -> dict[str, np.ndarray]:
+    """var_seed, var_task_or_label, ratio, icc and their intervals from mean squares, for
+    every row of `ms` at once. A mean square below 1e-12 x `scale` (the variance of all the
+    values) is rounding noise, e.g. of the least-squares fit: it counts as 0 and gives no
+    F interval (an interval from F = 1e30 would end at ICC = 1 to rounding). Also returns
+    `defined` and the flags behind the reasons (`_reason_texts`)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        tiny = np.where(np.isfinite(scale), 1e-12 * scale, 0.0)
+    no_seed_var = ms.within <= tiny
+    equal_means = ms.between <= tiny
+    usable = ms.usable & ~(no_seed_var | equal_means)
+    has_df = ms.df_within >= 1
+    var_seed = np.where(no_seed_var, 0.0, np.where(has_df, _finite(ms.var_within), np.nan))
     var_group = _finite(ms.var_between)
-    seed_low, seed_high = (float(v) for v in chi2_variance_bounds(var_seed, ms.df_within, level))
-    if var_seed == 0.0:
-        seed_low = seed_high = math.nan
-    icc, icc_low, icc_high = (float(v) for v in icc_f_bounds(ms, level))
-    ratio, ratio_low, ratio_high = (float(v) for v in variance_ratio_f_bounds(ms, level))
-    if int(ms.n_groups) >= 2 and int(ms.df_within) >= 1 and not usable:
-        icc = icc_low = icc_high = ratio = ratio_low = ratio_high = math.nan
-        if no_seed_var:
-            reasons.append("seed variance is 0: no F interval")
-        elif equal_means:
-            reasons.append(f"all {group_word} means are equal: ratio undefined")
-    if usable and var_group <= 0.0:
-        ratio = math.inf
-        reasons.append(
-            f"var_task_or_label <= 0: {group_word}s differ less than seed noise alone "
-            "predicts (ratio +inf, icc <= 0; the CIs still hold)"
-        )
+    seed_low, seed_high = chi2_variance_bounds(var_seed, ms.df_within, level)
+    zero = var_seed == 0.0
+    icc, icc_low, icc_high = icc_f_bounds(ms, level)
+    ratio, ratio_low, ratio_high = variance_ratio_f_bounds(ms, level)
+    blank = (ms.n_groups >= 2) & has_df & ~usable  # no F interval: all six NaN
+    negative = usable & (var_group <= 0.0)
+
+    def unless_blank(v: np.ndarray) -> np.ndarray:
+        return np.where(blank, np.nan, v)
+
     return {
         "var_seed": var_seed,
-        "var_seed_ci_low": seed_low,
-        "var_seed_ci_high": seed_high,
-        "var_task_or_label": var_group if int(ms.df_within) >= 1 else math.nan,
-        "ratio": ratio if usable else math.nan,
-        "ratio_ci_low": ratio_low,
-        "ratio_ci_high": ratio_high,
-        "icc": icc if usable else math.nan,
-        "icc_ci_low": icc_low,
-        "icc_ci_high": icc_high,
+        "var_seed_ci_low": np.where(zero, np.nan, seed_low),
+        "var_seed_ci_high": np.where(zero, np.nan, seed_high),
+        "var_task_or_label": np.where(has_df, var_group, np.nan),
+        "ratio": np.where(usable, np.where(negative, np.inf, ratio), np.nan),
+        "ratio_ci_low": unless_blank(ratio_low),
+        "ratio_ci_high": unless_blank(ratio_high),
+        "icc": np.where(usable, icc, np.nan),
+        "icc_ci_low": unless_blank(icc_low),
+        "icc_ci_high": unless_blank(icc_high),
         "defined": usable,
+        "seed_var_zero": blank & no_seed_var,
+        "equal_means": blank & ~no_seed_var & equal_means,
+        "negative": negative,
     }
 
 
-def _within_task_row(
-    granularity: str, task: str, part: pl.DataFrame, level: float
-) -> tuple[dict[str, Any], AdditiveFit, list[int]]:
-    x, seeds, labels = _task_matrix(part)
-    fit = additive_fit(x)
-    reasons: list[str] = []
-    if len(seeds) < 2:
-        reasons.append("1 seed: no seed variance")
-    if len(labels) < 2:
-        reasons.append("1 label: no between-label variance")
-    if not fit.identified:
-        reasons.append("seeds share no labels: label and seed effects not separable")
-    elif len(seeds) >= 2 and len(labels) >= 2 and int(fit.mean_squares.df_within) < 1:
-        reasons.append("no residual degrees of freedom (too many missing label cells)")
-    comp = _components_row(fit.mean_squares, _spread(x), level, reasons, "label")
-    ms = fit.mean_squares
-    ci_method = ""
-    if comp.pop("defined"):
-        ci_method = (
-            f"{f_method_name(ms)}, n={int(ms.n_obs)} (label, seed) cells: "
-            f"{len(labels)} labels x {len(seeds)} seeds"
+_FLAGS = ("defined", "seed_var_zero", "equal_means", "negative")
+
+
+def _task_name(task: pl.Expr) -> pl.Expr:
+    """The task as text in scopes and reasons; a missing task reads "None" (as str(None))."""
+    return task.cast(pl.String).fill_null("None")
+
+
+def _within_rows(tables: pl.DataFrame, fits: _Fits, level: float) -> pl.DataFrame:
+    """One within_task row per table, in the order of `tables`."""
+    ms = fits.mean_squares
+    comp = _components(ms, fits.spread, level)
+    n_seeds, n_labels = fits.n_seeds, fits.n_labels
+    flags = {
+        "1 seed: no seed variance": n_seeds < 2,
+        "1 label: no between-label variance": n_labels < 2,
+        "seeds share no labels: label and seed effects not separable": ~fits.identified,
+        "no residual degrees of freedom (too many missing label cells)": fits.identified
+        & (n_seeds >= 2)
+        & (n_labels >= 2)
+        & (ms.df_within < 1),
+        **dict(zip(_reason_texts("label"), (comp[f] for f in _FLAGS[1:]), strict=True)),
+    }
+    names = {text: f"_flag{i}" for i, text in enumerate(flags)}
+    # Formatted like f_method_name: "%.3g" is the same as format(k0, ".3g").
+    method = (
+        pl.when(pl.col("_balanced"))
+        .then(pl.lit(f"exact F ({ms.model})"))
+        .otherwise(
+            pl.concat_str(
+                pl.lit(f"approximate F ({ms.model}, unequal group sizes, k0="),
+                pl.col("_k0"),
+                pl.lit(")"),
+            )
         )
-    runs = _runs_of(part)
-    row = {
-        "scope": f"within_task:{task}",
-        "level": LEVEL_LABEL,
-        "granularity": granularity,
-        **comp,
-        "n_tasks": 1,
-        "n_seeds": len(seeds),
+    )
+    ci_method = (
+        pl.when(pl.col("_defined"))
+        .then(
+            pl.concat_str(
+                method,
+                pl.lit(", n="),
+                pl.col("_n_obs").cast(pl.String),
+                pl.lit(" (label, seed) cells: "),
+                pl.col("n_groups").cast(pl.String),
+                pl.lit(" labels x "),
+                pl.col("n_seeds").cast(pl.String),
+                pl.lit(" seeds"),
+            )
+        )
+        .otherwise(pl.lit(""))
+    )
+    reason = pl.concat_str(
+        [pl.when(pl.col(name)).then(pl.lit(text)) for text, name in names.items()],
+        separator="; ",
+        ignore_nulls=True,
+    )
+    values = {name: comp[name] for name in VARIANCE_TABLE.names() if name in comp}
+    return tables.hstack(
+        pl.DataFrame(
+            {
+                **values,
+                "n_seeds": n_seeds,
+                "n_groups": n_labels,
+                "_n_obs": ms.n_obs,
+                "_balanced": ms.balanced,
+                "_k0": np.char.mod("%.3g", ms.k),
+                "_defined": comp["defined"],
+                **{names[text]: flag for text, flag in flags.items()},
+            }
+        ).get_columns()
+    ).select(
+        pl.concat_str(pl.lit("within_task:"), _task_name(pl.col("task"))).alias("scope"),
+        pl.lit(LEVEL_LABEL).alias("level"),
+        "granularity",
+        *values,
+        pl.lit(1, pl.Int64).alias("n_tasks"),
+        "n_seeds",
+        pl.col("runs").list.len().cast(pl.Int64).alias("n_runs"),
+        "runs",
+        "n_groups",
+        ci_method.alias("ci_method"),
+        reason.alias("reason"),
+    )
+
+
+def _across_row(
+    gran: str, tables: pl.DataFrame, fits: _Fits, in_gran: np.ndarray, level: float
+) -> dict[str, Any]:
+    """The across_tasks row of one granularity, from the run values of its tables."""
+    multi = fits.n_seeds >= 2
+    used = in_gran & multi & fits.identified
+    tasks = tables.select(_task_name(pl.col("task")))["task"]
+    single = tasks.filter(in_gran & ~multi).to_list()
+    unidentified = tasks.filter(in_gran & multi & ~fits.identified).to_list()
+    reasons: list[str] = []
+    if single:
+        reasons.append(f"single-seed task(s) left out: {', '.join(single)}")
+    if unidentified:
+        reasons.append(f"task(s) whose seeds share no labels left out: {', '.join(unidentified)}")
+    n_used = int(used.sum())
+    if n_used < 2:
+        reasons.append("fewer than 2 tasks with 2+ seeds: no between-task variance")
+    # Trimmed to the widest used task, as one_way_anova's sums depend on the layout.
+    width = int(fits.n_seeds[used].max()) if n_used else 1
+    x = fits.run_value[used, :width] if n_used else np.full((1, 1), np.nan)
+    ms = one_way_anova(x)
+    comp = {k: v.item() for k, v in _components(ms, np.asarray(_spread(x)), level).items()}
+    for text, flag in zip(_reason_texts("task"), _FLAGS[1:], strict=True):
+        if comp[flag]:
+            reasons.append(text)
+    n_runs_used = int(fits.n_seeds[used].sum())
+    ci_method = ""
+    if comp["defined"]:
+        ci_method = f"{f_method_name(ms)}, n={n_runs_used} runs in {n_used} tasks"
+    runs = tables.filter(used)["runs"].explode().drop_nulls().unique().sort().to_list()
+    return {
+        "scope": "across_tasks",
+        "level": LEVEL_TASK,
+        "granularity": gran,
+        **{k: v for k, v in comp.items() if k not in _FLAGS},
+        "n_tasks": n_used,
+        "n_seeds": n_runs_used,
         "n_runs": len(runs),
         "runs": runs,
-        "n_groups": len(labels),
+        "n_groups": n_used,
         "ci_method": ci_method,
         "reason": "; ".join(dict.fromkeys(reasons)),
     }
-    return row, fit, seeds
 
 
 def run_values(
@@ -268,21 +434,6 @@ def run_values(
     """One value per run (granularity, task, seed) from the within-task additive fit (see
     the module docstring): columns granularity, task, seed, value, runs. Runs of a task
     whose seeds are not connected through shared labels get NaN."""
-    cells = cell_values(series, value, granularity)
-    out = []
-    for (gran, task), part in cells.partition_by(
-        "granularity", "task", as_dict=True, maintain_order=True
-    ).items():
-        x, seeds, _ = _task_matrix(part)
-        fit = additive_fit(x)
-        runs = part.group_by("seed").agg(
-            pl.col("runs").list.explode(keep_nulls=False, empty_as_null=False).unique().sort()
-        )
-        out.append(
-            pl.DataFrame(
-                {"granularity": gran, "task": task, "seed": seeds, "value": fit.run_value}
-            ).join(runs, on="seed", how="left")
-        )
     schema = {
         "granularity": pl.String,
         "task": pl.String,
@@ -290,9 +441,23 @@ def run_values(
         "value": pl.Float64,
         "runs": pl.List(pl.String),
     }
-    if not out:
+    cells = cell_values(series, value, granularity)
+    if cells.is_empty():
         return pl.DataFrame(schema=schema)
-    return pl.concat(out).cast(schema).sort("granularity", "task", "seed")  # type: ignore[arg-type]
+    keyed, _, x = _tables(cells)
+    fits = _additive_fits(x)
+    out = keyed.group_by("granularity", "task", "seed", maintain_order=True).agg(
+        pl.col("table").first(),
+        pl.col("seed_idx").first(),
+        pl.col("runs").list.explode(keep_nulls=False, empty_as_null=False).unique().sort(),
+    )
+    value_of = fits.run_value[out["table"].to_numpy(), out["seed_idx"].to_numpy()]
+    return (
+        out.with_columns(value=pl.Series(value_of, dtype=pl.Float64))
+        .select(list(schema))
+        .cast(schema)  # type: ignore[arg-type]
+        .sort("granularity", "task", "seed")
+    )
 
 
 def _granularity_order(granularities: list[str]) -> list[str]:
@@ -317,63 +482,17 @@ def variance_table(
     first). Returns `schema.VARIANCE_TABLE`; see the module docstring for the model, the
     definitions and the intervals."""
     cells = cell_values(series, value, granularity)
-    rows: list[dict[str, Any]] = []
-    grans = _granularity_order(cells["granularity"].unique().to_list())
-    for gran in grans:
-        gcells = cells.filter(pl.col("granularity") == gran)
-        within_rows = []
-        task_values: list[np.ndarray] = []
-        task_runs: list[str] = []
-        single: list[str] = []
-        unidentified: list[str] = []
-        n_runs_used = 0
-        for (task,), part in gcells.partition_by("task", as_dict=True, maintain_order=True).items():
-            row, fit, seeds = _within_task_row(gran, str(task), part, level)
-            within_rows.append(row)
-            if len(seeds) < 2:
-                single.append(str(task))
-            elif not fit.identified:
-                unidentified.append(str(task))
-            else:
-                task_values.append(fit.run_value)
-                task_runs.extend(_runs_of(part))
-                n_runs_used += len(seeds)
-
-        reasons: list[str] = []
-        if single:
-            reasons.append(f"single-seed task(s) left out: {', '.join(single)}")
-        if unidentified:
-            reasons.append(
-                f"task(s) whose seeds share no labels left out: {', '.join(unidentified)}"
-            )
-        if len(task_values) < 2:
-            reasons.append("fewer than 2 tasks with 2+ seeds: no between-task variance")
-        width = max((v.size for v in task_values), default=1)
-        x = np.full((max(len(task_values), 1), width), np.nan)
-        for i, v in enumerate(task_values):
-            x[i, : v.size] = v
-        ms = one_way_anova(x)
-        comp = _components_row(ms, _spread(x), level, reasons, "task")
-        ci_method = ""
-        if comp.pop("defined"):
-            ci_method = f"{f_method_name(ms)}, n={n_runs_used} runs in {len(task_values)} tasks"
-        runs = sorted(set(task_runs))
-        rows.append(
-            {
-                "scope": "across_tasks",
-                "level": LEVEL_TASK,
-                "granularity": gran,
-                **comp,
-                "n_tasks": len(task_values),
-                "n_seeds": n_runs_used,
-                "n_runs": len(runs),
-                "runs": runs,
-                "n_groups": len(task_values),
-                "ci_method": ci_method,
-                "reason": "; ".join(dict.fromkeys(reasons)),
-            }
-        )
-        rows.extend(within_rows)
-    if not rows:
+    if cells.is_empty():
         return pl.DataFrame(schema=VARIANCE_TABLE)
-    return conform(pl.DataFrame(rows, schema=VARIANCE_TABLE), VARIANCE_TABLE, "variance_table")
+    # Every (granularity, task) is fitted in one batch; only the across rows, one per
+    # granularity, are formed one at a time.
+    _, tables, x = _tables(cells)
+    fits = _additive_fits(x)
+    within = conform(_within_rows(tables, fits, level), VARIANCE_TABLE, "variance_table")
+    gran_of = tables["granularity"]
+    parts = []
+    for gran in _granularity_order(gran_of.unique().to_list()):
+        in_gran = (gran_of == gran).to_numpy()
+        across = _across_row(gran, tables, fits, in_gran, level)
+        parts += [pl.DataFrame([across], schema=VARIANCE_TABLE), within.filter(in_gran)]
+    return conform(pl.concat(parts), VARIANCE_TABLE, "variance_table")

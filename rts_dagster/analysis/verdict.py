@@ -677,6 +677,16 @@ def _log_sd(values: list[float]) -> float:
 
 
 # --- all tasks, and the table form -------------------------------------------------------------
+def _by_task(table: pl.DataFrame) -> dict[str, pl.DataFrame]:
+    """Task -> its rows (non-empty groups only), in table order."""
+    if table.height == 0:
+        return {}
+    return {
+        key[0]: part
+        for key, part in table.partition_by("task", as_dict=True, maintain_order=True).items()
+    }
+
+
 def decide_all(
     granularity_runs: pl.DataFrame,
     left_out: pl.DataFrame,
@@ -695,39 +705,56 @@ def decide_all(
     runs_ema = runs_ema or {}
     instances_per_label = instances_per_label or {}
     tasks = sorted(set(granularity_runs["task"].to_list()))
+    # each table split by task once: a filter per task and table is quadratic in tasks
+    runs_of = _by_task(granularity_runs)
+    whole_of = _by_task(left_out.filter(pl.col("label") == "*"))
+    completion = pl.col("granularity") == GRANULARITY_COMPLETION
+    rec_of = _by_task(lp_recommendations.filter(completion))
+    check_of = (
+        _by_task(
+            sweep_summary.filter(
+                completion
+                & (pl.col("config") == SEPARATION_MATCHED)
+                & (pl.col("metric") == "lp_snr")
+            )
+        )
+        if sweep_summary is not None and sweep_summary.height
+        else None
+    )
+    star = lp_timescales.filter(pl.col("label") == "*")
+    pooled_of = _by_task(star.filter(pl.col("scope") == "pooled"))
+    seeds_of = _by_task(star.filter(pl.col("scope") == "seed"))
+    closed_of = _by_task(closed_loop)
     out = []
     for task in tasks:
-        runs = granularity_runs.filter(pl.col("task") == task)
-        whole = left_out.filter((pl.col("task") == task) & (pl.col("label") == "*"))
+        runs = runs_of.get(task, granularity_runs.clear())
+        whole = whole_of.get(task, left_out.clear())
         evidence = data_evidence(
             list(runs.iter_rows(named=True)),
             list(whole.iter_rows(named=True)),
             runs_ema.get(task, METTA_MAIN_EMA),
             instances_per_label.get(task),
         )
-        completion = (pl.col("task") == task) & (pl.col("granularity") == GRANULARITY_COMPLETION)
-        rec = lp_recommendations.filter(completion)
-        evidence += replay_evidence(rec.row(0, named=True) if rec.height else None, METTA_MAIN_EMA)
+        rec = rec_of.get(task)
+        evidence += replay_evidence(
+            rec.row(0, named=True) if rec is not None else None, METTA_MAIN_EMA
+        )
         replayed = None
-        if sweep_summary is not None and sweep_summary.height:
-            check = sweep_summary.filter(
-                completion
-                & (pl.col("config") == SEPARATION_MATCHED)
-                & (pl.col("metric") == "lp_snr")
-            )
-            replayed = check.row(0, named=True) if check.height else None
-        star = (pl.col("task") == task) & (pl.col("label") == "*")
-        pooled = lp_timescales.filter(star & (pl.col("scope") == "pooled"))
-        seeds = lp_timescales.filter(star & (pl.col("scope") == "seed"))
+        if check_of is not None:
+            check = check_of.get(task)
+            replayed = check.row(0, named=True) if check is not None else None
+        pooled = pooled_of.get(task)
+        seeds = seeds_of.get(task)
         evidence += noise_evidence(
-            pooled.row(0, named=True) if pooled.height else None,
-            seeds["loo_ratio"].to_list() if seeds.height else [],
+            pooled.row(0, named=True) if pooled is not None else None,
+            seeds["loo_ratio"].to_list() if seeds is not None else [],
             METTA_MAIN_EMA,
             replayed,
         )
         evidence += replay_check_evidence(replayed)
+        closed = closed_of.get(task)
         evidence += closed_loop_evidence(
-            list(closed_loop.filter(pl.col("task") == task).iter_rows(named=True))
+            list(closed.iter_rows(named=True)) if closed is not None else []
         )
         n_runs = int(runs["n_runs"].max() or 0) if runs.height else 0
         out.append(decide(task, evidence, n_runs=n_runs))

@@ -13,7 +13,7 @@ from rts_dagster import storage
 from rts_dagster.analysis import epoch_view, kalman, lp_timescales, metrics, quality, variance
 from rts_dagster.defs.batches import BACKFILL_POLICY, PartitionOutcome, materialize_partitions
 from rts_dagster.defs.partitions import runs_partitions
-from rts_dagster.defs.per_run import per_run_table
+from rts_dagster.defs.per_run import per_run_files, per_run_table
 from rts_dagster.defs.resources import RtsStorage
 from rts_dagster.defs.runs import load_partition_streams, read_discovered, reward_streams
 from rts_dagster.discovery import row_files
@@ -167,17 +167,34 @@ def load_all(
 ) -> dict[str, pl.DataFrame]:
     """The streams and metric tables (only `names` are read) of every materialized
     partition (`materialized_rows`), concatenated. Holds them all in memory: aggregates read
-    the per-series tables through it, and whole streams only for a bounded set of runs
-    (the report's figure tasks, an experiment's arms); run-by-run work goes through
-    `per_run.per_run_table`. `rows`: the matched discovered_runs rows to read."""
+    the per-series tables through it (from one cache file, `per_run.per_run_files`), and
+    whole streams and per-sample tables only for a bounded set of runs (the report's figure
+    tasks, an experiment's arms); run-by-run work goes through `per_run.per_run_table`.
+    `rows`: the matched discovered_runs rows to read."""
     root = rts_storage.root()
-    files: dict[str, list[Path]] = {name: [] for name in names}
-    for row in materialized_rows(rts_storage, context, rows):
-        stream_path, paths = _partition_stream_paths(root, row)
-        for name in names:
-            files[name].append(stream_path if name == "streams" else paths[name])
+    done = materialized_rows(rts_storage, context, rows)
     schemas = {"streams": REWARD_STREAMS, **_TABLE_SCHEMAS}
-    return {name: _read_tables(files[name], schemas[name]) for name in names}
+    out: dict[str, pl.DataFrame] = {}
+    for name in names:
+        if name in _CACHED_TABLES:
+            out[name] = per_run_files(
+                root,
+                done,
+                _CACHED_TABLES[name],
+                lambda row, name=name: _partition_stream_paths(root, row)[1][name],
+                schemas[name],
+            )
+            continue
+        files = [
+            stream_path if name == "streams" else paths[name]
+            for stream_path, paths in (_partition_stream_paths(root, row) for row in done)
+        ]
+        out[name] = _read_tables(files, schemas[name])
+    return out
+
+
+# small per-series tables every aggregate reads for every run: one cache file each
+_CACHED_TABLES = {"series": "series_metrics", "progress": "noise_by_progress"}
 
 
 def _read_tables(paths: list[Path], schema: pl.Schema) -> pl.DataFrame:

@@ -23,6 +23,7 @@ from rts_dagster.defs.batches import (
     partition_log,
 )
 from rts_dagster.defs.partitions import runs_partitions
+from rts_dagster.defs.per_run import per_run_files
 from rts_dagster.defs.resources import RtsStorage
 from rts_dagster.defs.runs import load_partition_streams, read_discovered, reward_streams
 from rts_dagster.discovery import row_files
@@ -310,20 +311,19 @@ def lp_recommendations(
 
 
 def _load_lp_metrics(rts_storage: RtsStorage, context: dg.AssetExecutionContext) -> pl.DataFrame:
+    """Every matched run's lp_replay metrics (from one cache file: `per_run_files`)."""
     root = rts_storage.root()
-    frames, missing = [], []
-    for row in _matched_rows(rts_storage):
-        folder, stem = row_files(row)
-        path = storage.lp_replay_paths(root, folder, stem)["metrics"]
-        if path.exists():
-            frames.append(conform(pl.read_parquet(path), LP_REPLAY_METRICS, str(path)))
-        else:
-            missing.append(row["partition_key"])
+
+    def metrics_path(row: dict[str, Any]) -> Path:
+        return storage.lp_replay_paths(root, *row_files(row))["metrics"]
+
+    rows = _matched_rows(rts_storage)
+    missing = [row["partition_key"] for row in rows if not metrics_path(row).exists()]
     if missing:
         context.log.warning(f"lp_replay not yet materialized, left out: {', '.join(missing)}")
-    if not frames:
+    if len(missing) == len(rows):
         raise dg.Failure("no materialized lp_replay partitions yet: run `rts refresh`")
-    return pl.concat(frames)
+    return per_run_files(root, rows, "lp_replay_metrics", metrics_path, LP_REPLAY_METRICS)
 
 
 def lp_tables(root: Path, matched: list[dict[str, Any]]) -> dict[str, pl.DataFrame] | None:

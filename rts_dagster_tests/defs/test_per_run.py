@@ -15,12 +15,13 @@ from rts_dagster import storage
 from rts_dagster.analysis import epoch_view, kalman, quality
 from rts_dagster.analysis.learning import learning_slopes
 from rts_dagster.defs.analysis import usable_of_runs
-from rts_dagster.defs.per_run import per_run_table
+from rts_dagster.defs.per_run import cache_file, per_run_files, per_run_table
 from rts_dagster.discovery import row_files
 from rts_dagster.schema import (
     EPOCH_VIEW,
     LEARNING_SLOPES,
     LOCAL_LEVEL,
+    REWARD_STREAMS,
     SERIES_KEYS,
     SERIES_QUALITY,
     conform,
@@ -125,9 +126,58 @@ def test_the_cache_is_read_and_a_rewritten_partition_is_computed_again(tmp_path:
     doubled = third.filter(pl.col("run_id") == changed["run_id"])
     before = first.filter(pl.col("run_id") == changed["run_id"])
     np.testing.assert_allclose(doubled["reward_max"], 2.0 * before["reward_max"])
-    # the old version of that run's cached rows is gone: one file per run and table
-    cached = sorted(p.name for p in (storage.cache_dir(tmp_path) / "q").rglob("*.parquet"))
-    assert len(cached) == len(rows)
+    # the old version of that run's cached rows is gone: one version per run in the file
+    stored = pl.read_parquet(cache_file(tmp_path, "q"))
+    markers = stored.filter(pl.col("_cache_marker"))
+    assert sorted(markers["_cache_partition"]) == sorted(r["partition_key"] for r in rows)
+    assert stored.filter(~pl.col("_cache_marker")).height == third.height
+
+    # a run no longer asked for leaves the file; the others are still read from it
+    calls.clear()
+    fewer = per_run_table(tmp_path, rows[:3], "q", compute, SERIES_QUALITY)
+    assert calls == []
+    assert_frame_equal(fewer, third.filter(pl.col("run_id") != rows[3]["run_id"]))
+    stored = pl.read_parquet(cache_file(tmp_path, "q"))
+    assert rows[3]["partition_key"] not in set(stored["_cache_partition"])
+
+
+def test_an_unreadable_cache_file_is_computed_again(tmp_path: Path) -> None:
+    rows, _ = _write_runs(tmp_path, n_tasks=1, seeds=2)
+    first = per_run_table(tmp_path, rows, "q", quality.series_quality, SERIES_QUALITY)
+    cache_file(tmp_path, "q").write_bytes(b"not parquet")
+    calls: list[int] = []
+
+    def compute(streams: pl.DataFrame) -> pl.DataFrame:
+        calls.append(streams.height)
+        return quality.series_quality(streams)
+
+    again = per_run_table(tmp_path, rows, "q", compute, SERIES_QUALITY)
+    assert len(calls) == 1
+    assert_frame_equal(again, first)
+    assert pl.read_parquet(cache_file(tmp_path, "q")).height > 0  # rewritten whole
+
+
+def test_per_run_files_reads_only_the_files_that_changed(tmp_path: Path) -> None:
+    rows, _ = _write_runs(tmp_path, n_tasks=2, seeds=2)
+
+    def path_of(row: dict) -> Path:
+        return storage.stream_paths(tmp_path, *row_files(row))[0]
+
+    want = pl.concat([pl.read_parquet(path_of(r)) for r in rows])
+    lines: list[str] = []
+    got = per_run_files(tmp_path, rows, "streams", path_of, REWARD_STREAMS, log=lines.append)
+    assert_frame_equal(got, conform(want, REWARD_STREAMS))
+    changed = path_of(rows[2])
+    storage.write_parquet(pl.read_parquet(changed).with_columns(pl.col("reward") + 1.0), changed)
+    stat = changed.stat()  # a new version even where mtimes are coarse
+    os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    again = per_run_files(tmp_path, rows, "streams", path_of, REWARD_STREAMS, log=lines.append)
+    assert lines == [
+        "streams: 4 run(s) computed, 0 from the cache",
+        "streams: 1 run(s) computed, 3 from the cache",
+    ]
+    want = pl.concat([pl.read_parquet(path_of(r)) for r in rows])
+    assert_frame_equal(again, conform(want, REWARD_STREAMS))  # order of `rows` kept
 
 
 def test_settings_are_part_of_the_key(tmp_path: Path) -> None:
