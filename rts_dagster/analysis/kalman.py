@@ -76,10 +76,10 @@ held-value lag, so noise comparisons of epoch rows carry that caveat.
 
 from __future__ import annotations
 
+import functools
 import math
-import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -87,7 +87,7 @@ import polars as pl
 from scipy import stats
 from scipy.signal import lfilter
 
-from rts_dagster.analysis.intervals import LEVEL, Interval, log_t_bounds, log_t_interval
+from rts_dagster.analysis.intervals import LEVEL, Interval
 from rts_dagster.analysis.metrics import (
     MetricsConfig,
     first_differences,
@@ -665,23 +665,115 @@ def _exp(x: float) -> float:
     return math.inf if x > 709.0 else math.exp(x)
 
 
-def _exclusions(part: pl.DataFrame) -> tuple[int, str]:
-    """How many series rows of a group are left out of pooling, and why (counted)."""
-    n = part["n_samples"].to_numpy()
-    gain = part["gain"].to_numpy()
-    bound = part["at_bound"].to_numpy()
-    absent = n == 0
-    short = (n > 0) & (n < MIN_FIT_SAMPLES)
-    undefined = ~absent & ~short & ~np.isfinite(gain)
-    flagged = np.isfinite(gain) & bound
-    counts = [
-        (int(flagged.sum()), "gain at a grid bound or 1/K longer than the regime"),
-        (int(short.sum()), f"shorter than {MIN_FIT_SAMPLES} samples"),
-        (int(absent.sum()), "regime absent"),
-        (int(undefined.sum()), "constant (no gain)"),
-    ]
-    total = sum(k for k, _ in counts)
-    return total, ", ".join(f"{k} {why}" for k, why in counts if k)
+_EXCLUSION_REASONS = (  # excluded_reason, in this order: (count column, why)
+    ("_flagged", "gain at a grid bound or 1/K longer than the regime"),
+    ("_short", f"shorter than {MIN_FIT_SAMPLES} samples"),
+    ("_absent", "regime absent"),
+    ("_undefined", "constant (no gain)"),
+)
+
+
+def _log_moments(
+    index: np.ndarray, values: np.ndarray, size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per group (`index` in 0..size-1) over its finite positive `values`: (count, mean of
+    the logs, sum of squared deviations of the logs from that mean), in two passes like
+    `intervals.t_bounds`. NaN mean where a group has no such value."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ok = np.isfinite(values) & (values > 0)
+        at, logs = index[ok], np.log(values[ok])
+        n = np.bincount(at, minlength=size)
+        mean = np.bincount(at, logs, minlength=size) / n
+        dev = logs - mean[at]
+        return n, mean, np.bincount(at, dev * dev, minlength=size)
+
+
+def _t_quantile(q: float, df: np.ndarray) -> np.ndarray:
+    """stats.t.ppf(q, df) elementwise, evaluated once per distinct df (there are few)."""
+    values, inverse = np.unique(df, return_inverse=True)
+    return np.asarray(stats.t.ppf(q, values), dtype=np.float64)[inverse]
+
+
+def _log_t_by(
+    index: np.ndarray, values: np.ndarray, size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`intervals.log_t_bounds` per group: (geometric mean, low, high, n)."""
+    n, mean, ss = _log_moments(index, values, size)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        sd = np.sqrt(ss / (n - 1))
+        half = _t_quantile(0.5 + LEVEL / 2.0, np.where(n >= 2, n - 1, 1)) * sd / np.sqrt(n)
+        half = np.where(n >= 2, half, np.nan)
+        mean = np.where(n >= 1, mean, np.nan)
+        return np.exp(mean), np.exp(mean - half), np.exp(mean + half), n
+
+
+def _geomean_by(index: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
+    """`_geomean` per group."""
+    n, mean, _ = _log_moments(index, values, size)
+    with np.errstate(over="ignore"):
+        return np.where(n > 0, np.exp(mean), np.nan)
+
+
+def _exp_array(x: np.ndarray) -> np.ndarray:
+    """`_exp` elementwise."""
+    with np.errstate(over="ignore"):
+        return np.where(x > 709.0, np.inf, np.exp(x))
+
+
+@dataclass(frozen=True)
+class _SeedNoise:
+    """The per-seed noise behind a `recommend_timescales` table, for `_add_references`:
+    one cell per (label row, seed) with a usable fit (its sqrt(r)), and one pair per
+    (group, seed) with the geometric mean over that seed's labels (what the group's
+    pooled row pools)."""
+
+    group: np.ndarray  # (task, granularity, unit, regime) group of each table row
+    cell_row: np.ndarray  # table row (a label row) of each cell
+    cell_pair: np.ndarray  # the (group, seed) pair of each cell
+    cell_noise: np.ndarray
+    pair_row: np.ndarray  # table row (the pooled row) of each pair
+    pair_noise: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Rows of a `recommend_timescales` table: each group's label rows (sorted by label),
+    then its pooled row; groups in their order (codes from `recommend_timescales`)."""
+
+    size: int
+    group: np.ndarray  # group of each table row
+    pooled: np.ndarray  # is each table row the pooled one
+    source: np.ndarray  # a series row of each table row (for its keys)
+    pooled_pos: np.ndarray  # table row of each group's pooled row
+    label_row: np.ndarray  # table row of each series row's label
+    pooled_row: np.ndarray  # table row of each series row's pooled row
+
+    @classmethod
+    def of(cls, group: np.ndarray, label: np.ndarray) -> _Layout:
+        """From each series row's group (0, 1, ... in table order) and label code (in
+        label order)."""
+        n_groups = int(group.max()) + 1
+        _, first_of_label, label_of = np.unique(
+            group * (int(label.max()) + 1) + label, return_index=True, return_inverse=True
+        )
+        group_of_label = group[first_of_label]
+        # each label row is preceded by the pooled rows of the groups before its own
+        label_pos = np.arange(len(first_of_label)) + group_of_label
+        pooled_pos = np.cumsum(np.bincount(group_of_label, minlength=n_groups)) + np.arange(
+            n_groups
+        )
+        size = len(first_of_label) + n_groups
+        source = np.empty(size, dtype=np.int64)
+        source[label_pos] = first_of_label
+        source[pooled_pos] = np.unique(group, return_index=True)[1]
+        row_group = np.empty(size, dtype=np.int64)
+        row_group[label_pos] = group_of_label
+        row_group[pooled_pos] = np.arange(n_groups)
+        pooled = np.zeros(size, dtype=bool)
+        pooled[pooled_pos] = True
+        return cls(
+            size, row_group, pooled, source, pooled_pos, label_pos[label_of], pooled_pos[group]
+        )
 
 
 def recommend_timescales(
@@ -716,157 +808,214 @@ def recommend_timescales(
     by_task = dict(lp_configs_by_task or {})
     if per_series.height == 0:
         return pl.DataFrame(schema=TIMESCALE_RECOMMENDATIONS)
-    df = per_series.with_columns(
-        (
-            pl.col("gain").is_finite()
-            & pl.col("r").is_finite()
-            & pl.col("q").is_finite()
-            & ~pl.col("at_bound").fill_null(True)
-        ).alias("_usable"),
-        pl.concat_str([pl.col("seed").cast(pl.String), pl.col("run_id")], separator="|")
-        .fill_null("?")
-        .alias("_unit_seed"),
+    keys = ["task", "granularity", "unit", "regime"]
+    unit_seed = pl.concat_str(
+        [pl.col("seed").cast(pl.String), pl.col("run_id")], separator="|"
+    ).fill_null("?")
+    gain_finite = pl.col("gain").is_finite().fill_null(False)
+    n_samples = pl.col("n_samples")
+    absent = (n_samples == 0).fill_null(False)
+    short = ((n_samples > 0) & (n_samples < MIN_FIT_SAMPLES)).fill_null(False)
+    usable = (
+        gain_finite
+        & pl.col("r").is_finite()
+        & pl.col("q").is_finite()
+        & ~pl.col("at_bound").fill_null(True)
+    ).fill_null(False)
+    # integer codes of every series row: groups numbered as they first appear (the table's
+    # order), labels and seeds by sorted name (the order within a group)
+    codes = per_series.with_row_index("_i").select(
+        (pl.col("_i").min().over(keys).rank("dense").cast(pl.Int64) - 1).alias("group"),
+        pl.col("label").rank("dense").fill_null(0).cast(pl.Int64).alias("label"),
+        unit_seed.rank("dense").cast(pl.Int64).alias("seed"),
+        usable.alias("usable"),
+        # a seed whose run has no completion stream of the task
+        (~(pl.col("granularity") == GRANULARITY_COMPLETION).any().over("task", unit_seed))
+        .fill_null(False)
+        .alias("epoch_only"),
+        (gain_finite & pl.col("at_bound").fill_null(False)).alias("_flagged"),
+        short.alias("_short"),
+        absent.alias("_absent"),
+        (~absent & ~short & ~gain_finite).alias("_undefined"),
+        (pl.col("ljung_box_p") < FIT_OK_P).fill_null(False).alias("not_ok"),
+        (1.0 / pl.col("gain")).alias("ts"),
+        pl.col("r").sqrt().alias("noise"),
+        pl.col("q").sqrt().alias("drift"),
     )
-    with_completions = (
-        df.filter(pl.col("granularity") == GRANULARITY_COMPLETION)
-        .select(pl.concat_str([pl.col("task"), pl.col("_unit_seed")], separator="|"))
-        .to_series()
-        .unique()
-        .to_list()
+    group = codes["group"].to_numpy()
+    seed = codes["seed"].to_numpy()
+    n_seed_codes = int(seed.max()) + 1
+    layout = _Layout.of(group, codes["label"].to_numpy())
+    size, label_row, pooled_row = layout.size, layout.label_row, layout.pooled_row
+
+    def per_row(mask: np.ndarray) -> np.ndarray:  # series rows counted on both rows
+        return np.bincount(label_row[mask], minlength=size) + np.bincount(
+            pooled_row[mask], minlength=size
+        )
+
+    def distinct_seeds(mask: np.ndarray) -> np.ndarray:  # distinct seeds on both rows
+        out = np.zeros(size, dtype=np.int64)
+        for row_of in (label_row, pooled_row):
+            pairs = np.unique(row_of[mask] * n_seed_codes + seed[mask])
+            out += np.bincount(pairs // n_seed_codes, minlength=size)
+        return out
+
+    # One cell per (label row, seed): its last usable fit (as assignment into a seeds x
+    # labels matrix did), cells sorted by label row then seed.
+    usable_rows = np.flatnonzero(codes["usable"].to_numpy())[::-1]
+    _, last = np.unique(
+        label_row[usable_rows] * n_seed_codes + seed[usable_rows], return_index=True
     )
-    df = df.with_columns(
-        ~pl.concat_str([pl.col("task"), pl.col("_unit_seed")], separator="|")
-        .is_in(with_completions)
-        .alias("_epoch_only")
+    cells = usable_rows[last]
+    cell_row = label_row[cells]
+    ts, noise, drift = (codes[c].to_numpy()[cells] for c in ("ts", "noise", "drift"))
+    # Per (group, seed): the geometric mean over the seed's labels, skipping NaN logs and
+    # keeping 0 and inf (np.nanmean of the logs, as before); in label order within a pair.
+    pair_keys, cell_pair = np.unique(group[cells] * n_seed_codes + seed[cells], return_inverse=True)
+    pair_row = layout.pooled_pos[pair_keys // n_seed_codes]
+
+    def per_seed(x: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            logs = np.log(x)
+            ok = ~np.isnan(logs)
+            total = np.bincount(cell_pair[ok], logs[ok], minlength=len(pair_keys))
+            return np.exp(total / np.bincount(cell_pair[ok], minlength=len(pair_keys)))
+
+    pair_noise = per_seed(noise)
+    rows_of = np.concatenate((cell_row, pair_row))
+    geo, low, high, n_seeds = _log_t_by(rows_of, np.concatenate((ts, per_seed(ts))), size)
+    with np.errstate(divide="ignore"):
+        gain = np.where(geo > 0, 1.0 / geo, np.nan)
+    not_ok = codes["not_ok"].to_numpy()[cells]
+
+    names = per_series.select(pl.col(k).gather(layout.source) for k in (*keys, "label"))
+    tasks = names["task"].drop_nulls().unique().to_list()
+    weights = [_lp_weight(by_task.get(task, lp_config)) for task in tasks]  # one per task
+    comparable = (pl.col("unit") == UNIT_COMPLETIONS).fill_null(False)
+    lp_weight = pl.col("task").replace_strict(tasks, weights, default=None, return_dtype=pl.Float64)
+    table = names.with_columns(
+        pl.Series("_pooled", layout.pooled),
+        pl.Series("n_series", per_row(np.ones(len(group), dtype=bool))),
+        pl.Series("n_seeds", n_seeds),
+        *(pl.Series(c, per_row(codes[c].to_numpy())) for c, _ in _EXCLUSION_REASONS),
+        pl.Series(
+            "n_fit_not_ok",
+            np.bincount(cell_row[not_ok], minlength=size)
+            + np.bincount(pooled_row[cells][not_ok], minlength=size),
+        ),
+        pl.Series("n_seeds_epoch_only", distinct_seeds(codes["epoch_only"].to_numpy())),
+        pl.Series("noise_std", _geomean_by(rows_of, np.concatenate((noise, pair_noise)), size)),
+        pl.Series(
+            "drift_std", _geomean_by(rows_of, np.concatenate((drift, per_seed(drift))), size)
+        ),
+        pl.Series("gain", gain),
+        pl.Series("timescale", geo),
+        pl.Series("timescale_ci_low", low),
+        pl.Series("timescale_ci_high", high),
+    ).with_columns(
+        pl.when("_pooled").then(pl.lit("pooled")).otherwise(pl.lit("label")).alias("group"),
+        pl.when("_pooled").then(pl.lit("*")).otherwise("label").alias("label"),
+        pl.sum_horizontal(c for c, _ in _EXCLUSION_REASONS).alias("n_excluded"),
+        pl.concat_str(
+            [
+                pl.when(pl.col(c) > 0).then(pl.format("{} " + why, c))
+                for c, why in _EXCLUSION_REASONS
+            ],
+            separator=", ",
+            ignore_nulls=True,
+        ).alias("excluded_reason"),
+        pl.lit(CI_METHOD_LOG_T).alias("ci_method"),
+        pl.col("n_seeds").alias("ci_n"),
+        pl.lit(LEVEL).alias("ci_level"),
+        pl.when(comparable).then(lp_weight).alias("lp_ema_timescale"),
+        pl.when(comparable).then(1.0 / lp_weight).alias("lp_timescale"),
+        pl.lit(None, dtype=pl.Float64).alias("timescale_ratio"),
+        pl.when(comparable)
+        .then(pl.lit(LP_PER_INSTANCE))
+        .otherwise(pl.lit(LP_NOT_COMPARABLE))
+        .alias("lp_comparison"),
     )
-    rows: list[dict[str, Any]] = []
-    seed_noise: dict[tuple[str, str, str, str, str], dict[str, float]] = {}
-    group_keys = ("task", "granularity", "unit", "regime")
-    # seeds whose run has no completion stream, per (group, label) and per group: counted
-    # once here rather than filtered row by row
-    epoch_rows = df.filter(pl.col("_epoch_only"))
-    seeds_of = pl.col("_unit_seed").n_unique()
-    epoch_only_of: dict[tuple, int] = {
-        (*k, "*"): n for *k, n in epoch_rows.group_by(group_keys).agg(seeds_of).iter_rows()
-    }
-    epoch_only_of |= {
-        tuple(k): n for *k, n in epoch_rows.group_by(*group_keys, "label").agg(seeds_of).iter_rows()
-    }
-    for key, part in df.group_by(group_keys, maintain_order=True):
-        task, granularity, unit, regime = (str(v) for v in key)
-        lp_weight = _lp_weight(by_task.get(task, lp_config))
-        comparable = unit == UNIT_COMPLETIONS
-        seeds = sorted(part["_unit_seed"].unique().to_list())
-        labels = sorted(part["label"].unique().to_list())
-        s_idx = {s: i for i, s in enumerate(seeds)}
-        l_idx = {lab: i for i, lab in enumerate(labels)}
-        ts = np.full((len(seeds), len(labels)), np.nan)
-        noise = np.full_like(ts, np.nan)
-        drift = np.full_like(ts, np.nan)
-        not_ok = np.zeros_like(ts, dtype=bool)
-        use = part.filter(pl.col("_usable"))
-        i = np.asarray([s_idx[s] for s in use["_unit_seed"].to_list()], dtype=np.int64)
-        k = np.asarray([l_idx[lab] for lab in use["label"].to_list()], dtype=np.int64)
-        ts[i, k] = 1.0 / use["gain"].to_numpy()
-        noise[i, k] = np.sqrt(use["r"].to_numpy())
-        drift[i, k] = np.sqrt(use["q"].to_numpy())
-        not_ok[i, k] = (use["ljung_box_p"].fill_null(math.nan) < FIT_OK_P).to_numpy()
-        with warnings.catch_warnings():  # all-NaN seeds are meant to give NaN
-            warnings.simplefilter("ignore", RuntimeWarning)
-            pooled_seed = {
-                "ts": np.exp(np.nanmean(np.log(ts), axis=1)),
-                "noise": np.exp(np.nanmean(np.log(noise), axis=1)),
-                "drift": np.exp(np.nanmean(np.log(drift), axis=1)),
-            }
-        by_label = part.partition_by("label", as_dict=True, maintain_order=True)
-        groups = [(lab, by_label[(lab,)], l_idx[lab]) for lab in labels]
-        groups.append(("*", part, -1))
-        # every label's interval (and the pooled one, last) in one vectorised call: the
-        # same numbers as `log_t_interval` on each column
-        geo, low, high, count = log_t_bounds(np.column_stack([ts, pooled_seed["ts"]]).T)
-        for label, members, col in groups:
-            if col >= 0:
-                n_seed, d_seed = noise[:, col], drift[:, col]
-                n_bad = int(not_ok[:, col].sum())
-            else:
-                n_seed, d_seed = pooled_seed["noise"], pooled_seed["drift"]
-                n_bad = int(not_ok.sum())
-            c = col if col >= 0 else len(labels)
-            interval = Interval(
-                float(geo[c]), float(low[c]), float(high[c]), CI_METHOD_LOG_T, int(count[c]), LEVEL
-            )
-            n_excl, why = _exclusions(members)
-            epoch_only = epoch_only_of.get((task, granularity, unit, regime, label), 0)
-            seed_noise[(task, granularity, unit, regime, label)] = dict(
-                zip(seeds, n_seed, strict=True)
-            )
-            estimate = interval.estimate
-            rows.append(
-                {
-                    "task": task,
-                    "group": "pooled" if label == "*" else "label",
-                    "label": label,
-                    "granularity": granularity,
-                    "regime": regime,
-                    "unit": unit,
-                    "n_series": members.height,
-                    "n_seeds": interval.n,
-                    "n_excluded": n_excl,
-                    "excluded_reason": why,
-                    "n_fit_not_ok": n_bad,
-                    "n_seeds_epoch_only": epoch_only,
-                    "noise_std": _geomean(n_seed),
-                    "drift_std": _geomean(d_seed),
-                    "gain": 1.0 / estimate if estimate > 0 else math.nan,
-                    "timescale": estimate,
-                    "timescale_ci_low": interval.low,
-                    "timescale_ci_high": interval.high,
-                    "ci_method": interval.method,
-                    "ci_n": interval.n,
-                    "ci_level": interval.level,
-                    "lp_ema_timescale": lp_weight if comparable else None,
-                    "lp_timescale": 1.0 / lp_weight if comparable else None,
-                    "timescale_ratio": None,
-                    "lp_comparison": LP_PER_INSTANCE if comparable else LP_NOT_COMPARABLE,
-                    "note": _rec_note(interval.n, n_excl, n_bad, comparable),
-                }
-            )
-    table = pl.DataFrame(rows, infer_schema_length=None)
+    n = pl.col("n_seeds")
+    table = table.with_columns(
+        pl.concat_str(  # the parts of the note that apply, "; "-joined
+            [
+                pl.when(~comparable).then(pl.lit(EPOCH_CAVEAT)),
+                pl.when(n == 0)
+                .then(pl.lit("no usable fit"))
+                .when(n < 2)
+                .then(pl.lit("1 seed: no interval")),
+                pl.when(pl.col("n_excluded") > 0).then(
+                    pl.format("{} fit(s) left out (excluded_reason)", "n_excluded")
+                ),
+                pl.when(pl.col("n_fit_not_ok") > 0).then(
+                    pl.format(f"{{}} fit(s) with Ljung-Box p < {FIT_OK_P:g} kept", "n_fit_not_ok")
+                ),
+            ],
+            separator="; ",
+            ignore_nulls=True,
+        ).alias("note")
+    )
+    seed_noise = _SeedNoise(layout.group, cell_row, cell_pair, noise, pair_row, pair_noise)
     return _add_references(table, seed_noise)
 
 
-def _rec_note(n_seeds: int, n_excluded: int, n_not_ok: int, completions: bool = True) -> str:
-    parts = [] if completions else [EPOCH_CAVEAT]
-    if n_seeds == 0:
-        parts.append("no usable fit")
-    elif n_seeds < 2:
-        parts.append("1 seed: no interval")
-    if n_excluded:
-        parts.append(f"{n_excluded} fit(s) left out (excluded_reason)")
-    if n_not_ok:
-        parts.append(f"{n_not_ok} fit(s) with Ljung-Box p < {FIT_OK_P:g} kept")
-    return "; ".join(parts)
+@dataclass
+class _References:
+    """The reference columns being filled, one entry per table row (`_add_references`);
+    `kind`: 0 none (all null), 1 an interval, 2 the reference itself (no interval)."""
+
+    kind: np.ndarray
+    name: np.ndarray  # object: str or None
+    method: np.ndarray
+    ratio: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    n: np.ndarray
+    ts_ratio: np.ndarray
+
+    @classmethod
+    def empty(cls, size: int) -> _References:
+        def nan() -> np.ndarray:
+            return np.full(size, np.nan)
+
+        none = np.full(size, None, dtype=object)
+        return cls(
+            np.zeros(size, np.int8),
+            none,
+            none.copy(),
+            nan(),
+            nan(),
+            nan(),
+            np.zeros(size, np.int64),
+            nan(),
+        )
+
+    def named(self, rows: np.ndarray, counts: np.ndarray, template: str) -> None:
+        """`name` of each of `rows` from `template` and its count (few distinct counts)."""
+        for k in np.unique(counts):
+            self.name[rows[counts == k]] = template.format(int(k))
+
+    def columns(self) -> list[pl.Series]:
+        has = self.kind > 0
+        full = self.kind == 1
+
+        def series(name: str, values: np.ndarray, valid: np.ndarray, dtype: Any) -> pl.Series:
+            out = pl.Series(name, values, dtype=dtype)
+            missing = np.flatnonzero(~valid)
+            return out.scatter(missing, None) if missing.size else out
+
+        return [
+            pl.Series("reference_label", self.name.tolist(), dtype=pl.String),
+            series("noise_ratio", self.ratio, has, pl.Float64),
+            series("noise_ratio_ci_low", self.low, full, pl.Float64),
+            series("noise_ratio_ci_high", self.high, full, pl.Float64),
+            pl.Series("noise_ratio_ci_method", self.method.tolist(), dtype=pl.String),
+            series("noise_ratio_n", self.n, full, pl.Int64),
+            series("timescale_vs_reference", self.ts_ratio, has, pl.Float64),
+        ]
 
 
-_REFERENCE_COLUMNS = (
-    "reference_label",
-    "noise_ratio",
-    "noise_ratio_ci_low",
-    "noise_ratio_ci_high",
-    "noise_ratio_ci_method",
-    "noise_ratio_n",
-    "timescale_vs_reference",
-)
-
-
-def _finite_noise(row: dict[str, Any]) -> bool:
-    value = row["noise_std"]
-    return value is not None and math.isfinite(value)
-
-
-def _add_references(
-    table: pl.DataFrame, seed_noise: dict[tuple[str, str, str, str, str], dict[str, float]]
-) -> pl.DataFrame:
+def _add_references(table: pl.DataFrame, seed_noise: _SeedNoise) -> pl.DataFrame:
     """Noise of each label vs its task's typical label, and of each task vs the quietest
     task (up to MAX_TASKS_VS_QUIETEST tasks) or else vs the typical task.
 
@@ -885,122 +1034,181 @@ def _add_references(
     0.93 at 3 seeds). That reference is not picked from the data: no multiplicity
     correction (the sentence that names the noisiest task widens it for that pick,
     `describe_recommendations`)."""
-    rows = list(table.iter_rows(named=True))
-    # peers of each row, gathered once (table order kept): the labels of its task, or
-    # the tasks of its (granularity, unit, regime), with a finite noise
-    label_peers: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
-    task_peers: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-    for row in rows:
-        if not _finite_noise(row):
-            continue
-        where = (row["granularity"], row["unit"], row["regime"])
-        if row["group"] == "label":
-            label_peers.setdefault((row["task"], *where), []).append(row)
-        else:
-            task_peers.setdefault(where, []).append(row)
-    task_refs = {where: _task_references(peers, seed_noise) for where, peers in task_peers.items()}
-    refs: list[dict[str, Any]] = []
-    for row in rows:
-        task, gran, unit, regime = row["task"], row["granularity"], row["unit"], row["regime"]
-        if row["group"] != "label":
-            ref = task_refs.get((gran, unit, regime), {}).get(task)
-            refs.append(ref if ref and _finite_noise(row) else dict.fromkeys(_REFERENCE_COLUMNS))
-            continue
-        peers = label_peers.get((task, gran, unit, regime), [])
-        if len(peers) < 2 or not _finite_noise(row):
-            refs.append(dict.fromkeys(_REFERENCE_COLUMNS))
-            continue
-        mine = seed_noise[(task, gran, unit, regime, row["label"])]
-        per_seed: dict[str, list[float]] = {}
-        for peer in peers:
-            for seed, value in seed_noise[(task, gran, unit, regime, peer["label"])].items():
-                if value > 0 and math.isfinite(value):
-                    per_seed.setdefault(seed, []).append(math.log(value))
-        common = [s for s in sorted(mine) if s in per_seed and len(per_seed[s]) >= 2]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratios = np.asarray([mine[s] / math.exp(float(np.mean(per_seed[s]))) for s in common])
-        interval = log_t_interval(ratios, method=CI_METHOD_TYPICAL)
-        typical_ts = math.exp(
-            float(np.log(np.asarray([p["timescale"] for p in peers], dtype=np.float64)).mean())
+    size = table.height
+    refs = _References.empty(size)
+    noise_std = table["noise_std"].to_numpy()
+    timescale = table["timescale"].to_numpy()
+    is_label = (table["group"] == "label").to_numpy()
+    finite = np.isfinite(noise_std)
+    _label_references(refs, seed_noise, is_label & finite, timescale)
+    # pooled rows: peers are the pooled rows with a finite noise of the same (granularity,
+    # unit, regime), numbered by the first row of each
+    where = (
+        table.with_row_index("_i")
+        .select(pl.col("_i").min().over("granularity", "unit", "regime").cast(pl.Int64))
+        .to_series()
+        .to_numpy()
+    )
+    peer = ~is_label & finite
+    n_peers = np.bincount(where[peer], minlength=size)[where]
+    typical = peer & (n_peers > MAX_TASKS_VS_QUIETEST)
+    if typical.any():
+        _vs_typical_task(refs, seed_noise, np.flatnonzero(typical), where, noise_std, timescale)
+    quietest = peer & (n_peers >= 2) & ~typical
+    for w in np.unique(where[quietest]):  # a handful of (granularity, unit, regime)
+        rows = np.flatnonzero(quietest & (where == w))
+        _vs_quietest_task(
+            refs, seed_noise, rows, table["task"].gather(rows).to_list(), noise_std, timescale
         )
-        refs.append(
-            _reference(
-                f"the typical label of the task (geometric mean of {len(peers)} labels)",
-                interval,
-                row["timescale"] / typical_ts if typical_ts else math.nan,
-            )
+    return conform(
+        table.with_columns(refs.columns()), TIMESCALE_RECOMMENDATIONS, "timescale_recommendations"
+    )
+
+
+def _label_references(
+    refs: _References, seed_noise: _SeedNoise, peer: np.ndarray, timescale: np.ndarray
+) -> None:
+    """Label rows with a finite noise (`peer`) in a group of at least 2 such labels: per
+    seed, the label's noise over the geometric mean of its group's labels at that seed
+    (seeds where at least 2 labels have a noise), paired t on logs over seeds."""
+    size = len(peer)
+    group = seed_noise.group
+    n_groups = int(group.max()) + 1 if size else 0
+    n_peers = np.bincount(group[peer], minlength=n_groups)
+    rows = np.flatnonzero(peer & (n_peers[group] >= 2))
+    if rows.size == 0:
+        return
+    x, pair = seed_noise.cell_noise, seed_noise.cell_pair
+    n_pairs = len(seed_noise.pair_row)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        ok = np.isfinite(x) & (x > 0)
+        per_pair = np.bincount(pair[ok], minlength=n_pairs)
+        typical = np.exp(np.bincount(pair[ok], np.log(x[ok]), minlength=n_pairs) / per_pair)
+        common = ok & (per_pair[pair] >= 2)
+        ratios = x[common] / typical[pair[common]]
+        # the timescale of the typical label: mean log over the group's labels, unfiltered
+        log_ts = np.bincount(group[peer], np.log(timescale[peer]), minlength=n_groups)
+        typical_ts = np.exp(log_ts / n_peers)[group]
+        ts_ratio = np.where(typical_ts != 0, timescale / typical_ts, np.nan)
+    geo, low, high, n = _log_t_by(seed_noise.cell_row[common], ratios, size)
+    refs.kind[rows] = 1
+    refs.named(
+        rows, n_peers[group[rows]], "the typical label of the task (geometric mean of {} labels)"
+    )
+    refs.method[rows] = CI_METHOD_TYPICAL
+    for mine, theirs in (
+        (refs.ratio, geo),
+        (refs.low, low),
+        (refs.high, high),
+        (refs.n, n),
+        (refs.ts_ratio, ts_ratio),
+    ):
+        mine[rows] = theirs[rows]
+
+
+def _vs_typical_task(
+    refs: _References,
+    seed_noise: _SeedNoise,
+    rows: np.ndarray,
+    where: np.ndarray,
+    noise_std: np.ndarray,
+    timescale: np.ndarray,
+) -> None:
+    """`rows`: the pooled rows with a finite noise of the (granularity, unit, regime) that
+    have more than MAX_TASKS_VS_QUIETEST of them. Each vs the others: Welch t on logs
+    (df = seeds - 1, `welch_log_ratio_interval` with `hsu_df`) between its per-seed noise
+    and the other rows' noise_std, with leave-one-out sums per (granularity, unit, regime)."""
+    size = len(noise_std)
+    w = where[rows]
+    # the task's own per-seed noise
+    na, mean_a, ss_a = (
+        v[rows] for v in _log_moments(seed_noise.pair_row, seed_noise.pair_noise, size)
+    )
+    # the other tasks' log noise: mean and variance leaving the row out, from sums of
+    # values centred on their (granularity, unit, regime) mean (no cancellation)
+    x = np.log(noise_std[rows])
+    k = np.bincount(w, minlength=size)[w] - 1
+    centre = (np.bincount(w, x, minlength=size)[w]) / (k + 1)
+    c = x - centre
+    s1 = np.bincount(w, c, minlength=size)[w] - c
+    s2 = np.bincount(w, c * c, minlength=size)[w] - c * c
+    mean_b = centre + s1 / k
+    var_b = (s2 - s1 * s1 / k) / (k - 1)
+    n = np.minimum(na, k)
+    diff = mean_a - mean_b
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        se = np.sqrt(ss_a / (na - 1) / na + var_b / k)
+        half = _t_quantile(0.5 + LEVEL / 2.0, np.maximum(n - 1, 1)) * se
+        plain = np.exp(diff)
+    two = n >= 2
+    spread = two & (se != 0.0)
+    refs.ratio[rows] = np.where(n == 0, np.nan, np.where(spread, _exp_array(diff), plain))
+    refs.low[rows] = np.where(two, np.where(spread, _exp_array(diff - half), plain), np.nan)
+    refs.high[rows] = np.where(two, np.where(spread, _exp_array(diff + half), plain), np.nan)
+    refs.n[rows] = n
+    # the typical task's timescale: geometric mean of the others' finite positive ones
+    t = timescale[rows]
+    ok = np.isfinite(t) & (t > 0)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        lt = np.where(ok, np.log(np.where(ok, t, 1.0)), 0.0)
+        count = np.bincount(w, ok, minlength=size)[w]
+        centre_t = np.bincount(w, lt, minlength=size)[w] / count
+        ct = np.where(ok, lt - centre_t, 0.0)
+        others = count - ok
+        typical = np.where(
+            others > 0,
+            np.exp(centre_t + (np.bincount(w, ct, minlength=size)[w] - ct) / others),
+            np.nan,
         )
-    extra = pl.DataFrame(refs, schema={c: TIMESCALE_RECOMMENDATIONS[c] for c in _REFERENCE_COLUMNS})
-    out = pl.concat([table.drop(_REFERENCE_COLUMNS, strict=False), extra], how="horizontal")
-    return conform(out, TIMESCALE_RECOMMENDATIONS, "timescale_recommendations")
+        refs.ts_ratio[rows] = np.where(typical != 0, t / typical, np.nan)
+    refs.kind[rows] = 1
+    refs.method[rows] = CI_METHOD_WELCH_TYPICAL
+    refs.named(rows, k, "the typical task (geometric mean of {} other tasks)")
 
 
-def _reference(name: str, interval: Interval, ts_ratio: float) -> dict[str, Any]:
-    return {
-        "reference_label": name,
-        "noise_ratio": interval.estimate,
-        "noise_ratio_ci_low": interval.low,
-        "noise_ratio_ci_high": interval.high,
-        "noise_ratio_ci_method": interval.method,
-        "noise_ratio_n": interval.n,
-        "timescale_vs_reference": ts_ratio,
-    }
+def _vs_quietest_task(
+    refs: _References,
+    seed_noise: _SeedNoise,
+    rows: np.ndarray,
+    tasks: list[str],
+    noise_std: np.ndarray,
+    timescale: np.ndarray,
+) -> None:
+    """`rows` (2..MAX_TASKS_VS_QUIETEST pooled rows with a finite noise of one (granularity,
+    unit, regime), table order) vs the quietest of them: Welch t on logs of the per-seed
+    noise, Bonferroni over all task pairs; the quietest is its own reference."""
 
+    def seeds_of(i: int) -> np.ndarray:
+        return seed_noise.pair_noise[seed_noise.pair_row == i]
 
-def _task_references(
-    peers: list[dict[str, Any]],
-    seed_noise: dict[tuple[str, str, str, str, str], dict[str, float]],
-) -> dict[str, dict[str, Any]]:
-    """Reference columns of each pooled row of one (granularity, unit, regime), by task:
-    `peers` are its pooled rows with a finite noise (`_add_references`)."""
-    if len(peers) < 2:
-        return {}
-
-    def noise_of(row: dict[str, Any]) -> dict[str, float]:
-        return seed_noise[(row["task"], row["granularity"], row["unit"], row["regime"], "*")]
-
-    out: dict[str, dict[str, Any]] = {}
-    if len(peers) > MAX_TASKS_VS_QUIETEST:
-        # per task: its geometric mean over seeds (noise_std) and its timescale
-        log_noise = np.log(np.asarray([p["noise_std"] for p in peers], dtype=np.float64))
-        timescales = np.asarray([p["timescale"] for p in peers], dtype=np.float64)
-        name = f"the typical task (geometric mean of {len(peers) - 1} other tasks)"
-        for i, row in enumerate(peers):
-            others = np.exp(np.delete(log_noise, i))
-            interval = replace(
-                welch_log_ratio_interval(list(noise_of(row).values()), others, hsu_df=True),
-                method=CI_METHOD_WELCH_TYPICAL,
-            )
-            typical_ts = _geomean(np.delete(timescales, i))
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ts_ratio = row["timescale"] / typical_ts if typical_ts else math.nan
-            out[row["task"]] = _reference(name, interval, ts_ratio)
-        return out
-    ref = min(peers, key=lambda p: (p["noise_std"], p["task"], p["label"]))
-    theirs = noise_of(ref)
-    pairs = len(peers) * (len(peers) - 1) // 2
-    for row in peers:
-        if row["task"] == ref["task"]:  # the reference itself
-            out[row["task"]] = dict.fromkeys(_REFERENCE_COLUMNS) | {
-                "reference_label": ref["task"],
-                "noise_ratio": 1.0,
-                "noise_ratio_ci_method": "reference",
-                "timescale_vs_reference": 1.0,
-            }
+    ref = min(range(len(rows)), key=lambda j: (noise_std[rows[j]], tasks[j]))
+    r = int(rows[ref])
+    theirs = seeds_of(r)
+    pairs = len(rows) * (len(rows) - 1) // 2
+    method = f"{CI_METHOD_WELCH}, Bonferroni over {pairs} task pairs"
+    ref_ts = float(timescale[r])
+    for i in rows:
+        refs.name[i] = tasks[ref]
+        if i == r:
+            refs.kind[i] = 2
+            refs.method[i] = "reference"
+            refs.ratio[i] = refs.ts_ratio[i] = 1.0
             continue
-        interval = replace(
-            welch_log_ratio_interval(
-                list(noise_of(row).values()),
-                list(theirs.values()),
-                level=1.0 - (1.0 - LEVEL) / pairs,
-            ),
-            method=f"{CI_METHOD_WELCH}, Bonferroni over {pairs} task pairs",
-            level=LEVEL,  # all pairs hold together at LEVEL
+        interval = welch_log_ratio_interval(
+            seeds_of(int(i)), theirs, level=1.0 - (1.0 - LEVEL) / pairs
         )
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ts_ratio = row["timescale"] / ref["timescale"] if ref["timescale"] else math.nan
-        out[row["task"]] = _reference(ref["task"], interval, ts_ratio)
-    return out
+        refs.kind[i] = 1
+        refs.method[i] = method
+        refs.ratio[i], refs.low[i], refs.high[i] = interval.estimate, interval.low, interval.high
+        refs.n[i] = interval.n
+        refs.ts_ratio[i] = float(timescale[i]) / ref_ts if ref_ts else math.nan
+
+
+@functools.lru_cache(maxsize=4096)
+def _pick_widening(k: int, n: int) -> float:
+    """How much a t interval on n - 1 df widens at Bonferroni over k (cached: the same few
+    (k, n) recur across tasks)."""
+    return stats.t.ppf(1 - (1 - LEVEL) / (2 * k), n - 1) / stats.t.ppf(1 - (1 - LEVEL) / 2, n - 1)
 
 
 def _adjusted_for_picking(
@@ -1013,7 +1221,7 @@ def _adjusted_for_picking(
     if low is None or high is None or not n or n < 2 or not (low > 0 and high > 0):
         return math.nan, math.nan, row["noise_ratio_ci_method"] or ""
     centre, half = (math.log(high) + math.log(low)) / 2, (math.log(high) - math.log(low)) / 2
-    widen = stats.t.ppf(1 - (1 - LEVEL) / (2 * k), n - 1) / stats.t.ppf(1 - (1 - LEVEL) / 2, n - 1)
+    widen = _pick_widening(int(k), int(n))
     return (
         _exp(centre - half * widen),
         _exp(centre + half * widen),
@@ -1053,26 +1261,6 @@ RECORD_STREAM_SENTENCE = (
     f"epochs ({EPOCH_CAVEAT}); a per-completion stream (RewardStreamRecorder) gives "
     "figures in completions"
 )
-
-
-def _described_groups(rows: pl.DataFrame) -> list[tuple[str, str]]:
-    """(granularity, unit) pairs of one task's rows to describe: completion-stream rows,
-    and epoch-stream rows when the task has no completion rows or some of its epoch seeds
-    come from runs without a completion stream (`n_seeds_epoch_only`)."""
-    pairs = rows.select("granularity", "unit").unique(maintain_order=True).rows()
-    has_completion = any(g == GRANULARITY_COMPLETION for g, _ in pairs)
-    out = []
-    for granularity, unit in pairs:
-        part = rows.filter((pl.col("granularity") == granularity) & (pl.col("unit") == unit))
-        epoch_only = (
-            int(part["n_seeds_epoch_only"].fill_null(0).max() or 0)
-            if "n_seeds_epoch_only" in part.columns
-            else 0
-        )
-        if granularity == GRANULARITY_COMPLETION or not has_completion or epoch_only > 0:
-            out.append((granularity, unit))
-    order = {UNIT_COMPLETIONS: 0, UNIT_EPOCHS: 1}
-    return sorted(out, key=lambda gu: (gu[0] != GRANULARITY_COMPLETION, order.get(gu[1], 2)))
 
 
 def _regime_sentence(task: str, p: dict[str, Any]) -> str:
@@ -1134,38 +1322,71 @@ def describe_recommendations(table: pl.DataFrame) -> list[str]:
     noise comparisons carry the held-value caveat."""
     if table.height == 0:
         return []
+    pair = ["task", "granularity", "unit"]
+    completion = pl.col("granularity") == GRANULARITY_COMPLETION
+    epoch_only = (
+        pl.col("n_seeds_epoch_only").fill_null(0).max().over(pair) > 0
+        if "n_seeds_epoch_only" in table.columns
+        else pl.lit(False)
+    )
+    # (granularity, unit) groups of each task to describe, in the sentences' order: tasks as
+    # they first appear; within a task completion streams first, then by unit, then as
+    # they first appear
+    rows = (
+        table.with_row_index("_i")
+        .with_columns(
+            pl.col("_i").min().over("task").alias("_task_at"),
+            (~completion).alias("_not_completion"),
+            pl.when(pl.col("unit") == UNIT_COMPLETIONS)
+            .then(0)
+            .when(pl.col("unit") == UNIT_EPOCHS)
+            .then(1)
+            .otherwise(2)
+            .alias("_unit_rank"),
+            pl.col("_i").min().over(pair).alias("_pair_at"),
+            (completion | ~completion.any().over("task") | epoch_only).alias("_described"),
+        )
+        .filter(pl.col("_described"))
+    )
+    # per group: the first pooled row of each regime, then its noisiest label (the first
+    # in table order on a tie) when at least 2 labels have a noise ratio and it is > 1
+    regime_item = pl.col("regime").replace_strict(
+        {REGIME_WHOLE: 0, REGIME_LEARNING: 1, REGIME_PLATEAU: 2}, default=None
+    )
+    regimes = (
+        rows.filter(pl.col("group") == "pooled")
+        .with_columns(regime_item.alias("_item"))
+        .filter(pl.col("_item").is_not_null())
+        .unique(subset=[*pair, "regime"], keep="first", maintain_order=True)
+    )
+    labels = rows.filter(
+        (pl.col("group") == "label")
+        & (pl.col("regime") == REGIME_WHOLE)
+        & pl.col("noise_ratio").is_finite()
+    ).with_columns(pl.len().over(pair).alias("_k"))
+    tops = (
+        labels.filter(
+            (pl.col("_k") >= 2) & (pl.col("noise_ratio") == pl.col("noise_ratio").max().over(pair))
+        )
+        .unique(subset=pair, keep="first", maintain_order=True)
+        .filter(pl.col("noise_ratio") > 1.0)
+        .with_columns(pl.lit(3, dtype=pl.Int64).alias("_item"))
+    )
+    items = pl.concat(
+        [regimes.with_columns(pl.col("_item").cast(pl.Int64)), tops], how="diagonal_relaxed"
+    ).sort("_task_at", "_not_completion", "_unit_rank", "_pair_at", "_item")
     out: list[str] = []
-    for task in table["task"].unique(maintain_order=True).to_list():
-        task_rows = table.filter(pl.col("task") == task)
-        for granularity, unit in _described_groups(task_rows):
-            rows = task_rows.filter(
-                (pl.col("granularity") == granularity) & (pl.col("unit") == unit)
-            )
-            for regime in (REGIME_WHOLE, REGIME_LEARNING, REGIME_PLATEAU):
-                pooled = rows.filter((pl.col("group") == "pooled") & (pl.col("regime") == regime))
-                if pooled.height:
-                    out.append(_regime_sentence(task, pooled.row(0, named=True)))
-            labels = rows.filter(
-                (pl.col("group") == "label")
-                & (pl.col("regime") == REGIME_WHOLE)
-                & pl.col("noise_ratio").is_finite()
-            )
-            if labels.height >= 2:
-                top = labels.sort("noise_ratio", descending=True).row(0, named=True)
-                if top["noise_ratio"] > 1.0:
-                    low, high, method = _adjusted_for_picking(top, labels.height)
-                    picked = top | {
-                        "noise_ratio_ci_low": low,
-                        "noise_ratio_ci_high": high,
-                        "noise_ratio_ci_method": method,
-                    }
-                    out.append(
-                        _noise_sentence(
-                            f"{task}/{top['label']}",
-                            top["reference_label"],
-                            picked,
-                        )
-                    )
+    for row in items.iter_rows(named=True):  # one sentence each
+        if row["_item"] < 3:
+            out.append(_regime_sentence(row["task"], row))
+            continue
+        low, high, method = _adjusted_for_picking(row, row["_k"])
+        picked = row | {
+            "noise_ratio_ci_low": low,
+            "noise_ratio_ci_high": high,
+            "noise_ratio_ci_method": method,
+        }
+        out.append(_noise_sentence(f"{row['task']}/{row['label']}", row["reference_label"], picked))
     pooled = table.filter(
         (pl.col("group") == "pooled")
         & (pl.col("regime") == REGIME_WHOLE)
