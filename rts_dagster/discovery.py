@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -158,6 +159,7 @@ def load_rules(path: Path | None) -> DiscoveryRules:
         raise ValueError(f"rules file {path}: {exc}") from exc
 
 
+@lru_cache(maxsize=1 << 16)  # pure; every aggregate maps a thousand runs to their files
 def slug(text: str) -> str:
     """A file-name- and partition-key-safe form of untrusted text.
 
@@ -503,6 +505,7 @@ def stream_file_stem(seed: int, run_id: str | None = None) -> str:
     return f"{seed}.{slug(run_id)}" if run_id is not None else str(seed)
 
 
+@lru_cache(maxsize=1 << 16)
 def partition_files(task: str, seed: int, run_id: str, key: str) -> tuple[str, str]:
     """(task folder, file stem) of a matched run's partition: `<task slug>/<seed>` for the
     run holding the plain key, `<task slug>/<seed>.<suffix>` for a key
