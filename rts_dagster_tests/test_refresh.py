@@ -76,7 +76,7 @@ def pipeline(tmp_path, monkeypatch) -> FakePipeline:
     monkeypatch.setattr(dg.DagsterInstance, "get", staticmethod(lambda: instance))
     monkeypatch.setattr(refresh_mod, "_materialize", fake.materialize)
     monkeypatch.setattr(
-        refresh_mod, "partition_is_current", lambda root, row: fake.partitions_current
+        refresh_mod, "partition_is_current", lambda root, row, *memo: fake.partitions_current
     )
     return fake
 

@@ -2,8 +2,10 @@
 `timescale_recommendations`. Thin: the science is in rts_dagster.analysis."""
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from functools import lru_cache
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import dagster as dg
@@ -16,7 +18,7 @@ from rts_dagster.defs.partitions import runs_partitions
 from rts_dagster.defs.per_run import per_run_files, per_run_table
 from rts_dagster.defs.resources import RtsStorage
 from rts_dagster.defs.runs import load_partition_streams, read_discovered, reward_streams
-from rts_dagster.discovery import row_files
+from rts_dagster.discovery import partition_files, row_files
 from rts_dagster.escape import md, md_table
 from rts_dagster.schema import (
     EPOCH_VIEW,
@@ -64,9 +66,18 @@ def _preview(df: pl.DataFrame, cols: list[str], limit: int = 20) -> str:
     return md_table(cols, rows) + more
 
 
-def _partition_stream_paths(root: Path, row: dict[str, Any]) -> tuple[Path, dict[str, Path]]:
-    folder, stem = row_files(row)
-    return storage.stream_paths(root, folder, stem)[0], storage.metrics_paths(root, folder, stem)
+def _partition_stream_paths(root: Path, row: dict[str, Any]) -> tuple[Path, Mapping[str, Path]]:
+    """(reward_streams file, series_metrics files) of a matched discovered_runs row."""
+    return _partition_files(root, row["task"], row["seed"], row["run_id"], row["partition_key"])
+
+
+@lru_cache(maxsize=1 << 16)  # every aggregate maps every run to its files, several times
+def _partition_files(
+    root: Path, task: str, seed: int, run_id: str, key: str
+) -> tuple[Path, Mapping[str, Path]]:
+    folder, stem = partition_files(task, seed, run_id, key)
+    metrics = MappingProxyType(storage.metrics_paths(root, folder, stem))
+    return storage.stream_paths(root, folder, stem)[0], metrics
 
 
 @dg.asset(

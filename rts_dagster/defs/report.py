@@ -58,15 +58,19 @@ def run_engines(rows: list[dict[str, Any]]) -> dict[str, int]:
     "$RTS_DATA_DIR/report/, built from the tables above.",
 )
 def report(context: dg.AssetExecutionContext, rts_storage: RtsStorage) -> dg.MaterializeResult:
-    from rts_dagster.report.build import build_report, figure_tasks
+    from rts_dagster.report.build import build_report, figure_tasks, tasks_with_arms
     from rts_dagster.report.document import write_report
 
     root = rts_storage.root()
     rows = materialized_rows(rts_storage, context)  # read once: every table below needs them
     verdicts = verdicts_from_table(pl.read_parquet(storage.verdicts_path(root)))
-    # whole streams and per-sample tables only for the tasks the figures show: memory and
-    # time stay bounded however many runs there are
-    shown = set(figure_tasks(sorted({r["task"] for r in rows}), verdicts))
+    experiments = read_experiment_tables(rts_storage)
+    if experiments is not None:
+        experiments["discovered"] = arms_table(rows).with_columns(pl.lit("matched").alias("status"))
+    # whole streams and per-sample tables only for the tasks the figures show (the same
+    # choice build_report makes): memory and time stay bounded however many runs there are
+    armed = tasks_with_arms(experiments["discovered"]) if experiments is not None else []
+    shown = set(figure_tasks(sorted({r["task"] for r in rows}), verdicts, with_arms=armed))
     tables = load_all(rts_storage, context, names=("series", "progress"), rows=rows)
     shown_rows = [r for r in rows if r["task"] in shown]
     tables |= load_all(rts_storage, context, names=("streams", "rolling"), rows=shown_rows)
@@ -81,9 +85,6 @@ def report(context: dg.AssetExecutionContext, rts_storage: RtsStorage) -> dg.Mat
     epoch_path = storage.epoch_view_path(root)
     variance_df = pl.read_parquet(storage.variance_table_path(root))
     recs = pl.read_parquet(storage.timescales_path(root))
-    experiments = read_experiment_tables(rts_storage)
-    if experiments is not None:
-        experiments["discovered"] = arms_table(rows).with_columns(pl.lit("matched").alias("status"))
     doc = build_report(
         tables["streams"],
         tables["series"],

@@ -1,5 +1,6 @@
 """Assets `discovered_runs` and `reward_streams`: from a run source to per-run parquet."""
 
+import hashlib
 import json
 import math
 import re
@@ -211,17 +212,21 @@ def load_partition_streams(
     return PartitionStreams(row, folder, stem, path, streams)
 
 
-def partition_is_current(root: Path, row: dict[str, Any]) -> bool:
+def partition_is_current(
+    root: Path, row: dict[str, Any], schemas: "SchemaMemo | None" = None
+) -> bool:
     """True if the partition of `row` (a matched discovered_runs row) already holds this
     run's data: metadata.json of the same run, fingerprint and STREAMS_VERSION, and the
-    series_metrics and lp_replay files, in the current table schemas."""
+    series_metrics and lp_replay files, in the current table schemas. `schemas`: a memo
+    of the files' schemas (checking a thousand partitions reads a thousand footers)."""
     folder, stem = row_files(row)
     _, meta_path = storage.stream_paths(root, folder, stem)
     derived = (
         (storage.metrics_paths(root, folder, stem)["series"], SERIES_METRICS),
         (storage.lp_replay_paths(root, folder, stem)["metrics"], LP_REPLAY_METRICS),
     )
-    if not meta_path.exists() or not all(_has_schema(p, schema) for p, schema in derived):
+    has_schema = schemas.has_schema if schemas is not None else _has_schema
+    if not meta_path.exists() or not all(has_schema(p, schema) for p, schema in derived):
         return False
     try:
         meta = storage.read_json(meta_path)
@@ -240,6 +245,55 @@ def _has_schema(path: Path, schema: pl.Schema) -> bool:
         return pl.read_parquet_schema(path) == dict(schema)
     except (OSError, pl.exceptions.PolarsError):
         return False
+
+
+def _schema_digest(schema: dict[str, Any]) -> str:
+    return hashlib.sha256(repr(sorted(schema.items())).encode()).hexdigest()[:16]
+
+
+class SchemaMemo:
+    """The schema of each parquet file checked, by path, size and mtime, kept in
+    `cache/partition_schemas.json` between processes: an unchanged file's footer is not
+    read again. Derived, safe to delete; `save` writes it when it changed."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = storage.cache_dir(root) / "partition_schemas.json"
+        try:
+            saved = storage.read_json(self.path)
+            self.entries: dict[str, list] = saved if isinstance(saved, dict) else {}
+        except (OSError, ValueError):
+            self.entries = {}
+        self.changed = False
+        self.seen: set[str] = set()
+
+    def has_schema(self, path: Path, schema: pl.Schema) -> bool:
+        """`_has_schema`, from the memo when the file's size and mtime are unchanged."""
+        try:
+            stat = path.stat()
+        except OSError:
+            return False
+        stamp = [stat.st_size, stat.st_mtime_ns]
+        self.seen.add(str(path))
+        entry = self.entries.get(str(path))
+        if isinstance(entry, list) and len(entry) == 3 and entry[:2] == stamp:
+            return entry[2] == _schema_digest(dict(schema))
+        try:
+            digest = _schema_digest(dict(pl.read_parquet_schema(path)))
+        except (OSError, pl.exceptions.PolarsError):
+            return False
+        self.entries[str(path)] = [*stamp, digest]
+        self.changed = True
+        return digest == _schema_digest(dict(schema))
+
+    def save(self, forget_unseen: bool = False) -> None:
+        """Write the memo if it changed; `forget_unseen`: drop the files not checked by this
+        memo (a refresh checks every partition: the others are gone)."""
+        if forget_unseen and set(self.entries) - self.seen:
+            self.entries = {k: v for k, v in self.entries.items() if k in self.seen}
+            self.changed = True
+        if self.changed:
+            storage.write_json(self.entries, self.path)
+            self.changed = False
 
 
 def redact(config: Any, key: str = "") -> Any:

@@ -16,8 +16,17 @@ from collections.abc import Iterable
 import polars as pl
 
 from rts_dagster.report import figures
-from rts_dagster.report.document import Bullets, Figure, Heading, Paragraph, Report, Table
+from rts_dagster.report.document import (
+    Bullets,
+    Figure,
+    FigureRecipe,
+    Heading,
+    Paragraph,
+    Report,
+    Table,
+)
 from rts_dagster.report.lp_section import num, ratio, signed
+from rts_dagster.report.scope import TaskScope
 from rts_dagster.schema import (
     EXPERIMENT_COMPARISON,
     EXPERIMENT_CURVES,
@@ -253,12 +262,15 @@ def add_experiments_section(
     run_metrics: pl.DataFrame | None,
     plan: pl.DataFrame | None,
     discovered: pl.DataFrame | None = None,
+    scope: TaskScope | None = None,
 ) -> None:
     """Append the Experiments section: per task with two arms, reward curves per arm, the
     difference to the baseline over training, a metrics table per (arm, granularity),
     sentences on noise before and after convergence, and the seeds and planned runs
     still missing. `discovered`: discovered runs with task, arm, seed (and optionally
-    baseline, status) columns, used for seeds that have no metrics yet."""
+    baseline, status) columns, used for seeds that have no metrics yet. `scope`: the tasks
+    whose experiments are shown (every task when None); the others are counted and their
+    rows kept for tables/experiment_*.csv."""
     report.add(Heading(HEADING))
     t, problems = _tables(
         {
@@ -273,10 +285,16 @@ def add_experiments_section(
         report.add(
             Paragraph(["Some experiment tables could not be used: " + "; ".join(problems) + "."])
         )
-    tasks = _tasks_with_arms(t)
-    if not tasks:
+    every_task = _tasks_with_arms(t)
+    planned = sorted(set(t["plan"]["task"].drop_nulls().to_list()))
+    scope = scope or TaskScope.of([*every_task, *planned])
+    comparison_href = report.add_table_file("experiment_comparison", t["comparison"])
+    report.add_table_file("experiment_run_metrics", t["run_metrics"])
+    plan_href = report.add_table_file("experiment_plan", t["plan"])
+    if not every_task:
         report.add(Paragraph([f"No task has two arms yet. {ARMS_FORMED}"]))
-        _planned_runs(report, t["plan"], sorted(set(t["plan"]["task"].drop_nulls().to_list())))
+        _planned_runs(report, t["plan"], scope.keep_names(planned))
+        _left_out(report, scope, planned, plan_href, "planned runs")
         return
     report.add(
         Paragraph(
@@ -293,12 +311,22 @@ def add_experiments_section(
     )
     baselines = _baselines(t, discovered)
     seeds = _seeds(t, discovered)
-    for ti, task in enumerate(tasks):
+    for ti, task in enumerate(scope.keep_names(every_task)):
         _task_block(report, ti, task, baselines.get(task), t, seeds)
-    planned_elsewhere = sorted(set(t["plan"]["task"].drop_nulls().to_list()) - set(tasks))
-    if planned_elsewhere:
+    _left_out(report, scope, every_task, comparison_href, "experiments")
+    planned_elsewhere = sorted(set(planned) - set(every_task))
+    if shown_elsewhere := scope.keep_names(planned_elsewhere):
         report.add(Heading("Planned runs of tasks without a second arm yet", 3))
-        _planned_runs(report, t["plan"], planned_elsewhere)
+        _planned_runs(report, t["plan"], shown_elsewhere)
+    _left_out(report, scope, planned_elsewhere, plan_href, "planned runs")
+
+
+def _left_out(report: Report, scope: TaskScope, tasks: list[str], href: str, what: str) -> None:
+    """The line saying how many of `tasks` are not shown, and where their rows are."""
+    if note := scope.left_out_note(
+        pl.DataFrame({"task": tasks}, schema={"task": pl.String}), href, what=what
+    ):
+        report.add(note)
 
 
 def _task_block(
@@ -387,7 +415,14 @@ def _curves_figure(
     report.add(
         Figure(
             f"experiment_{ti}_{gi}_curves",
-            figures.experiment_curves(part, arms, f"Reward per arm: {task}, {_short(granularity)}"),
+            FigureRecipe(
+                figures.experiment_curves,
+                (
+                    part,
+                    arms,
+                    f"Reward per arm: {task}, {_short(granularity)}",
+                ),
+            ),
             _for_granularity(caption, granularity),
         )
     )
@@ -419,8 +454,13 @@ def _difference_figure(
     report.add(
         Figure(
             f"experiment_{ti}_{gi}_difference",
-            figures.experiment_difference(
-                part, arms, f"Arm - baseline: {task}, {_short(granularity)}"
+            FigureRecipe(
+                figures.experiment_difference,
+                (
+                    part,
+                    arms,
+                    f"Arm - baseline: {task}, {_short(granularity)}",
+                ),
             ),
             _for_granularity(caption, granularity),
         )

@@ -39,16 +39,58 @@ def _category_axis(names: list[str]) -> dict[str, object]:
     }
 
 
+def _dashed_line(value: float, axis: str, across: str, vertical: bool = True) -> go.layout.Shape:
+    """A grey dashed reference line at `value` on `axis` ("x", "x2", ...) spanning the
+    subplot's `across` axis ("y", "y2", ...): what `add_vline`/`add_hline` draw, without
+    their per-call bookkeeping (several ms a line)."""
+    across_ref = f"{across} domain"
+    if vertical:
+        return go.layout.Shape(
+            line={"color": "#888", "dash": "dash"},
+            type="line",
+            x0=value,
+            x1=value,
+            xref=axis,
+            y0=0,
+            y1=1,
+            yref=across_ref,
+        )
+    return go.layout.Shape(
+        line={"color": "#888", "dash": "dash"},
+        type="line",
+        x0=0,
+        x1=1,
+        xref=across_ref,
+        y0=value,
+        y1=value,
+        yref=axis,
+    )
+
+
+def _ref(axis: go.layout.XAxis | go.layout.YAxis) -> str:
+    """ "xaxis2" -> "x2": how traces and shapes name an axis."""
+    return axis.plotly_name.replace("axis", "")
+
+
 def _x_title(granularity: str) -> str:
     return "samples of the label (" + ("completions)" if granularity == "completion" else "epochs)")
 
 
-def _shared_x_title(fig: go.Figure, n_panels: int, title: str) -> None:
+def _shared_x_title(fig: go.Figure, n_panels: int, title: str, y_title: str) -> None:
     """One x title under the middle of a row of `n_panels` panels that share what their x
-    axis means: one title per panel would run into its neighbours' titles."""
+    axis means (one title per panel would run into its neighbours' titles), and the y
+    title of the first panel; one layout update for all of them."""
+    axes: dict[str, dict[str, object]] = {}
     for col in range(1, n_panels + 1):
         middle = col == (n_panels + 1) // 2
-        fig.update_xaxes(title_text=title if middle else None, row=1, col=col)
+        axes[fig.get_subplot(1, col).xaxis.plotly_name] = {"title_text": title if middle else None}
+    axes.setdefault(fig.get_subplot(1, 1).yaxis.plotly_name, {})["title_text"] = y_title
+    fig.update_layout(axes)
+
+
+def _by_task_and_seed(table: pl.DataFrame) -> dict[tuple[str, object], pl.DataFrame]:
+    """The rows of each (task, seed), each sorted by sample index."""
+    return table.sort("sample_index").partition_by("task", "seed", as_dict=True)
 
 
 def reward_curves(curves: pl.DataFrame, granularity: str) -> go.Figure:
@@ -63,14 +105,14 @@ def reward_curves(curves: pl.DataFrame, granularity: str) -> go.Figure:
         shared_yaxes=True,
     )
     seeds = sorted(curves["seed"].unique().to_list())
+    parts = _by_task_and_seed(curves)
+    traces, cols = [], []  # added in one call: plotly's per-call bookkeeping is slow
     for col, task in enumerate(tasks, 1):
         for i, seed in enumerate(seeds):
-            part = curves.filter((pl.col("task") == task) & (pl.col("seed") == seed)).sort(
-                "sample_index"
-            )
-            if part.height == 0:
+            part = parts.get((task, seed))
+            if part is None:
                 continue
-            fig.add_trace(
+            traces.append(
                 go.Scatter(
                     x=part["sample_index"].to_numpy(),
                     y=part["reward"].to_numpy(),
@@ -79,12 +121,14 @@ def reward_curves(curves: pl.DataFrame, granularity: str) -> go.Figure:
                     legendgroup=f"seed {seed}",
                     showlegend=col == 1,
                     line={"color": _colour(i), "width": 1.5},
-                ),
-                row=1,
-                col=col,
+                )
             )
-    _shared_x_title(fig, len(tasks), _x_title(granularity))
-    fig.update_yaxes(title_text="reward (episode score, mean over labels)", row=1, col=1)
+            cols.append(col)
+    if traces:
+        fig.add_traces(traces, rows=[1] * len(cols), cols=cols)
+    _shared_x_title(
+        fig, len(tasks), _x_title(granularity), "reward (episode score, mean over labels)"
+    )
     fig.update_layout(
         title=f"Reward vs sample index ({granularity} stream)", height=380, width=1100, **_LAYOUT
     )
@@ -102,16 +146,16 @@ def band_overlay(bands: pl.DataFrame, value_title: str, title: str, granularity:
         subplot_titles=[plot_text(t) for t in tasks],
         shared_yaxes=True,
     )
+    parts = _by_task_and_seed(bands)
+    traces, cols = [], []  # added in one call: plotly's per-call bookkeeping is slow
     for col, task in enumerate(tasks, 1):
         for i, seed in enumerate(seeds):
-            part = bands.filter((pl.col("task") == task) & (pl.col("seed") == seed)).sort(
-                "sample_index"
-            )
-            if part.height == 0:
+            part = parts.get((task, seed))
+            if part is None:
                 continue
             x = part["sample_index"].to_numpy()
             colour = _colour(i)
-            fig.add_trace(
+            traces += [
                 go.Scatter(
                     x=x,
                     y=part["p90"].to_numpy(),
@@ -121,10 +165,6 @@ def band_overlay(bands: pl.DataFrame, value_title: str, title: str, granularity:
                     hoverinfo="skip",
                     legendgroup=f"seed {seed}",
                 ),
-                row=1,
-                col=col,
-            )
-            fig.add_trace(
                 go.Scatter(
                     x=x,
                     y=part["p10"].to_numpy(),
@@ -136,10 +176,6 @@ def band_overlay(bands: pl.DataFrame, value_title: str, title: str, granularity:
                     hoverinfo="skip",
                     legendgroup=f"seed {seed}",
                 ),
-                row=1,
-                col=col,
-            )
-            fig.add_trace(
                 go.Scatter(
                     x=x,
                     y=part["p50"].to_numpy(),
@@ -149,11 +185,11 @@ def band_overlay(bands: pl.DataFrame, value_title: str, title: str, granularity:
                     showlegend=col == 1,
                     line={"color": colour, "width": 1.5},
                 ),
-                row=1,
-                col=col,
-            )
-    _shared_x_title(fig, len(tasks), _x_title(granularity))
-    fig.update_yaxes(title_text=value_title, row=1, col=1)
+            ]
+            cols += [col] * 3
+    if traces:
+        fig.add_traces(traces, rows=[1] * len(cols), cols=cols)
+    _shared_x_title(fig, len(tasks), _x_title(granularity), value_title)
     fig.update_layout(title=title, height=420, width=1100, **_LAYOUT)
     return fig
 
@@ -216,7 +252,7 @@ def variance_ratios(table: pl.DataFrame) -> go.Figure:
             marker={"color": _colour(0)},
         )
     )
-    fig.add_vline(x=1.0, line_dash="dash", line_color="#888")
+    fig.update_layout(shapes=[_dashed_line(1.0, "x", "y")])
     fig.update_layout(
         title="Seed variance / task (or label) variance, with exact F 95% interval",
         xaxis_title="variance ratio (dimensionless; > 1: seeds differ more)",
@@ -454,8 +490,9 @@ def lp_snr_ratios(points: pl.DataFrame) -> go.Figure:
     Each panel's axis covers its own values, up to `SNR_CLIP` either way: a point beyond
     is drawn at the edge with its value and CI written beside it, a whisker beyond is cut
     at the edge with its bound written beside the point."""
-    tasks = sorted(points["task"].unique().to_list())
-    counts = [max(points.filter(pl.col("task") == t).height, 1) for t in tasks]
+    by_task = points.partition_by("task", as_dict=True)
+    tasks = sorted(task for (task,) in by_task)
+    counts = [max(by_task[(t,)].height, 1) for t in tasks]
     per_row = [40 + 24 * n for n in counts]
     gap, top, bottom = 110, 80, 140  # between rows: x title + next panel title
     plot_area = sum(per_row) + gap * max(len(tasks) - 1, 0)
@@ -469,8 +506,13 @@ def lp_snr_ratios(points: pl.DataFrame) -> go.Figure:
     )
     shown: set[str] = set()
     lo_clip, hi_clip = 1 / SNR_CLIP, SNR_CLIP
+    # every trace, then the reference lines, then every axis change, in one call each:
+    # plotly's per-call bookkeeping costs more than the figure (the JSON is the same)
+    traces: list[go.Scatter] = []
+    rows: list[int] = []
+    axes: dict[str, dict[str, object]] = {}
     for row, task in enumerate(tasks, 1):
-        part = points.filter(pl.col("task") == task)
+        part = by_task[(task,)]
         ratio = part["ratio"].cast(pl.Float64).to_numpy()
         low = part["ratio_low"].cast(pl.Float64).to_numpy()
         high = part["ratio_high"].cast(pl.Float64).to_numpy()
@@ -491,7 +533,7 @@ def lp_snr_ratios(points: pl.DataFrame) -> go.Figure:
                 for c, v, lo, hi in zip(configs, r, low[sel], high[sel], strict=True)
             ]
             text, side = _off_scale_text(r, low[sel], high[sel], lo_clip, hi_clip)
-            fig.add_trace(
+            traces.append(
                 go.Scatter(
                     x=x,
                     y=configs,
@@ -513,36 +555,41 @@ def lp_snr_ratios(points: pl.DataFrame) -> go.Figure:
                     showlegend=role not in shown,
                     hovertext=hover,
                     hoverinfo="text",
-                ),
-                row=row,
-                col=1,
+                )
             )
+            rows.append(row)
             shown.add(role)
-        fig.add_vline(x=1.0, line_dash="dash", line_color="#888", row=row, col=1)
+        subplot = fig.get_subplot(row, 1)
         ticks = _log_ticks(span_lo, span_hi)
-        fig.update_xaxes(
-            type="log",
-            range=[math.log10(span_lo) - 0.1, math.log10(span_hi) + 0.1],
-            tickmode="array",
-            tickvals=ticks,
-            ticktext=[f"x{t:g}" for t in ticks],
-            title_text=LP_SNR_AXIS,
-            row=row,
-            col=1,
-        )
+        axes[subplot.xaxis.plotly_name] = {
+            "type": "log",
+            "range": [math.log10(span_lo) - 0.1, math.log10(span_hi) + 0.1],
+            "tickmode": "array",
+            "tickvals": ticks,
+            "ticktext": [f"x{t:g}" for t in ticks],
+            "title_text": LP_SNR_AXIS,
+        }
         categories = [plot_text(c) for c in part["config"].to_list()]
-        fig.update_yaxes(
-            type="category",
-            categoryorder="array",
-            categoryarray=categories,
-            tickmode="array",  # every configuration gets its tick
-            tickvals=categories,
-            autorange="reversed",
-            title_text="configuration",
-            automargin=True,
-            row=row,
-            col=1,
-        )
+        axes[subplot.yaxis.plotly_name] = {
+            "type": "category",
+            "categoryorder": "array",
+            "categoryarray": categories,
+            "tickmode": "array",  # every configuration gets its tick
+            "tickvals": categories,
+            "autorange": "reversed",
+            "title_text": "configuration",
+            "automargin": True,
+        }
+    if traces:
+        fig.add_traces(traces, rows=rows, cols=[1] * len(rows))
+    lines = []
+    for row in sorted(set(rows)):  # as add_vline: only on subplots that show something
+        subplot = fig.get_subplot(row, 1)
+        lines.append(_dashed_line(1.0, _ref(subplot.xaxis), _ref(subplot.yaxis)))
+    if lines:
+        axes["shapes"] = lines
+    if axes:
+        fig.update_layout(axes)
     fig.update_layout(
         title="Replayed LP signal-to-noise ratio vs Metta's default (95% CI over seeds)",
         height=height,
@@ -565,9 +612,10 @@ def lp_sampling(panels: pl.DataFrame) -> go.Figure:
 
     `panels`: task, seed, panel (int), role, config, eval_index, label, probability, trend
     (one seed per task)."""
-    tasks = sorted(panels["task"].unique().to_list())
-    n_cols = max([panels.filter(pl.col("task") == t)["panel"].n_unique() for t in tasks] or [1])
-    n_labels = {t: max(panels.filter(pl.col("task") == t)["label"].n_unique(), 1) for t in tasks}
+    by_task = panels.partition_by("task", as_dict=True)
+    tasks = sorted(task for (task,) in by_task)
+    n_cols = max([by_task[(t,)]["panel"].n_unique() for t in tasks] or [1])
+    n_labels = {t: max(by_task[(t,)]["label"].n_unique(), 1) for t in tasks}
     per_row = [max(110, 40 + 15 * n_labels[t]) for t in tasks]
     gap = 120  # two-line panel titles and x-axis titles between rows
     top, bottom = 120, 130
@@ -576,11 +624,10 @@ def lp_sampling(panels: pl.DataFrame) -> go.Figure:
     titles: list[str] = []
     grid: list[list[tuple[str, pl.DataFrame] | None]] = []
     for task in tasks:
-        part = panels.filter(pl.col("task") == task)
-        order = sorted(part["panel"].unique().to_list())
+        by_panel = by_task[(task,)].partition_by("panel", as_dict=True)
         cells: list[tuple[str, pl.DataFrame] | None] = []
-        for p in order:
-            cell = part.filter(pl.col("panel") == p)
+        for (p,) in sorted(by_panel):
+            cell = by_panel[(p,)]
             first = cell.row(0, named=True)
             title = (
                 f"{plot_text(task)}, seed {plot_text(first['seed'])}<br>"
@@ -607,12 +654,20 @@ def lp_sampling(panels: pl.DataFrame) -> go.Figure:
         + (" (uniform)" if t == 0 else "")
         for t in ticks
     ]
+    # every trace, then every axis change, in one call each: plotly's per-call bookkeeping
+    # costs more than the figure itself (the JSON is the same as one call per panel)
+    traces: list[go.Heatmap | go.Scatter] = []
+    rows: list[int] = []
+    cols: list[int] = []
+    axes: dict[str, dict[str, object]] = {}
     improving_shown = False
     for row, (task, cells) in enumerate(zip(tasks, grid, strict=True), 1):
         n = n_labels[task]
         for col, cell in enumerate(cells, 1):
+            subplot = fig.get_subplot(row, col)
+            x_name, y_name = subplot.xaxis.plotly_name, subplot.yaxis.plotly_name
             if cell is None:
-                fig.update_xaxes(visible=False, row=row, col=col)
+                axes.setdefault(x_name, {})["visible"] = False
                 continue
             _, part = cell
             labels = sorted(part["label"].unique().to_list())
@@ -624,7 +679,7 @@ def lp_sampling(panels: pl.DataFrame) -> go.Figure:
             with np.errstate(divide="ignore", invalid="ignore"):
                 z = np.log2(np.maximum(prob * n, 2.0 ** (-2 * _LOG2_RANGE)))
             shown_labels = [plot_text(lab) for lab in labels]
-            fig.add_trace(
+            traces.append(
                 go.Heatmap(
                     x=instants,
                     y=shown_labels,
@@ -633,37 +688,43 @@ def lp_sampling(panels: pl.DataFrame) -> go.Figure:
                     coloraxis="coloraxis",
                     hovertemplate="%{y}<br>%{x} completions replayed<br>"
                     "probability %{customdata:.3g}<extra></extra>",
-                ),
-                row=row,
-                col=col,
+                )
             )
+            rows.append(row)
+            cols.append(col)
             imp = part.filter(pl.col("trend") == 1)
             if imp.height:
-                fig.add_trace(
+                # the label of each dot, as the text plotly draws (one conversion per label)
+                dot_labels = np.array(shown_labels, dtype=object)[
+                    np.searchsorted(labels, imp["label"].to_numpy())
+                ]
+                traces.append(
                     go.Scatter(
                         x=imp["eval_index"].to_numpy(),
-                        y=[plot_text(lab) for lab in imp["label"].to_list()],
+                        y=dot_labels,
                         mode="markers",
                         marker={"color": "black", "size": 3, "opacity": 0.7},
                         name="label improving (trend = 1: rising reward)",
                         legendgroup="improving",
                         showlegend=not improving_shown,
                         hovertemplate="%{y} improving at %{x}<extra></extra>",
-                    ),
-                    row=row,
-                    col=col,
+                    )
                 )
+                rows.append(row)
+                cols.append(col)
                 improving_shown = True
-            fig.update_xaxes(title_text="completions replayed", row=row, col=col)
-            fig.update_yaxes(
+            axes.setdefault(x_name, {})["title_text"] = "completions replayed"
+            axes.setdefault(y_name, {}).update(
                 type="category",
                 categoryorder="array",
                 categoryarray=shown_labels,
                 autorange="reversed",
                 automargin=True,
-                row=row,
-                col=col,
             )
+    if traces:
+        fig.add_traces(traces, rows=rows, cols=cols)
+    if axes:
+        fig.update_layout(axes)
     fig.update_layout(
         title="Sampling probability over the replayed stream (one seed per task)",
         height=height,
@@ -774,7 +835,7 @@ def experiment_difference(difference: pl.DataFrame, arms: list[str], title: str)
     `difference`: arm, agent_step, difference, ci_low, ci_high; `title` is untrusted text."""
     fig = go.Figure()
     _arm_lines(fig, difference, arms, "difference")
-    fig.add_hline(y=0.0, line_dash="dash", line_color="#888")
+    fig.update_layout(shapes=[_dashed_line(0.0, "y", "x", vertical=False)])
     fig.update_layout(
         title=plot_label(title, 120),
         xaxis_title=EXPERIMENT_X_TITLE,

@@ -9,8 +9,9 @@ from collections.abc import Mapping
 import polars as pl
 
 from rts_dagster.analysis.learning import learning_slopes, learning_summary
-from rts_dagster.report.document import Bullets, Heading, Paragraph, Report, Table
+from rts_dagster.report.document import Bullets, Heading, Paragraph, Report, Table, table_href
 from rts_dagster.report.figures import number
+from rts_dagster.report.scope import TaskScope
 
 # what each engine tag means, in words the report can print
 ENGINE_WORDS = {
@@ -39,17 +40,24 @@ def _interval(low: float | None, high: float | None, method: str) -> str:
 
 
 def add_learning_section(
-    report: Report, streams: pl.DataFrame, slopes: pl.DataFrame | None = None
+    report: Report,
+    streams: pl.DataFrame,
+    slopes: pl.DataFrame | None = None,
+    scope: TaskScope | None = None,
 ) -> pl.DataFrame:
     """The section, from `slopes` (`learning_slopes` of the usable series, when the caller
-    has them) or else from `streams`; returns the per-label summary it printed."""
+    has them) or else from `streams`; returns the per-label summary of every task. Its
+    sentences and rows cover `scope.shown` (every task when None), with counts over all."""
     report.add(Heading("Does the reward rise?"))
     if slopes is None:
         slopes = learning_slopes(streams)
-    summary = learning_summary(slopes)
-    if summary.height == 0:
+    every = learning_summary(slopes)
+    scope = scope or TaskScope.of(every["task"].to_list())
+    report.add_table_file("learning", every)
+    summary = scope.keep(every)
+    if every.height == 0:
         report.add(Paragraph(["No usable series to fit a slope to."]))
-        return summary
+        return every
     report.add(
         Paragraph(
             [
@@ -64,13 +72,14 @@ def add_learning_section(
     items = []
     for (task, granularity), part in summary.group_by(["task", "granularity"], maintain_order=True):
         runs = int(part["n_runs"].max())
-        every = part.filter(pl.col("n_rising") == pl.col("n_runs")).height
+        rising = part.filter(pl.col("n_rising") == pl.col("n_runs")).height
         falls = part.filter(pl.col("n_falling") > 0).height
         items.append(
-            f"{task} ({granularity}): {every} of {part.height} labels rise in every one of "
+            f"{task} ({granularity}): {rising} of {part.height} labels rise in every one of "
             f"its {runs} run(s); {falls} fall in at least one."
         )
-    report.add(Bullets(items))
+    if items:
+        report.add(Bullets(items))
     rows = [
         [
             r["task"],
@@ -82,19 +91,34 @@ def add_learning_section(
         ]
         for r in summary.iter_rows(named=True)
     ]
-    report.add(
-        Table(
-            [
-                "task",
-                "granularity",
-                "label",
-                "slope (reward per 1M steps)",
-                "95% interval",
-                "runs rising",
-            ],
-            rows,
-            caption="Per label: mean slope over seeds and its interval; how many runs' own "
-            "intervals are above 0.",
+    if rows:
+        report.add(
+            Table(
+                [
+                    "task",
+                    "granularity",
+                    "label",
+                    "slope (reward per 1M steps)",
+                    "95% interval",
+                    "runs rising",
+                ],
+                rows,
+                caption="Per label: mean slope over seeds and its interval; how many runs' "
+                "own intervals are above 0.",
+            )
         )
-    )
-    return summary
+    if note := scope.left_out_note(every, table_href("learning")):
+        report.add(note)
+    if scope.limited:
+        rising = every.filter(pl.col("n_rising") == pl.col("n_runs")).height
+        falls = every.filter(pl.col("n_falling") > 0).height
+        report.add(
+            Paragraph(
+                [
+                    f"Across all {len(scope.tasks)} tasks: {rising} of {every.height} "
+                    "labels (per task and granularity) rise in every one of their runs; "
+                    f"{falls} fall in at least one (each run judged by its own interval)."
+                ]
+            )
+        )
+    return every

@@ -15,7 +15,16 @@ import polars as pl
 from rts_dagster.analysis.lp_signal import TrendSettings
 from rts_dagster.analysis.lp_sweep import METTA_DEFAULT
 from rts_dagster.report import figures
-from rts_dagster.report.document import Bullets, Figure, Heading, Paragraph, Report, Table
+from rts_dagster.report.document import (
+    Bullets,
+    Figure,
+    FigureRecipe,
+    Heading,
+    Paragraph,
+    Report,
+    Table,
+)
+from rts_dagster.report.scope import TaskScope
 from rts_dagster.schema import (
     GRANULARITY_EPOCH,
     LP_CLOSED_LOOP,
@@ -218,14 +227,20 @@ def _trace_panels(traces: pl.DataFrame, recs: pl.DataFrame) -> pl.DataFrame:
 
 # --- section -------------------------------------------------------------------------------------
 def add_lp_section(
-    report: Report, lp: dict[str, pl.DataFrame], figure_tasks: list[str] | None = None
+    report: Report,
+    lp: dict[str, pl.DataFrame],
+    figure_tasks: list[str] | None = None,
+    scope: TaskScope | None = None,
 ) -> None:
     """Append the LP configuration section to `report`; its figures show `figure_tasks`
-    (all tasks when None), its tables every task."""
+    (all tasks when None), its per-task sentences and rows `scope.shown` (every task when
+    None), with counts over every task."""
     report.add(Heading("LP configuration: replay and closed-loop check"))
     tables, problems = _tables(lp)
     summary, recs = tables["summary"], tables["recommendations"].sort("task", "granularity")
     closed, runs, traces = tables["closed_loop"], tables["closed_loop_runs"], tables["traces"]
+    if scope is None:
+        scope = TaskScope.of([*recs["task"].to_list(), *summary["task"].to_list()])
     if problems:
         report.add(
             Paragraph(
@@ -236,11 +251,18 @@ def add_lp_section(
                 ]
             )
         )
-    _intro(report, summary, recs)
+    _intro(report, summary, recs, scope)
     if recs.height:
-        report.add(Bullets([str(s) for s in recs["sentence"].drop_nulls().to_list()]))
-        _recommendation_table(report, recs)
+        listed = scope.keep(recs)
+        if sentences := [str(s) for s in listed["sentence"].drop_nulls().to_list()]:
+            report.add(Bullets(sentences))
+        if listed.height:
+            _recommendation_table(report, listed)
+        scope.publish(report, "lp_recommendations", recs)
+        if scope.limited:
+            _recommendation_counts(report, recs, scope)
     else:
+        report.add_table_file("lp_recommendations", recs)
         report.add(
             Paragraph(
                 [
@@ -256,37 +278,61 @@ def add_lp_section(
         shown_summary = summary.filter(pl.col("task").is_in(figure_tasks))
     _snr_figure(report, shown_summary, shown)
     _sampling_figure(report, traces, shown)
-    _pole(report, summary)
-    _closed_loop(report, closed, runs, recs)
+    _pole(report, summary, scope)
+    _closed_loop(report, closed, runs, recs, scope)
     _limits(report, recs)
 
 
-def _pole(report: Report, summary: pl.DataFrame) -> None:
-    """How often Metta's progress-smoothing transform ran into its pole in the replay."""
-    rows = summary.filter(
-        (pl.col("metric") == "pole_fraction") & (pl.col("config") == METTA_DEFAULT)
-    ).sort("task", "granularity")
-    if rows.height == 0:
-        return
-    both = rows.group_by("task").agg(pl.len() > 1).filter(pl.col("len"))["task"].to_list()
-    parts = [
-        f"{_panel_name(task, granularity) if task in both else task}: {num(100 * value)}%"
-        for task, granularity, value in rows.select("task", "granularity", "mean").iter_rows()
-    ]
+def _recommendation_counts(report: Report, recs: pl.DataFrame, scope: TaskScope) -> None:
+    """One line over every task's replay rows: how many pass every check, transfer."""
+    passed = recs.filter(pl.col("confident").fill_null(False))
+    transfer = recs.filter(pl.col("actionable").fill_null(False)).height
     report.add(
         Paragraph(
             [
-                "Progress smoothing applies R(p) = p(1-t)/(p + t(1-2p)), meant for p in [0, 1], "
-                "to x in [-1, 1]; with t = 0.05 its denominator crosses zero at x = -0.056, "
-                "where R falls towards minus infinity and inflates |R(F) - R(S)|. Share of "
-                "label-instants of Metta's default replay with |R(F)| or |R(S)| above 1 "
-                "(mean over seeds): " + "; ".join(parts) + "."
+                f"Across all {len(scope.tasks)} tasks ({recs.height} replay rows): a "
+                f"configuration passes every check in {passed.height} rows of "
+                f"{passed['task'].n_unique()} tasks, each row's checks as in the table "
+                "(adjusted for the configurations compared within its task, not for the "
+                f"number of tasks); {transfer} rows' settings transfer to per-completion LP."
             ]
         )
     )
 
 
-def _intro(report: Report, summary: pl.DataFrame, recs: pl.DataFrame) -> None:
+def _pole(report: Report, summary: pl.DataFrame, scope: TaskScope) -> None:
+    """How often Metta's progress-smoothing transform ran into its pole in the replay."""
+    every = summary.filter(
+        (pl.col("metric") == "pole_fraction") & (pl.col("config") == METTA_DEFAULT)
+    ).sort("task", "granularity")
+    if every.height == 0:
+        return
+    rows = scope.keep(every)
+    both = rows.group_by("task").agg(pl.len() > 1).filter(pl.col("len"))["task"].to_list()
+    parts = [
+        f"{_panel_name(task, granularity) if task in both else task}: {num(100 * value)}%"
+        for task, granularity, value in rows.select("task", "granularity", "mean").iter_rows()
+    ]
+    if parts:
+        report.add(
+            Paragraph(
+                [
+                    "Progress smoothing applies R(p) = p(1-t)/(p + t(1-2p)), meant for p in "
+                    "[0, 1], to x in [-1, 1]; with t = 0.05 its denominator crosses zero at x = "
+                    "-0.056, where R falls towards minus infinity and inflates |R(F) - R(S)|. "
+                    "Share of label-instants of Metta's default replay with |R(F)| or |R(S)| "
+                    "above 1 (mean over seeds): " + "; ".join(parts) + "."
+                ]
+            )
+        )
+    scope.publish(
+        report,
+        "lp_pole_fraction",
+        every.select("task", "granularity", pl.col("mean").alias("pole_fraction"), "n_seeds"),
+    )
+
+
+def _intro(report: Report, summary: pl.DataFrame, recs: pl.DataFrame, scope: TaskScope) -> None:
     if recs.height == 0 and summary.height == 0:
         report.add(Paragraph(["No LP configuration has been replayed yet."]))
         return
@@ -297,6 +343,9 @@ def _intro(report: Report, summary: pl.DataFrame, recs: pl.DataFrame) -> None:
     )
     runs = sorted(set(recs["n_runs"].drop_nulls().to_list()))
     epoch_tasks = recs.filter(pl.col("granularity") == GRANULARITY_EPOCH)["task"].to_list()
+    epoch_names = ", ".join(scope.keep_names(epoch_tasks))
+    if n_other := len(epoch_tasks) - len(scope.keep_names(epoch_tasks)):
+        epoch_names += f"{', and ' if epoch_names else ''}{n_other} other tasks"
     if not recs.height:
         stream = "the recorded reward streams"
     elif not epoch_tasks:
@@ -304,7 +353,7 @@ def _intro(report: Report, summary: pl.DataFrame, recs: pl.DataFrame) -> None:
     else:
         stream = (
             "the per-completion reward stream where one was recorded and otherwise epoch "
-            "means (" + ", ".join(epoch_tasks) + "): each label's fresh (non-stale) epoch mean "
+            "means (" + epoch_names + "): each label's fresh (non-stale) epoch mean "
             "is fed to LP as one pseudo-completion, which LP never sees in training. A task "
             "with both kinds of run gets one row per granularity; the two are never pooled"
         )
@@ -455,7 +504,7 @@ def _snr_figure(report: Report, summary: pl.DataFrame, recs: pl.DataFrame) -> No
     report.add(
         Figure(
             "lp_snr_ratios",
-            figures.lp_snr_ratios(points),
+            FigureRecipe(figures.lp_snr_ratios, (points,)),
             "Replayed LP signal-to-noise ratio of every configuration relative to Metta's "
             "default, per task and granularity: geometric mean over runs of the paired ratio, "
             "whiskers = 95% paired t interval on logs of that configuration alone, not "
@@ -477,7 +526,7 @@ def _sampling_figure(report: Report, traces: pl.DataFrame, recs: pl.DataFrame) -
     report.add(
         Figure(
             "lp_sampling",
-            figures.lp_sampling(panels),
+            FigureRecipe(figures.lp_sampling, (panels,)),
             "Sampling probability of every label as LP replays the lowest seed's run of each "
             "task, under Metta's default, the configuration passing every check and the one with the "
             "highest replayed SNR (when different). Colour: probability relative to uniform "
@@ -491,17 +540,25 @@ def _sampling_figure(report: Report, traces: pl.DataFrame, recs: pl.DataFrame) -
 
 
 def _closed_loop(
-    report: Report, closed: pl.DataFrame, runs: pl.DataFrame, recs: pl.DataFrame
+    report: Report,
+    closed: pl.DataFrame,
+    runs: pl.DataFrame,
+    recs: pl.DataFrame,
+    scope: TaskScope,
 ) -> None:
     report.add(Heading("Closed loop in the simulator (fresh seeds)", level=3))
-    reasons = _missing_closed_loop(closed, runs, recs)
+    missing = _missing_closed_loop(closed, runs, recs)
+    reasons = [f"{task}: {why}." for task, why in scope.keep(missing).iter_rows()]
+    href = report.add_table_file("lp_closed_loop_missing", missing)
     if closed.height == 0:
+        report.add_table_file("lp_closed_loop", closed)
         text = "No closed-loop comparison was run"
-        if not reasons:
+        if missing.height == 0:
             text += " (no configuration to check)."
-        report.add(Paragraph([text + (":" if reasons else "")]))
+        report.add(Paragraph([text + (":" if missing.height else "")]))
         if reasons:
             report.add(Bullets(reasons))
+        _missing_summary(report, missing, href, scope)
         return
     epochs = sorted(set(runs["epochs"].drop_nulls().to_list()))
     seeds = sorted(set(closed["n_seeds"].drop_nulls().to_list()))
@@ -531,10 +588,14 @@ def _closed_loop(
         )
     )
     order = {m: o for m, (_, o) in _CLOSED_LOOP_METRICS.items()}
-    ordered = closed.with_columns(
-        pl.col("metric").replace_strict(order, default=len(order)).alias("_m"),
-        (pl.col("role") != "recommended").alias("_r"),
-    ).sort("task", "_r", "config", "_m")
+    ordered = (
+        scope.keep(closed)
+        .with_columns(
+            pl.col("metric").replace_strict(order, default=len(order)).alias("_m"),
+            (pl.col("role") != "recommended").alias("_r"),
+        )
+        .sort("task", "_r", "config", "_m")
+    )
     rows = []
     for r in ordered.iter_rows(named=True):
         is_time = r["metric"] == "time_to_competence"
@@ -551,27 +612,39 @@ def _closed_loop(
                 f"{r['n_censored']} of {2 * r['n_seeds']}" if is_time else "",
             ]
         )
-    report.add(
-        Table(
-            [
-                "task",
-                "configuration",
-                "role",
-                "metric",
-                "seeds",
-                "Metta default (mean)",
-                "candidate (mean)",
-                "candidate - default (interval)",
-                "censored runs (default + candidate)",
-            ],
-            rows,
-            caption="Closed loop in the simulator (fresh seeds): candidate vs Metta's default, "
-            "paired by seed. Lower time to competence and higher reward or competence are "
-            "better.",
+    if rows:
+        report.add(
+            Table(
+                [
+                    "task",
+                    "configuration",
+                    "role",
+                    "metric",
+                    "seeds",
+                    "Metta default (mean)",
+                    "candidate (mean)",
+                    "candidate - default (interval)",
+                    "censored runs (default + candidate)",
+                ],
+                rows,
+                caption="Closed loop in the simulator (fresh seeds): candidate vs Metta's "
+                "default, paired by seed. Lower time to competence and higher reward or "
+                "competence are better.",
+            )
         )
-    )
+    scope.publish(report, "lp_closed_loop", closed)
+    if scope.limited:
+        report.add(
+            Paragraph(
+                [
+                    f"Across all {len(scope.tasks)} tasks: {closed['task'].n_unique()} have "
+                    "closed-loop rows."
+                ]
+            )
+        )
     if reasons:
         report.add(Paragraph(["Tasks without a closed-loop comparison:"]), Bullets(reasons))
+    _missing_summary(report, missing, href, scope)
 
 
 def _diff_cell(r: dict) -> str:
@@ -582,38 +655,73 @@ def _diff_cell(r: dict) -> str:
     return text
 
 
-def _missing_closed_loop(closed: pl.DataFrame, runs: pl.DataFrame, recs: pl.DataFrame) -> list[str]:
-    """Why each task has no closed-loop rows, one sentence per task."""
-    done = set(closed["task"].to_list())
-    out = []
-    for task, rows in recs.group_by("task", maintain_order=True):
-        task = task[0]
-        if task in done:
-            continue
-        completion = rows.filter(pl.col("granularity") != GRANULARITY_EPOCH)
-        if completion.height == 0:
-            why = (
+def _missing_summary(report: Report, missing: pl.DataFrame, href: str, scope: TaskScope) -> None:
+    """The line saying how many tasks' reasons are left out, and every task's reasons
+    counted."""
+    if note := scope.left_out_note(missing, href, what="reasons"):
+        report.add(note)
+    if not scope.limited or missing.height == 0:
+        return
+    counts = missing.group_by("reason").len().sort(["len", "reason"], descending=[True, False])
+    report.add(
+        Paragraph(
+            [
+                f"Across all {len(scope.tasks)} tasks, {missing.height} have no closed-loop "
+                "comparison: "
+                + "; ".join(f"{n} because {why}" for why, n in counts.iter_rows())
+                + "."
+            ]
+        )
+    )
+
+
+def _missing_closed_loop(
+    closed: pl.DataFrame, runs: pl.DataFrame, recs: pl.DataFrame
+) -> pl.DataFrame:
+    """Why each task of `recs` (sorted by task) has no closed-loop rows: task, reason, in
+    the order of `recs`."""
+    first_completion = (
+        recs.filter(pl.col("granularity") != GRANULARITY_EPOCH)
+        .group_by("task", maintain_order=True)
+        .first()
+        .select("task", "actionable", "replay_best", pl.lit(True).alias("_completion"))
+    )
+    without = (
+        recs.select("task")
+        .unique(maintain_order=True)
+        .filter(~pl.col("task").is_in(closed["task"].unique().implode()))
+        .join(first_completion, on="task", how="left", maintain_order="left")
+    )
+    nothing_to_compare = ~pl.col("actionable").fill_null(False) & (
+        pl.col("replay_best").is_null() | (pl.col("replay_best") == METTA_DEFAULT)
+    )
+    reason = (
+        pl.when(pl.col("_completion").is_null())
+        .then(
+            pl.lit(
                 "only epoch means were replayed, and settings found on epoch means do not "
                 "transfer to per-completion LP, so nothing is simulated"
             )
-        else:
-            r = completion.row(0, named=True)
-            if not r["actionable"] and r["replay_best"] in (None, METTA_DEFAULT):
-                why = (
-                    "no configuration passed every check and none had a higher replayed SNR "
-                    "than Metta's default, so there is nothing to compare"
-                )
-            elif task not in TASKS:
-                why = "the simulator does not model this task"
-            elif runs.height == 0:
-                why = (
-                    "the closed-loop check was not run (disabled in the lp_recommendations "
-                    "configuration)"
-                )
-            else:
-                why = "no paired simulator runs of the candidate and Metta's default"
-        out.append(f"{task}: {why}.")
-    return out
+        )
+        .when(nothing_to_compare)
+        .then(
+            pl.lit(
+                "no configuration passed every check and none had a higher replayed SNR "
+                "than Metta's default, so there is nothing to compare"
+            )
+        )
+        .when(~pl.col("task").is_in(list(TASKS)))
+        .then(pl.lit("the simulator does not model this task"))
+        .when(pl.lit(runs.height == 0))
+        .then(
+            pl.lit(
+                "the closed-loop check was not run (disabled in the lp_recommendations "
+                "configuration)"
+            )
+        )
+        .otherwise(pl.lit("no paired simulator runs of the candidate and Metta's default"))
+    )
+    return without.select("task", reason.alias("reason"))
 
 
 def _limits(report: Report, recs: pl.DataFrame) -> None:

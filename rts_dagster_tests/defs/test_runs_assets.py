@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -9,9 +10,11 @@ import dagster as dg
 import polars as pl
 import pytest
 
+from rts_dagster import storage
 from rts_dagster.defs.partitions import runs_partitions
 from rts_dagster.defs.resources import OfflineRunsSource, RtsStorage
-from rts_dagster.defs.runs import discovered_runs, reward_streams
+from rts_dagster.defs.runs import SchemaMemo, discovered_runs, reward_streams
+from rts_dagster.schema import SERIES_QUALITY
 from rts_dagster.storage import read_json
 from rts_dagster_tests.conftest import TINY_EPOCHS, TINY_SEEDS, TINY_TASKS, tiny_label_reward
 
@@ -277,3 +280,37 @@ def test_redact_keeps_ordinary_config_values():
     from rts_dagster.defs.runs import redact
 
     assert redact(_PLAIN_CORPUS) == _PLAIN_CORPUS
+
+
+def test_the_schema_memo_reads_a_footer_once_per_version_of_a_file(
+    tmp_path: Path, monkeypatch
+) -> None:
+    calls: list[Path] = []
+    real = pl.read_parquet_schema
+
+    def counting(path):  # type: ignore[no-untyped-def]
+        calls.append(Path(path))
+        return real(path)
+
+    good = tmp_path / "good.parquet"
+    old = tmp_path / "old.parquet"
+    storage.write_parquet(pl.DataFrame(schema=SERIES_QUALITY), good)
+    storage.write_parquet(pl.DataFrame({"run_id": ["r"]}), old)  # an older schema
+    monkeypatch.setattr(pl, "read_parquet_schema", counting)
+    memo = SchemaMemo(tmp_path)
+    assert memo.has_schema(good, SERIES_QUALITY) and not memo.has_schema(old, SERIES_QUALITY)
+    assert not memo.has_schema(tmp_path / "missing.parquet", SERIES_QUALITY)
+    memo.save()
+    again = SchemaMemo(tmp_path)  # a new process: from the saved memo
+    assert again.has_schema(good, SERIES_QUALITY) and not again.has_schema(old, SERIES_QUALITY)
+    assert len(calls) == 2
+    # a rewritten file is read again, and gives its new answer
+    storage.write_parquet(pl.DataFrame(schema=SERIES_QUALITY), old)
+    stat = old.stat()
+    os.utime(old, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert again.has_schema(old, SERIES_QUALITY) and len(calls) == 3
+    # files not checked any more are forgotten
+    only_good = SchemaMemo(tmp_path)
+    only_good.has_schema(good, SERIES_QUALITY)
+    only_good.save(forget_unseen=True)
+    assert set(storage.read_json(only_good.path)) == {str(good)}

@@ -159,3 +159,58 @@ def test_an_unchanged_figure_is_not_rendered_again(tmp_path, monkeypatch):
     (figures_dir / RENDER_MANIFEST).unlink()
     write_pngs(figs(3.0), figures_dir)
     assert rendered[-1] == ["a", "b"]
+
+
+def _counting_draw(calls: list[str]):
+    def draw(frame, title: str) -> go.Figure:
+        calls.append(title)
+        return go.Figure(go.Scatter(x=frame["x"].to_numpy(), y=frame["y"].to_numpy()))
+
+    return draw
+
+
+def test_a_figure_whose_inputs_are_unchanged_is_not_drawn_again(tmp_path):
+    """write_report keeps each recipe's figure JSON under figures/json/ by the key of its
+    code and inputs: the next report with the same inputs reads it instead of drawing,
+    changed inputs draw again and the old JSON goes."""
+    import polars as pl
+
+    from rts_dagster.report.document import FigureRecipe, render_html
+
+    calls: list[str] = []
+    draw = _counting_draw(calls)
+
+    def report(y: float) -> Report:
+        frame = pl.DataFrame({"x": [0, 1], "y": [0.5, y]})
+        rep = Report(title="t")
+        rep.add(Figure("curve", FigureRecipe(draw, (frame, "t")), "c"))
+        return rep
+
+    first = write_report(report(1.0), tmp_path, want_png=False)["html"].read_text()
+    second = write_report(report(1.0), tmp_path, want_png=False)["html"].read_text()
+    assert calls == ["t"] and first == second
+    cached = list((tmp_path / "figures" / "json").iterdir())
+    assert len(cached) == 1 and cached[0].name.startswith("curve.")
+    drawn = report(1.0)
+    assert render_html(drawn, "") == second  # the cached JSON gives the drawn figure's HTML
+    write_report(report(2.0), tmp_path, want_png=False)
+    assert calls == ["t", "t", "t"]  # render_html above drew one, the new inputs another
+    assert [p.name for p in (tmp_path / "figures" / "json").iterdir()] != [cached[0].name]
+
+
+def test_a_recipe_key_follows_the_values_not_their_memory_layout():
+    import polars as pl
+
+    from rts_dagster.report.document import FigureRecipe
+
+    def key(frame: pl.DataFrame, *rest: object) -> str | None:
+        return FigureRecipe(go.Figure, (frame, *rest)).key
+
+    whole = pl.DataFrame({"task": ["a", "bbbbbbbbbbbbbbbbbbbb", None], "v": [0.0, 1.5, None]})
+    pieces = pl.concat([whole.head(1), whole.slice(1, 1), whole.tail(1)], rechunk=False)
+    assert pieces.n_chunks() > 1 and key(whole) == key(pieces)
+    assert key(whole) != key(whole.with_columns(pl.col("v").fill_null(float("nan"))))
+    assert key(whole) != key(whole.with_columns(pl.Series("v", [-0.0, 1.5, None])))
+    assert key(whole) != key(whole.with_columns(pl.col("task").fill_null("")))
+    assert key(whole, "title") != key(whole, "other title")
+    assert FigureRecipe(go.Figure, (object(),)).key is None  # not digestible: never reused

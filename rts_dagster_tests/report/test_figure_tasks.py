@@ -1,5 +1,5 @@
-"""With many tasks the figures show a few (verdict changes first) and the tables every
-task; the report built from only the shown tasks' streams (what the `report` asset
+"""With many tasks the figures show a few (verdict changes first), and so do the per-task
+tables; the report built from only the shown tasks' streams (what the `report` asset
 loads) is the report built from every stream."""
 
 from __future__ import annotations
@@ -13,7 +13,13 @@ import pytest
 from rts_dagster.analysis import kalman, metrics, quality, variance
 from rts_dagster.analysis.learning import learning_slopes
 from rts_dagster.analysis.verdict import Verdict
-from rts_dagster.report.build import MAX_FIGURE_TASKS, build_report, figure_tasks, shown_note
+from rts_dagster.report.build import (
+    MAX_FIGURE_TASKS,
+    build_report,
+    figure_tasks,
+    shown_note,
+    tasks_with_arms,
+)
 from rts_dagster.report.document import Figure, Paragraph, Table, render_markdown
 from rts_dagster.schema import TIMESCALE_RECOMMENDATIONS, empty
 from rts_dagster_tests.synthetic import run_streams
@@ -35,6 +41,18 @@ def test_figure_tasks_prefers_changes_then_conflicts_then_names() -> None:
     assert figure_tasks(tasks[:4], verdicts, limit=4) == tasks[:4]
     assert shown_note(tasks[:4], tasks[:4]) == ""
     assert "4 of the 20 tasks" in shown_note(shown, tasks)
+    # a task with experiment arms comes after the changes and before the conflicts
+    armed = figure_tasks(tasks, verdicts, limit=3, with_arms=["t17"])
+    assert armed == ["t15", "t17", "t19"]
+    assert figure_tasks(tasks, verdicts, limit=2, with_arms=["t17"]) == ["t17", "t19"]
+
+
+def test_tasks_with_arms_are_those_with_more_than_one_arm() -> None:
+    runs = pl.DataFrame(
+        {"task": ["a", "a", "b", "b", "c"], "arm": ["base", "x", "base", "base", "base"]}
+    )
+    assert tasks_with_arms(runs) == ["a"]
+    assert tasks_with_arms(None) == [] and tasks_with_arms(runs.clear()) == []
 
 
 @pytest.fixture(scope="module")
@@ -82,34 +100,34 @@ def _figure_tasks_in(figure: Figure) -> set[str]:
     return set(re.findall(r"task\d\d", text))
 
 
-def test_figures_show_at_most_the_cap_and_tables_every_task(many_tasks) -> None:
+def test_figures_and_tables_show_at_most_the_cap(many_tasks) -> None:
+    """Beyond the cap the per-task tables list the figure tasks, as the figures do (the
+    rows of every task are in tables/*.csv: test_report_at_scale.py)."""
     doc = _build(many_tasks, many_tasks["streams"], many_tasks["rolling"])
     with_timescales = _build(
         many_tasks, many_tasks["streams"], many_tasks["rolling"], recommendations=True
     )
+    shown = figure_tasks([f"task{t:02d}" for t in range(N_TASKS)], [_verdict("task11", "change")])
+    assert len(shown) == MAX_FIGURE_TASKS and "task11" in shown
     (timescales,) = [
         b
         for b in with_timescales.blocks
         if isinstance(b, Table) and "timescale 1/K" in " ".join(b.header)
     ]
     listed = {(row[0], row[1]) for row in timescales.rows}
-    assert {task for task, _ in listed} == {f"task{t:02d}" for t in range(N_TASKS)}
-    for task, label in listed:  # label rows only for the tasks the figures show
-        assert label == "*" or task in figure_tasks(
-            [f"task{t:02d}" for t in range(N_TASKS)], [_verdict("task11", "change")]
-        ), (task, label)
-    assert any(label != "*" for _, label in listed)
-    assert "every row is in metrics/timescale_recommendations.parquet" in timescales.caption
-    shown = figure_tasks([f"task{t:02d}" for t in range(N_TASKS)], [_verdict("task11", "change")])
-    assert len(shown) == MAX_FIGURE_TASKS and "task11" in shown
+    assert {task for task, _ in listed} == set(shown)  # label and pooled rows
+    assert any(label != "*" for _, label in listed) and any(label == "*" for _, label in listed)
+    assert with_timescales.tables["timescales"]["task"].n_unique() == N_TASKS
     per_task_figures = [f for f in doc.figures if _figure_tasks_in(f)]
     assert len(per_task_figures) >= 4  # reward curves, bands, noise by task, ...
     for figure in per_task_figures:
         assert _figure_tasks_in(figure) <= set(shown), figure.name
-    tables = [b for b in doc.blocks if isinstance(b, Table)]
-    in_tables = {str(cell) for table in tables for row in table.rows for cell in row}
-    assert {f"task{t:02d}" for t in range(N_TASKS)} <= in_tables
-    notes = [b for b in doc.blocks if isinstance(b, Paragraph) and "figures show" in b.parts[0]]
+    # the verdict section is the one place every task is named (here: one verdict)
+    tables = [b for b in doc.blocks if isinstance(b, Table) and b.header[0] == "task"]
+    assert {str(row[0]) for table in tables for row in table.rows} == set(shown)
+    notes = [
+        b for b in doc.blocks if isinstance(b, Paragraph) and b.parts[0].startswith("The figures")
+    ]
     assert len(notes) == 1 and f"{MAX_FIGURE_TASKS} of the {N_TASKS} tasks" in notes[0].parts[0]
 
 
