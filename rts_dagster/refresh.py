@@ -12,6 +12,7 @@ string printed (run names, keys, errors) has its control characters escaped.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -114,8 +115,9 @@ def _heartbeat(
 
 @contextmanager
 def _warm_renderer() -> Iterator[None]:
-    """The report's browser boots in the background while the aggregates before it run
-    (they run in this process): its PNGs then take ~0.1 s each, not a ~1.5 s boot first."""
+    """The report's browser boots in the background while the steps before it run (the
+    aggregates run in this process): its PNGs then take ~0.1 s each, not a ~1.5 s boot
+    first. Closed at the end."""
     from rts_dagster.report.document import stop_renderer, warm_renderer
 
     try:
@@ -247,6 +249,10 @@ def refresh(
     """Run the whole pipeline; returns a process exit code (1 if anything failed).
     `jobs`: worker processes for the per-run assets (default: the machine's cores);
     `batch`: partitions per Dagster run (1 = one run per partition)."""
+    return _refresh(force, quiet, jobs, batch)
+
+
+def _refresh(force: bool, quiet: bool, jobs: int | None, batch: int) -> int:
     jobs = default_jobs() if jobs is None else max(1, jobs)
 
     def say(msg: str) -> None:
@@ -259,7 +265,7 @@ def refresh(
     started = time.perf_counter()
     instance = dg.DagsterInstance.get()
     data_dir = RtsStorage().root()
-    _, aggregates = _partitioned_and_aggregate_keys(defs)
+    partitioned, aggregates = _partitioned_and_aggregate_keys(defs)
 
     say(f"rts refresh: instance {tt(instance.root_directory)}, data {tt(data_dir)}")
     say("[discover] materializing discovered_runs ...")
@@ -293,16 +299,37 @@ def refresh(
     paths_of = {row["partition_key"]: path for row, path in todo}
     order = list(instance.get_dynamic_partitions(runs_partitions.name))
     batches = partition_batches(list(paths_of), order, max(1, batch), jobs)
+    done = 0
+    t_partitions = time.perf_counter()
+    one_line_each = len(todo) <= LIST_PARTITIONS_UP_TO
+    inputs = aggregate_inputs(matched)
+    rebuild = bool(aggregates) and bool(todo or force or not aggregates_current(data_dir, inputs))
+    aggregated: tuple[bool, str] | None = None  # the aggregates' outcome, once they ran
+    combined: list[tuple[str, bool, str, float]] = []  # the partition run with them
+    if rebuild and len(batches) == 1 and len(batches[0]) == 1:
+        # one new run (the usual refresh): its per-run assets and the aggregates in one
+        # Dagster run, which saves a run's fixed cost; if it fails, both run apart below
+        (key,) = batches[0]
+        say(f"[partitions+aggregate] {tt(key)} and the aggregates in one Dagster run ...")
+        storage.aggregates_manifest_path(data_dir).unlink(missing_ok=True)
+        with _heartbeat(say, "[partitions+aggregate]", instance), _warm_renderer():
+            t0 = time.perf_counter()
+            ok, error = _materialize(instance, [*partitioned, *aggregates], partition_key=key)
+        if ok:
+            batches, aggregated = [], (True, "")
+            combined.append((key, True, "", time.perf_counter() - t0))
+        else:
+            say(f"  that run failed ({tt(error)}): the partition and the aggregates apart")
     if batches:
         say(
             f"[partitions] {len(batches)} Dagster run(s) of up to {max(map(len, batches))} "
             f"partitions on {min(jobs, len(batches))} worker process(es)"
         )
-    done = 0
-    t_partitions = time.perf_counter()
-    one_line_each = len(todo) <= LIST_PARTITIONS_UP_TO
+    spawned = (
+        results for _, results in run_spawned(materialize_batch, [(b,) for b in batches], jobs)
+    )
     with _heartbeat(say, "[partitions]", instance):
-        for _, results in run_spawned(materialize_batch, [(b,) for b in batches], jobs):
+        for results in itertools.chain([combined] if combined else [], spawned):
             good = 0
             for key, ok, error, seconds in results:
                 done += 1
@@ -326,13 +353,15 @@ def refresh(
     if todo:
         say(f"[partitions] {len(todo)} in {time.perf_counter() - t_partitions:.1f}s")
 
-    inputs = aggregate_inputs(matched)
-    if aggregates and (todo or force or not aggregates_current(data_dir, inputs)):
-        say(f"[aggregate] materializing {', '.join(k.to_user_string() for k in aggregates)} ...")
-        # no manifest while they are rebuilt: a kill or a failure leaves them out of date
-        storage.aggregates_manifest_path(data_dir).unlink(missing_ok=True)
-        with _heartbeat(say, "[aggregate]", instance), _warm_renderer():
-            ok, error = _materialize(instance, aggregates)
+    if rebuild:
+        if aggregated is None:
+            names = ", ".join(k.to_user_string() for k in aggregates)
+            say(f"[aggregate] materializing {names} ...")
+            # no manifest while they are rebuilt: a kill or a failure leaves them out of date
+            storage.aggregates_manifest_path(data_dir).unlink(missing_ok=True)
+            with _heartbeat(say, "[aggregate]", instance), _warm_renderer():
+                aggregated = _materialize(instance, aggregates)
+        ok, error = aggregated
         if not ok:
             failures.append(("aggregates", error))
             shout(f"  aggregates FAILED: {tt(error)}")

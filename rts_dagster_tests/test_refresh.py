@@ -3,6 +3,7 @@ are rebuilt, what it exits with, and what reaches the terminal."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -48,16 +49,18 @@ class FakePipeline:
         self.aggregates_fail = False
         self.aggregate_runs = 0
         self.delay_s = 0.0
+        self.calls: list[tuple[str | None, bool]] = []  # (partition key, with the aggregates)
 
     def materialize(self, instance, keys, partition_key=None):
+        self.calls.append((partition_key, dg.AssetKey("report") in keys))
         if keys == [dg.AssetKey("discovered_runs")]:
             storage.write_parquet(
                 _discovered(self.fingerprint), storage.discovered_runs_path(self.data_dir)
             )
             return True, ""
-        if partition_key is not None:
-            return True, ""
-        self.aggregate_runs += 1
+        if partition_key is not None and dg.AssetKey("report") not in keys:
+            return True, ""  # the per-run assets alone
+        self.aggregate_runs += 1  # the aggregates, alone or with one partition
         time.sleep(self.delay_s)
         storage.write_text("# report\n", storage.report_dir(self.data_dir) / "report.md")
         if self.aggregates_fail:
@@ -75,6 +78,8 @@ def pipeline(tmp_path, monkeypatch) -> FakePipeline:
     instance = dg.DagsterInstance.ephemeral()  # no sqlite set-up per refresh
     monkeypatch.setattr(dg.DagsterInstance, "get", staticmethod(lambda: instance))
     monkeypatch.setattr(refresh_mod, "_materialize", fake.materialize)
+    # nothing renders here: no browser to boot (the e2e tests boot it for real)
+    monkeypatch.setattr(refresh_mod, "_warm_renderer", contextlib.nullcontext)
     monkeypatch.setattr(
         refresh_mod, "partition_is_current", lambda root, row, *memo: fake.partitions_current
     )
@@ -88,19 +93,37 @@ def test_failed_aggregates_are_rebuilt_by_the_next_refresh(pipeline):
     assert refresh_mod.refresh(quiet=True) == 0
     assert pipeline.aggregate_runs == 1  # nothing changed: not rebuilt
 
-    # a run changed; its partition is redone but the aggregates fail (report.md is stale)
+    # a run changed; its partition is redone but the aggregates fail (report.md is stale):
+    # the combined run fails, then the partition and the aggregates run apart (and fail)
     pipeline.fingerprint, pipeline.partitions_current = "v2", False
     pipeline.aggregates_fail = True
+    pipeline.calls.clear()
     assert refresh_mod.refresh(quiet=True) == 1
+    assert pipeline.calls == [
+        (None, False),  # discovery
+        ("fixed_maps.seed1", True),  # the partition with the aggregates: failed
+        ("fixed_maps.seed1", False),  # the partition alone
+        (None, True),  # the aggregates alone
+    ]
+    assert pipeline.aggregate_runs == 3
     # next refresh: the partition is current, the report is not: rebuild, never exit 0
     pipeline.partitions_current = True
     assert refresh_mod.refresh(quiet=True) == 1
-    assert pipeline.aggregate_runs == 3
+    assert pipeline.aggregate_runs == 4
     pipeline.aggregates_fail = False
     assert refresh_mod.refresh(quiet=True) == 0
-    assert pipeline.aggregate_runs == 4
+    assert pipeline.aggregate_runs == 5
     assert refresh_mod.refresh(quiet=True) == 0
-    assert pipeline.aggregate_runs == 4
+    assert pipeline.aggregate_runs == 5
+
+
+def test_one_new_run_and_the_aggregates_take_one_dagster_run(pipeline, capsys):
+    assert refresh_mod.refresh() == 0
+    assert pipeline.calls == [(None, False), ("fixed_maps.seed1", True)]
+    assert pipeline.aggregate_runs == 1
+    out = capsys.readouterr().out
+    assert "[partitions+aggregate] fixed_maps.seed1 and the aggregates in one Dagster run" in out
+    assert storage.aggregates_manifest_path(pipeline.data_dir).exists()
 
 
 def test_killed_aggregates_are_rebuilt(pipeline, monkeypatch):
@@ -109,7 +132,7 @@ def test_killed_aggregates_are_rebuilt(pipeline, monkeypatch):
     pipeline.partitions_current = True
 
     def killed(instance, keys, partition_key=None):
-        if keys == [dg.AssetKey("discovered_runs")] or partition_key is not None:
+        if dg.AssetKey("report") not in keys:
             return FakePipeline.materialize(pipeline, instance, keys, partition_key)
         raise KeyboardInterrupt
 
@@ -141,7 +164,7 @@ def test_a_long_step_prints_progress(pipeline, capsys, monkeypatch):
     pipeline.delay_s = 0.45
     assert refresh_mod.refresh() == 0
     beats = [ln for ln in capsys.readouterr().out.splitlines() if "still running" in ln]
-    assert len(beats) >= 3 and all("[aggregate]" in ln for ln in beats)
+    assert len(beats) >= 3 and all("aggregate]" in ln for ln in beats)
 
 
 def test_the_browser_drivers_ignored_messages_stay_out_of_the_log(caplog, monkeypatch):

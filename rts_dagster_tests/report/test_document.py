@@ -12,7 +12,10 @@ from rts_dagster.report.document import (
     Paragraph,
     Report,
     Table,
+    _renderer_running,
     find_browser,
+    stop_renderer,
+    warm_renderer,
     write_report,
 )
 
@@ -214,3 +217,43 @@ def test_a_recipe_key_follows_the_values_not_their_memory_layout():
     assert key(whole) != key(whole.with_columns(pl.col("task").fill_null("")))
     assert key(whole, "title") != key(whole, "other title")
     assert FigureRecipe(go.Figure, (object(),)).key is None  # not digestible: never reused
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", head[16:24])
+
+
+@pytest.mark.skipif(find_browser() is None, reason="no chromium for kaleido")
+def test_a_warm_browser_renders_the_same_pictures(tmp_path):
+    """`warm_renderer` (what `rts refresh` starts before the aggregates) renders through the
+    running browser; the pictures have the figures' sizes, as without it."""
+    cold = write_report(_report(), tmp_path / "cold")
+    assert warm_renderer()
+    try:
+        assert _renderer_running()
+        warm = write_report(_report(), tmp_path / "warm")
+        assert _renderer_running()  # it rendered through the running browser
+    finally:
+        stop_renderer()
+    assert not _renderer_running()
+    assert _png_size(warm["pngs"]["curve"]) == _png_size(cold["pngs"]["curve"])
+
+
+@pytest.mark.skipif(find_browser() is None, reason="no chromium for kaleido")
+def test_a_failing_warm_browser_is_closed_and_the_figures_render_anyway(tmp_path, monkeypatch):
+    from kaleido import _sync_server
+
+    assert warm_renderer()
+
+    def broken(self, *args, **kwargs):  # e.g. the browser died under the server
+        raise RuntimeError("browser gone")
+
+    monkeypatch.setattr(_sync_server.GlobalKaleidoServer, "call_function", broken)
+    try:
+        out = write_report(_report(), tmp_path)
+    finally:
+        stop_renderer()
+    assert not _renderer_running()
+    assert _png_size(out["pngs"]["curve"])[0] > 300
