@@ -84,3 +84,42 @@ def test_sentences_follow_the_interval_side():
     dips, higher, none = sps_noise_sentences(corr)
     assert "SPS dips come with noisier rewards" in dips
     assert "higher when SPS is higher" in higher and "no clear link" in none
+
+
+def test_each_task_gets_the_interval_of_its_own_seeds(rng):
+    """Tasks with 1 to 5 seeds and two granularities, in one call: each row is the scalar
+    interval (`intervals.t_interval` / `log_t_interval`) of that task's per-seed values."""
+    from rts_dagster.analysis.intervals import log_t_interval, t_interval
+
+    rows = []
+    for t in range(12):
+        for gran in ("epoch", "completion"):
+            for seed in range(1, 1 + t % 5 + 1):
+                for label in range(3):
+                    rows.append(
+                        {
+                            "task": f"task{t:02d}",
+                            "granularity": gran,
+                            "seed": seed,
+                            "run_id": f"r{t}.{seed}",
+                            "label": f"l{label}",
+                            "sps_noise_corr": float(rng.normal(-0.2, 0.2)),
+                        }
+                    )
+    series = pl.DataFrame(rows)
+    got = summaries.sps_noise(series)
+    assert got.height == 24
+    for row in got.iter_rows(named=True):
+        part = series.filter(
+            (pl.col("task") == row["task"]) & (pl.col("granularity") == row["granularity"])
+        )
+        per_seed = part.group_by("seed").agg(pl.col("sps_noise_corr").mean())["sps_noise_corr"]
+        want = t_interval(per_seed.to_numpy())
+        assert row["estimate"] == pytest.approx(want.estimate, rel=1e-12)
+        assert (row["n"], row["method"], row["n_series"]) == (want.n, want.method, part.height)
+        if want.n < 2:
+            assert np.isnan(row["low"]) and np.isnan(row["high"])
+        else:
+            assert (row["low"], row["high"]) == pytest.approx((want.low, want.high), rel=1e-12)
+        positive = per_seed.to_numpy() + 1.0
+        assert log_t_interval(positive).method == summaries.LOG_T_METHOD
