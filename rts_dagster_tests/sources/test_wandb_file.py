@@ -311,7 +311,8 @@ def test_key_prefixes(logged: dict[str, Any]) -> None:
     assert nothing.height == N_ROWS
 
 
-def test_vectorised_decoder_equals_protobuf_decoder(logged: dict[str, Any]) -> None:
+def test_vectorised_decoder_equals_record_by_record_decoder(logged: dict[str, Any]) -> None:
+    # the record-by-record decoder is checked against protobuf in test_wandb_meta_decoder
     path = logged["path"]
     fast = read_run_file(path).history
     reference = wandb_file._run_file(path, None, True, 300.0, None, fast=False).history
