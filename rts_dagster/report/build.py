@@ -80,8 +80,8 @@ def shown_note(shown: list[str], tasks: list[str]) -> str:
         return ""
     return (
         f"The figures show {len(shown)} of the {len(tasks)} tasks ({', '.join(shown)}): those "
-        "whose verdict changes an LP setting first, then those with conflicting evidence, then "
-        "by name. So do the per-task sentences and table rows below; each part that leaves "
+        "whose verdict changes an LP setting first, then those with experiment arms, then "
+        "those with conflicting evidence, then by name. So do the per-task sentences and table rows below; each part that leaves "
         "tasks out says how many and links the CSV with every task's rows (tables/). The "
         "verdicts, the counts and the statements across tasks cover all "
         f"{len(tasks)} tasks."
