@@ -239,6 +239,32 @@ def _partition_paths(data_dir: Path, row: dict[str, Any]) -> tuple[Path, Path]:
 LIST_PARTITIONS_UP_TO = 50
 
 
+def verdict_lines(verdicts: list[Any], limit: int = LIST_PARTITIONS_UP_TO) -> list[str]:
+    """What the terminal shows of the verdicts: each one's headline, or beyond `limit`
+    tasks the headlines of those that change a setting (at most `limit`) and counts of the
+    others by confidence; every verdict is in the report and verdicts.parquet."""
+    from rts_dagster.report.verdicts import headline
+
+    if len(verdicts) <= limit:
+        return ["verdicts:", *(f"  {tt(headline(v))}" for v in verdicts)]
+    changes = [v for v in verdicts if v.action == "change"]
+    lines = [f"verdicts ({len(verdicts)} tasks; every one in the report):"]
+    lines.append(f"  {len(changes)} change an LP setting" + (":" if changes else ""))
+    lines += [f"    {tt(headline(v))}" for v in changes[:limit]]
+    if len(changes) > limit:
+        lines.append(f"    ... and {len(changes) - limit} more")
+    kept: dict[str, int] = {}
+    for v in verdicts:
+        if v.action != "change":
+            kept[v.confidence] = kept.get(v.confidence, 0) + 1
+    by_confidence = ", ".join(f"{n} {tt(c)}" for c, n in sorted(kept.items()))
+    lines.append(
+        f"  {len(verdicts) - len(changes)} keep Metta's default LP settings"
+        + (f" (confidence: {by_confidence})" if kept else "")
+    )
+    return lines
+
+
 def default_jobs() -> int:
     return max(1, os.cpu_count() or 1)
 
@@ -382,11 +408,9 @@ def _refresh(force: bool, quiet: bool, jobs: int | None, batch: int) -> int:
     verdicts_file = storage.verdicts_path(data_dir)
     if verdicts_file.exists():
         from rts_dagster.analysis.verdict import verdicts_from_table
-        from rts_dagster.report.verdicts import headline
 
-        print("verdicts:")
-        for v in verdicts_from_table(pl.read_parquet(verdicts_file)):
-            print(f"  {tt(headline(v))}")
+        for line in verdict_lines(verdicts_from_table(pl.read_parquet(verdicts_file))):
+            print(line)
     report = storage.report_dir(data_dir) / "report.md"
     if report.exists():
         print(f"report: {tt(report)}")

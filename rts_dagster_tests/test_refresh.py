@@ -253,3 +253,26 @@ def test_a_small_refresh_lists_every_partition(pipeline, capsys):
     out = capsys.readouterr().out
     assert "  [1/1] fixed_maps.seed1: ok (" in out
     assert "reward_streams partitions (1):\n" in out
+
+
+def test_many_verdicts_are_summed_up_on_the_terminal():
+    from rts_dagster.analysis.verdict import Verdict
+
+    def verdict(task: str, action: str, confidence: str) -> Verdict:
+        proposal = "ema_timescale=0.002" if action == "change" else None
+        return Verdict(task, action, proposal, confidence, False, "t")
+
+    few = [verdict("a", "keep_default", "none"), verdict("b", "change", "moderate")]
+    lines = refresh_mod.verdict_lines(few, limit=5)
+    assert lines[0] == "verdicts:" and len(lines) == 3 and lines[1].startswith("  a: ")
+
+    many = [verdict(f"t{i:02d}", "keep_default", "none" if i % 3 else "low") for i in range(9)]
+    many += [verdict(ESC_NAME, "change", "moderate"), verdict("u", "change", "high")]
+    lines = refresh_mod.verdict_lines(many, limit=5)
+    assert lines[0] == "verdicts (11 tasks; every one in the report):"
+    assert lines[1] == "  2 change an LP setting:"
+    assert len([ln for ln in lines if ln.startswith("    ")]) == 2
+    assert lines[-1] == "  9 keep Metta's default LP settings (confidence: 3 low, 6 none)"
+    assert not any("\x1b" in ln or "\x07" in ln for ln in lines)  # a run name stays inert
+    capped = refresh_mod.verdict_lines(many, limit=1)
+    assert "    ... and 1 more" in capped
