@@ -245,6 +245,16 @@ def report_dir(data_dir: Path) -> Path:
     return data_dir / "report"
 
 
+def file_stamp(path: Path) -> list[int] | None:
+    """[size, mtime_ns] of a file, None if it is absent: what the caches key a file's
+    version by (a rewrite through `_atomic_write` changes the mtime)."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
 def cache_dir(data_dir: Path) -> Path:
     """Per-run results of the aggregates (`defs/per_run.py`): derived, safe to delete."""
     return data_dir / "cache"

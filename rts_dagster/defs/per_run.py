@@ -52,18 +52,10 @@ def code_fingerprint() -> str:
     return digest.hexdigest()
 
 
-def _file_stamp(path: Path) -> list[int] | None:
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
-        return None
-    return [stat.st_size, stat.st_mtime_ns]
-
-
 def cache_key(name: str, settings: object, inputs: Sequence[Path]) -> str:
     """16 hex digits naming one run's version of table `name`, from its input files."""
     text = json.dumps(
-        [code_fingerprint(), name, settings, [_file_stamp(p) for p in inputs]],
+        [code_fingerprint(), name, settings, [storage.file_stamp(p) for p in inputs]],
         sort_keys=True,
         default=str,
     )

@@ -269,10 +269,11 @@ class SchemaMemo:
     def has_schema(self, path: Path, schema: pl.Schema) -> bool:
         """`_has_schema`, from the memo when the file's size and mtime are unchanged."""
         try:
-            stat = path.stat()
+            stamp = storage.file_stamp(path)
         except OSError:
             return False
-        stamp = [stat.st_size, stat.st_mtime_ns]
+        if stamp is None:
+            return False
         self.seen.add(str(path))
         entry = self.entries.get(str(path))
         if isinstance(entry, list) and len(entry) == 3 and entry[:2] == stamp:
