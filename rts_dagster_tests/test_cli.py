@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dagster as dg
 import polars as pl
 
 from rts_dagster.cli import build_parser
@@ -52,6 +53,17 @@ def test_refresh_then_incremental_then_cli_materialize(tiny_offline_dir, tmp_pat
     lp_recs = data / "lp" / "recommendations.parquet"
     assert f"LP recommendations (2 tasks, with evidence in the report): {lp_recs}" in first.stdout
     assert (tmp_path / "home" / "dagster.yaml").exists()
+    # discovery ran without a Dagster run, yet the instance (and so the UI) records it
+    with dg.DagsterInstance.from_config(str(tmp_path / "home")) as instance:
+        event = instance.get_latest_materialization_event(dg.AssetKey("discovered_runs"))
+        assert event is not None and event.run_id == ""
+        meta = event.asset_materialization.metadata
+        assert meta["written_by"].value == "rts refresh"
+        assert sorted(instance.get_dynamic_partitions("runs")) == sorted(
+            pl.read_parquet(data / "discovered_runs.parquet")
+            .filter(pl.col("status") == "matched")["partition_key"]
+            .to_list()
+        )
 
     second = _run([str(BIN / "rts"), "refresh"], env)
     assert second.returncode == 0, second.stdout + second.stderr

@@ -78,6 +78,11 @@ def pipeline(tmp_path, monkeypatch) -> FakePipeline:
     instance = dg.DagsterInstance.ephemeral()  # no sqlite set-up per refresh
     monkeypatch.setattr(dg.DagsterInstance, "get", staticmethod(lambda: instance))
     monkeypatch.setattr(refresh_mod, "_materialize", fake.materialize)
+    monkeypatch.setattr(
+        refresh_mod,
+        "_discover",
+        lambda instance: fake.materialize(instance, [dg.AssetKey("discovered_runs")]),
+    )
     # nothing renders here: no browser to boot (the e2e tests boot it for real)
     monkeypatch.setattr(refresh_mod, "_warm_renderer", contextlib.nullcontext)
     monkeypatch.setattr(

@@ -85,22 +85,34 @@ _MIN_TOKEN_ENTROPY_BITS = 4.0  # per character (random base64: ~5; 32 distinct s
 def discovered_runs(
     context: dg.AssetExecutionContext, run_source: RunSourceResource, rts_storage: RtsStorage
 ) -> dg.MaterializeResult:
-    runs, unreadable = run_source.source().list_runs()
-    known = set(context.instance.get_dynamic_partitions(runs_partitions.name))
-    table, path, new_keys = write_discovered(
-        runs, unreadable, run_source.rules(), rts_storage.root(), known
-    )
-    if new_keys:
-        context.instance.add_dynamic_partitions(runs_partitions.name, new_keys)
+    table, path, new_keys = discover_runs(context.instance, run_source, rts_storage.root())
     for row in table.filter(pl.col("status") != RUN_STATUS_MATCHED).iter_rows(named=True):
         context.log.warning(f"{row['status']} run {row['location']}: {row['reason']}")
+    return dg.MaterializeResult(metadata=discovered_runs_metadata(table, path, new_keys))
 
-    return dg.MaterializeResult(
-        metadata={
-            **discovery_metadata(table, path, new_keys),
-            "preview": dg.MetadataValue.md(_runs_preview(table)),
-        }
-    )
+
+def discover_runs(
+    instance: dg.DagsterInstance, run_source: RunSourceResource, root: Path
+) -> tuple[pl.DataFrame, Path, list[str]]:
+    """What the `discovered_runs` asset does, callable outside a run (`rts refresh`): list
+    the runs, write discovered_runs.parquet, register new partition keys. Returns
+    (table, path, new keys)."""
+    runs, unreadable = run_source.source().list_runs()
+    known = set(instance.get_dynamic_partitions(runs_partitions.name))
+    table, path, new_keys = write_discovered(runs, unreadable, run_source.rules(), root, known)
+    if new_keys:
+        instance.add_dynamic_partitions(runs_partitions.name, new_keys)
+    return table, path, new_keys
+
+
+def discovered_runs_metadata(
+    table: pl.DataFrame, path: Path, new_keys: list[str]
+) -> dict[str, Any]:
+    """The asset's metadata: counts, path and a preview of the runs."""
+    return {
+        **discovery_metadata(table, path, new_keys),
+        "preview": dg.MetadataValue.md(_runs_preview(table)),
+    }
 
 
 def write_discovered(
