@@ -35,7 +35,7 @@ from rts_dagster.defs.resources import RtsStorage
 from rts_dagster.defs.runs import (
     SchemaMemo,
     discover_runs,
-    discovered_runs,
+    discovered_runs_event,
     discovered_runs_metadata,
     partition_is_current,
 )
@@ -205,13 +205,10 @@ def _discover(instance: dg.DagsterInstance) -> tuple[bool, str]:
     except Exception as exc:  # a source error: reported, the refresh stops (exit 1)
         return False, f"{type(exc).__name__}: {exc}"
     instance.report_runless_asset_event(
-        dg.AssetMaterialization(
-            asset_key=discovered_runs.key,
-            description="Written by rts refresh.",
-            metadata={
-                **discovered_runs_metadata(table, path, new_keys),
-                "written_by": "rts refresh",
-            },
+        discovered_runs_event(
+            discovered_runs_metadata(table, path, new_keys),
+            "rts refresh",
+            "Written by rts refresh.",
         )
     )
     return True, ""

@@ -68,6 +68,9 @@ class FakePipeline:
         return True, ""
 
 
+_REAL_DISCOVER = refresh_mod._discover  # the fixture replaces it; one test needs it
+
+
 @pytest.fixture
 def pipeline(tmp_path, monkeypatch) -> FakePipeline:
     data_dir = tmp_path / "data"
@@ -120,6 +123,21 @@ def test_failed_aggregates_are_rebuilt_by_the_next_refresh(pipeline):
     assert pipeline.aggregate_runs == 5
     assert refresh_mod.refresh(quiet=True) == 0
     assert pipeline.aggregate_runs == 5
+
+
+def test_a_source_error_in_discovery_stops_the_refresh_with_its_message(
+    pipeline, monkeypatch, capsys
+):
+    def unreadable(instance, run_source, root):
+        raise OSError("/runs/run-r9.wandb: permission denied")
+
+    monkeypatch.setattr(refresh_mod, "_discover", _REAL_DISCOVER)
+    monkeypatch.setattr(refresh_mod, "discover_runs", unreadable)
+    assert refresh_mod.refresh(quiet=True) == 1
+    out = capsys.readouterr().out
+    assert "discovered_runs failed: OSError: /runs/run-r9.wandb: permission denied" in out
+    assert pipeline.calls == []  # nothing else ran
+    assert not storage.discovered_runs_path(pipeline.data_dir).exists()
 
 
 def test_one_new_run_and_the_aggregates_take_one_dagster_run(pipeline, capsys):

@@ -115,6 +115,18 @@ def discovered_runs_metadata(
     }
 
 
+def discovered_runs_event(
+    metadata: dict[str, Any], written_by: str, description: str
+) -> dg.AssetMaterialization:
+    """discovered_runs written outside a Dagster run (the sensor, `rts refresh`), as a
+    runless materialization for the instance, so the UI shows every discovery."""
+    return dg.AssetMaterialization(
+        asset_key=discovered_runs.key,
+        description=description,
+        metadata={**metadata, "written_by": written_by},
+    )
+
+
 def write_discovered(
     runs: list[RunRecord],
     unreadable: list[UnreadableRun],

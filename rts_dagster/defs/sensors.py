@@ -59,7 +59,7 @@ from rts_dagster.defs.lp import lp_replay
 from rts_dagster.defs.partitions import runs_partitions
 from rts_dagster.defs.resources import RtsStorage, RunSourceResource
 from rts_dagster.defs.runs import (
-    discovered_runs,
+    discovered_runs_event,
     discovery_metadata,
     partition_is_current,
     reward_streams,
@@ -193,16 +193,6 @@ def _retry_requests(
     return plan.cursor, [req for req, _ in plan.retry]
 
 
-def _discovered_event(
-    table: pl.DataFrame, path: Path, new_keys: list[str]
-) -> dg.AssetMaterialization:
-    return dg.AssetMaterialization(
-        asset_key=discovered_runs.key,
-        description=f"Written by {SENSOR_NAME} before requesting finished runs.",
-        metadata={**discovery_metadata(table, path, new_keys), "written_by": SENSOR_NAME},
-    )
-
-
 def _plan_requests(
     log: Any,
     fresh: list[sc.RunView],
@@ -296,7 +286,13 @@ def finished_runs_tick(
         root = rts_storage.root()
         known = set(context.instance.get_dynamic_partitions(runs_partitions.name))
         table, path, new_keys = write_discovered(runs, unreadable, run_source.rules(), root, known)
-        events.append(_discovered_event(table, path, new_keys))
+        events.append(
+            discovered_runs_event(
+                discovery_metadata(table, path, new_keys),
+                SENSOR_NAME,
+                f"Written by {SENSOR_NAME} before requesting finished runs.",
+            )
+        )
 
         # Decide on the fresh records of the candidates (a state may have moved on).
         ids = {c.run_id for c in candidates}
