@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
-from scipy import stats
 
+from rts_dagster.analysis.distributions import nct_cdf, nct_sf, t_ppf
 from rts_dagster.analysis.intervals import LEVEL, t_summary_bounds, welch_t_bounds
 from rts_dagster.schema import (
     EXPERIMENT_COMPARISON,
@@ -499,10 +499,10 @@ def _smallest_n(delta: np.ndarray, ok: np.ndarray, paired: bool) -> np.ndarray:
         n = mid[active].astype(np.float64)
         df = n - 1.0 if paired else 2.0 * n - 2.0
         nc = d[active] * (np.sqrt(n) if paired else np.sqrt(n / 2.0))
-        crit = stats.t.ppf(1.0 - ALPHA / 2.0, df)
+        crit = t_ppf(1.0 - ALPHA / 2.0, df)
         # the far tail can come back NaN from scipy where it is ~1e-60: it is 0 then
-        far_tail = np.nan_to_num(stats.nct.cdf(-crit, df, nc), nan=0.0)
-        power = stats.nct.sf(crit, df, nc) + far_tail
+        far_tail = np.nan_to_num(nct_cdf(-crit, df, nc), nan=0.0)
+        power = nct_sf(crit, df, nc) + far_tail
         enough = np.zeros(len(idx), dtype=bool)
         enough[active] = power >= POWER
         hi = np.where(active & enough, mid, hi)

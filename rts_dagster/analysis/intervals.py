@@ -27,7 +27,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
+
+from rts_dagster.analysis.distributions import chi2_ppf, f_ppf, t_ppf
 
 LEVEL = 0.95
 
@@ -81,7 +82,7 @@ def t_bounds(
         dev = np.where(ok, x - mean[..., None], 0.0)
         sd = np.sqrt((dev * dev).sum(axis=-1) / (n - 1))
         df = np.where(n >= 2, n - 1, 1)
-        half = stats.t.ppf(0.5 + level / 2.0, df) * sd / np.sqrt(n)
+        half = t_ppf(0.5 + level / 2.0, df) * sd / np.sqrt(n)
     half = np.where(n >= 2, half, np.nan)
     mean = np.where(n >= 1, mean, np.nan)
     return mean, mean - half, mean + half, n
@@ -236,8 +237,8 @@ def _f_limits(ms: MeanSquares, level: float) -> tuple[np.ndarray, np.ndarray, np
     d1 = np.where(usable, ms.df_between, 1)
     d2 = np.where(usable, ms.df_within, 1)
     f = np.where(usable, ms.f_ratio, np.nan)
-    f_low = f / stats.f.ppf(tail, d1, d2)
-    f_high = f * stats.f.ppf(tail, d2, d1)
+    f_low = f / f_ppf(tail, d1, d2)
+    f_high = f * f_ppf(tail, d2, d1)
     return f, f_low, f_high
 
 
@@ -286,8 +287,8 @@ def chi2_variance_bounds(
     ok = (df >= 1) & np.isfinite(s2) & (s2 >= 0)
     d = np.where(ok, df, 1.0)
     a = (1.0 - level) / 2.0
-    low = np.where(ok, d * s2 / stats.chi2.ppf(1.0 - a, d), np.nan)
-    high = np.where(ok, d * s2 / stats.chi2.ppf(a, d), np.nan)
+    low = np.where(ok, d * s2 / chi2_ppf(1.0 - a, d), np.nan)
+    high = np.where(ok, d * s2 / chi2_ppf(a, d), np.nan)
     return low, high
 
 
@@ -378,7 +379,7 @@ def welch_t_bounds(
     df = welch_df(va, na, vb, nb)
     with np.errstate(invalid="ignore", divide="ignore"):
         se = np.sqrt(va / na + vb / nb)
-        q = stats.t.ppf(0.5 + level / 2.0, np.where(np.isfinite(df) & (df > 0), df, 1.0))
+        q = t_ppf(0.5 + level / 2.0, np.where(np.isfinite(df) & (df > 0), df, 1.0))
         half = np.where(se == 0.0, 0.0, q * se)
     diff = ma - mb
     half = np.where(ok, half, np.nan)
@@ -411,6 +412,6 @@ def t_summary_bounds(
     v = np.asarray(var, dtype=np.float64)
     k = np.asarray(n, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        q = stats.t.ppf(0.5 + level / 2.0, np.where(k >= 2, k - 1.0, 1.0))
+        q = t_ppf(0.5 + level / 2.0, np.where(k >= 2, k - 1.0, 1.0))
         half = np.where(k >= 2, q * np.sqrt(v / k), np.nan)
     return m - half, m + half

@@ -84,9 +84,9 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-from scipy import stats
-from scipy.signal import lfilter
 
+from rts_dagster.analysis import recurrence
+from rts_dagster.analysis.distributions import chi2_sf, t_ppf
 from rts_dagster.analysis.intervals import LEVEL, Interval
 from rts_dagster.analysis.metrics import (
     MetricsConfig,
@@ -193,7 +193,7 @@ def _errors(bucket: _Bucket, gain: float, rows: np.ndarray | slice = slice(None)
     Numerator: an IIR pass along each row; weight sum sum_{k<=p} (1-K)^k in closed form."""
     y = bucket.y[rows]
     w = 1.0 - gain
-    num = lfilter([1.0], [1.0, -w], y, axis=1)
+    num = recurrence.first_order(y, w, axis=1)
     p = np.arange(y.shape[1] - 1, dtype=np.float64)
     den = -np.expm1((p + 1.0) * math.log1p(-gain)) / gain
     e = np.zeros_like(y)
@@ -264,7 +264,7 @@ def ljung_box(
     df = lags - model_df
     ok = (df > 0) & (denom > 0)
     q = np.where(ok, q, np.nan)
-    p = np.where(ok, stats.chi2.sf(q, np.maximum(df, 1)), np.nan)
+    p = np.where(ok, chi2_sf(q, np.maximum(df, 1)), np.nan)
     return q, p, lags
 
 
@@ -655,7 +655,7 @@ def welch_log_ratio_interval(
         df = float(n - 1)
     else:
         df = (va + vb) ** 2 / (va * va / (la.size - 1) + vb * vb / (lb.size - 1))
-    half = float(stats.t.ppf(0.5 + level / 2.0, df) * se)
+    half = float(t_ppf(0.5 + level / 2.0, df) * se)
     return Interval(_exp(diff), _exp(diff - half), _exp(diff + half), CI_METHOD_WELCH, n, level)
 
 
@@ -689,9 +689,9 @@ def _log_moments(
 
 
 def _t_quantile(q: float, df: np.ndarray) -> np.ndarray:
-    """stats.t.ppf(q, df) elementwise, evaluated once per distinct df (there are few)."""
+    """t_ppf(q, df) elementwise, evaluated once per distinct df (there are few)."""
     values, inverse = np.unique(df, return_inverse=True)
-    return np.asarray(stats.t.ppf(q, values), dtype=np.float64)[inverse]
+    return np.asarray(t_ppf(q, values), dtype=np.float64)[inverse]
 
 
 def _log_t_by(
@@ -1208,7 +1208,7 @@ def _vs_quietest_task(
 def _pick_widening(k: int, n: int) -> float:
     """How much a t interval on n - 1 df widens at Bonferroni over k (cached: the same few
     (k, n) recur across tasks)."""
-    return stats.t.ppf(1 - (1 - LEVEL) / (2 * k), n - 1) / stats.t.ppf(1 - (1 - LEVEL) / 2, n - 1)
+    return t_ppf(1 - (1 - LEVEL) / (2 * k), n - 1) / t_ppf(1 - (1 - LEVEL) / 2, n - 1)
 
 
 def _adjusted_for_picking(

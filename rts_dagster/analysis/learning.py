@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
-from scipy import stats
 
+from rts_dagster.analysis.distributions import t_ppf
 from rts_dagster.schema import LEARNING_SLOPES, LEARNING_SUMMARY, conform
 
 N_BINS = 10
@@ -63,7 +63,7 @@ def learning_slopes(
     df = n - 2
     with np.errstate(invalid="ignore", divide="ignore"):
         se = np.sqrt(fit["_rss"].to_numpy() / np.where(df > 0, df, np.nan) / fit["_sxx"].to_numpy())
-        half = stats.t.ppf(0.5 + level / 2, np.where(df > 0, df, 1)) * se
+        half = t_ppf(0.5 + level / 2, np.where(df > 0, df, 1)) * se
     half = np.where(df > 0, half, np.nan)
     slope = fit["slope"].to_numpy()
     out = fit.with_columns(
@@ -95,9 +95,7 @@ def learning_summary(slopes: pl.DataFrame, level: float = LEVEL) -> pl.DataFrame
     )
     n = agg["n_runs"].to_numpy()
     with np.errstate(invalid="ignore", divide="ignore"):
-        half = (
-            stats.t.ppf(0.5 + level / 2, np.maximum(n - 1, 1)) * agg["_sd"].to_numpy() / np.sqrt(n)
-        )
+        half = t_ppf(0.5 + level / 2, np.maximum(n - 1, 1)) * agg["_sd"].to_numpy() / np.sqrt(n)
     half = np.where(n >= 2, half, np.nan)
     slope = agg["slope"].to_numpy()
     out = agg.with_columns(

@@ -3,7 +3,7 @@
 LP's state per label is a set of independent recursions (EMAs of that label's own
 outcomes), so a whole stream is replayed without one Python step per completion:
 completions are grouped by label (one stable sort), each label's EMAs are one
-`scipy.signal.lfilter` call, and the state of every label at the evaluation instants is
+first-order recurrence (`recurrence.first_order`), and the state of every label at the evaluation instants is
 gathered with `searchsorted`. The sampling distribution (which couples the labels) is then
 computed for all instants at once on a (instants x labels) matrix.
 
@@ -33,8 +33,8 @@ from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from scipy.signal import lfilter
 
+from rts_dagster.analysis import recurrence
 from rts_dagster.analysis.lp import (
     BASELINE_CAP,
     LearningProgress,
@@ -292,13 +292,12 @@ class LabelGroups:
 
 
 def seeded_ema(values: np.ndarray, weight: float) -> np.ndarray:
-    """y_0 = v_0, y_k = w v_k + (1 - w) y_{k-1}: one `lfilter` call (LP's EMA, which starts
-    at the first value instead of 0)."""
-    out = values.astype(np.float64, copy=True)
-    if out.size > 1:
-        zi = [(1.0 - weight) * out[0]]
-        out[1:] = lfilter([weight], [1.0, weight - 1.0], out[1:], zi=zi)[0]
-    return out
+    """y_0 = v_0, y_k = w v_k + (1 - w) y_{k-1}: one first-order recurrence on
+    (v_0, w v_1, w v_2, ...) (LP's EMA, which starts at the first value instead of 0)."""
+    scaled = values.astype(np.float64) * weight
+    if scaled.size:
+        scaled[0] = values[0]
+    return recurrence.first_order(scaled, 1.0 - weight)
 
 
 def _zscore_inputs(rs: np.ndarray, groups: LabelGroups, config: ZScoreLPConfig) -> np.ndarray:

@@ -50,9 +50,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
-from scipy import stats
 
 from rts_dagster.analysis import intervals, kalman, lp_timescales
+from rts_dagster.analysis.distributions import t_ppf
 from rts_dagster.analysis.lp import LPConfig, ZScoreLPConfig
 from rts_dagster.analysis.lp_replay import (
     DEFAULT_EVAL_POINTS,
@@ -361,7 +361,7 @@ def _t_columns(prefix: str, level: float = intervals.LEVEL) -> list[pl.Expr]:
     mean = pl.when(n >= 1).then(pl.col(f"{prefix}_mean")).otherwise(float("nan"))
     df = pl.when(n >= 2).then(n - 1).otherwise(1).cast(pl.Float64)
     quantile = df.map_batches(
-        lambda d: pl.Series(stats.t.ppf(0.5 + level / 2.0, d.to_numpy())),
+        lambda d: pl.Series(t_ppf(0.5 + level / 2.0, d.to_numpy())),
         return_dtype=pl.Float64,
     )
     half = pl.when(n >= 2).then(quantile * pl.col(f"{prefix}_sd") / n.sqrt())

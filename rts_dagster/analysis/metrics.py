@@ -46,8 +46,8 @@ from typing import NamedTuple
 import numpy as np
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
-from scipy.signal import lfilter
 
+from rts_dagster.analysis import recurrence
 from rts_dagster.schema import (
     NOISE_BY_PROGRESS,
     REWARD_STREAMS,
@@ -302,12 +302,12 @@ def iir_with_resets(
 ) -> np.ndarray:
     """acc_t = pole * acc_{t-1} + x_t, restarted from 0 at every series start.
 
-    One `scipy.signal.lfilter` pass over all series; the state a series inherits from
+    One recurrence pass over all series (`recurrence.first_order`); the state a series inherits from
     the one before it decays as pole^(k+1) and is subtracted for its first samples until
     pole^k < 2^-60 (beyond that its effect is below 2^-60 of the inherited state)."""
     if not 0.0 <= pole <= 1.0:
         raise ValueError("pole must be in [0, 1]")
-    acc = lfilter([1.0], [1.0, -pole], x)
+    acc = recurrence.first_order(x, pole)
     if len(starts) > 1 and pole > 0.0:
         head = len(x) if pole == 1.0 else math.ceil(_EMA_TAIL_BITS / -math.log2(pole)) + 1
         head = max(2, min(head, len(x)))

@@ -46,8 +46,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 import polars as pl
-from scipy import stats
 
+from rts_dagster.analysis.distributions import nct_cdf, nct_sf, t_ppf
 from rts_dagster.analysis.intervals import log_t_interval
 from rts_dagster.analysis.kalman import METTA_MAIN_EMA_TIMESCALE
 from rts_dagster.analysis.lp_sweep import METTA_DEFAULT, SEPARATION_MATCHED
@@ -122,9 +122,9 @@ def seeds_needed(
     delta = abs(effect) / sd
     for n in range(2, MAX_SEEDS + 1):
         df = n - 1
-        crit = stats.t.ppf(1.0 - alpha / 2.0, df)
+        crit = t_ppf(1.0 - alpha / 2.0, df)
         nc = delta * math.sqrt(n)
-        achieved = stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc)
+        achieved = nct_sf(crit, df, nc) + nct_cdf(-crit, df, nc)
         if achieved >= power:
             return n
     return None
@@ -665,7 +665,7 @@ def sd_from_interval(low: float, high: float, n: int, n_compared: int = 1) -> fl
     their mean: half-width * sqrt(n) / t quantile. NaN when undefined."""
     if n < 2 or not (math.isfinite(low) and math.isfinite(high)):
         return math.nan
-    q = stats.t.ppf(1.0 - ALPHA / (2.0 * max(n_compared, 1)), n - 1)
+    q = t_ppf(1.0 - ALPHA / (2.0 * max(n_compared, 1)), n - 1)
     return (high - low) / 2.0 * math.sqrt(n) / q
 
 

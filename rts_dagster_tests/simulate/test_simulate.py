@@ -388,7 +388,11 @@ def test_written_arm_config_replays_to_the_recorded_lp_choices(tmp_path: Path) -
     n = run.reward.size
     result = replay(stream.label_index, stream.reward, 10, written, eval_index=np.arange(n))
     expected = run.probabilities[1:][:, _inverse(to_sorted)]
-    np.testing.assert_allclose(result.probability[:-1], expected, rtol=0, atol=1e-12)
+    # the replay's EMAs (blocked, analysis/recurrence.py) and the simulator's
+    # sequential ones differ in the last bits; the z-score's division by a small spread
+    # scales that up to ~3e-12 here. A 1% change to any setting that acts here (all but
+    # progress_smoothing) moves them by >= 2e-3.
+    np.testing.assert_allclose(result.probability[:-1], expected, rtol=0, atol=1e-10)
     with pytest.raises(ValueError, match="arm of 'fixed_maps'"):
         simulate_run("assembly_lines", 1, tmp_path, epochs=2, arm=Z30)
 
