@@ -299,3 +299,24 @@ def test_many_verdicts_are_summed_up_on_the_terminal():
     assert not any("\x1b" in ln or "\x07" in ln for ln in lines)  # a run name stays inert
     capped = refresh_mod.verdict_lines(many, limit=1)
     assert "    ... and 1 more" in capped
+
+
+def test_running_steps_names_the_step_in_progress_and_not_the_finished_ones():
+    """The heartbeat's step list, read from a real instance's event log: inside a step it
+    names that step; after the run, nothing."""
+    seen: dict[str, list[str]] = {}
+
+    @dg.asset
+    def first() -> None:
+        return None
+
+    @dg.asset(deps=[first])
+    def second(context) -> None:  # unannotated: Dagster rejects a string annotation
+        seen["during"] = refresh_mod._running_steps(context.instance, context.run_id)
+
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([first, second], instance=instance)
+        assert result.success
+        assert seen["during"] == ["second"]
+        assert refresh_mod._running_steps(instance, result.run_id) == []
+        assert refresh_mod._running_steps(instance, None) == []

@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -274,21 +275,15 @@ def _whittle_fit(
     (autocovariance g(lambda) at lag 0, h^2 e^(-lambda (k-1)) at lag k >= 1):
     b = (g - h^2 / phi) + (h^2 / phi) (1 - phi^2) / (1 - 2 phi cos w + phi^2), phi = e^-lambda.
     Grid over lambda (log-spaced) x share s = A / (W + A), the scale profiled out; `gain`
-    is the log-likelihood gain over white noise (s = 0). All series at once."""
+    is the log-likelihood gain over white noise (s = 0). All series at once: the
+    periodograms times every grid point's 1 / shape is one matrix product."""
     n_epochs = resid.shape[1]
+    keep, inv_shape, log_m = _whittle_grid(n_epochs)
+    n_freq = int(keep.sum())
     periodogram = np.abs(np.fft.rfft(resid, axis=1)) ** 2 / np.maximum(n, 1)[:, None]
-    freq = 2.0 * np.pi * np.arange(periodogram.shape[1]) / n_epochs
-    keep = (freq > 0) & (freq < np.pi)  # drop the mean (0 after detrending) and Nyquist
-    periodogram, cos_w = periodogram[:, keep], np.cos(freq[keep])
-    lam = LAMBDA_GRID[:, None]
-    phi = np.exp(-lam)
-    carry = carry_factor(lam) ** 2 / phi
-    ar_kernel = (1.0 - phi**2) / (1.0 - 2.0 * phi * cos_w + phi**2)
-    slow_kernel = np.maximum(window_factor(lam) - carry + carry * ar_kernel, 1e-12)
-    shape = (1.0 - SHARE_GRID)[:, None, None] + SHARE_GRID[:, None, None] * slow_kernel[None]
-    n_freq = cos_w.size
-    log_m = np.log(shape).sum(axis=2)  # (share, lambda)
-    ratio = np.einsum("sf,apf->sap", periodogram, 1.0 / shape) / n_freq  # (S, share, lambda)
+    periodogram = periodogram[:, keep]
+    # (S, share, lambda)
+    ratio = (periodogram @ inv_shape.T).reshape(-1, *log_m.shape) / n_freq
     with np.errstate(divide="ignore", invalid="ignore"):
         objective = 0.5 * (log_m[None] + n_freq * np.log(ratio))  # -log likelihood + const
         flat = objective.reshape(objective.shape[0], -1)
@@ -298,6 +293,27 @@ def _whittle_fit(
         share = SHARE_GRID[share_i]
         gain = objective[:, 0, 0] - flat[np.arange(flat.shape[0]), best]
     return LAMBDA_GRID[lam_i], tau * (1.0 - share), tau * share, gain
+
+
+@lru_cache(maxsize=16)
+def _whittle_grid(n_epochs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For series of `n_epochs`: the frequencies kept, 1 / shape per grid point as a
+    (share x lambda, frequency) matrix, and sum of log shape per (share, lambda). The same
+    for every series of that length: built once (read-only)."""
+    freq = 2.0 * np.pi * np.arange(n_epochs // 2 + 1) / n_epochs
+    keep = (freq > 0) & (freq < np.pi)  # drop the mean (0 after detrending) and Nyquist
+    cos_w = np.cos(freq[keep])
+    lam = LAMBDA_GRID[:, None]
+    phi = np.exp(-lam)
+    carry = carry_factor(lam) ** 2 / phi
+    ar_kernel = (1.0 - phi**2) / (1.0 - 2.0 * phi * cos_w + phi**2)
+    slow_kernel = np.maximum(window_factor(lam) - carry + carry * ar_kernel, 1e-12)
+    shape = (1.0 - SHARE_GRID)[:, None, None] + SHARE_GRID[:, None, None] * slow_kernel[None]
+    inv_shape = (1.0 / shape).reshape(-1, cos_w.size)
+    log_m = np.log(shape).sum(axis=2)
+    for array in (keep, inv_shape, log_m):
+        array.setflags(write=False)
+    return keep, inv_shape, log_m
 
 
 LAMBDA_GRID = np.geomspace(0.003, 5.0, 160)

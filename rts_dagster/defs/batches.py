@@ -70,10 +70,19 @@ def _combined_checks(keys: Sequence[str], outcomes: Sequence[PartitionOutcome]) 
     return combined
 
 
+def run_partition_keys(context: dg.AssetExecutionContext) -> list[str]:
+    """This run's partition keys. A one-partition run's key is read from its tag:
+    `context.partition_keys` asks the instance whether both ends of the range exist
+    (two event-log queries per call)."""
+    if context.has_partition_key:
+        return [context.partition_key]
+    return list(context.partition_keys)
+
+
 def partition_log(context: dg.AssetExecutionContext) -> Callable[[str], None]:
     """`context.log.info` when the run has one partition, else a no-op: every log line is
     an event-log write (~15 ms on SQLite), and a batch's per-partition table says the same."""
-    if len(context.partition_keys) == 1:
+    if len(run_partition_keys(context)) == 1:
         return context.log.info
     return lambda message: None
 
@@ -84,7 +93,7 @@ def materialize_partitions(
     """Run `compute` for every partition key of this run. One key: its own metadata and
     checks, as before batching. Several: totals, a per-partition table and one check
     result per check over the batch; a Failure naming every key that failed."""
-    keys = list(context.partition_keys)
+    keys = run_partition_keys(context)
     if len(keys) == 1:
         outcome = compute(keys[0])
         return dg.MaterializeResult(metadata=outcome.metadata, check_results=outcome.checks)

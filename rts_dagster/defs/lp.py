@@ -356,9 +356,11 @@ def lp_tables(root: Path, matched: list[dict[str, Any]]) -> dict[str, pl.DataFra
         folder, stem = row_files(row)
         path = storage.lp_replay_paths(root, folder, stem)["trace"]
         if path.exists():
-            trace = pl.scan_parquet(path).join(
-                wanted.lazy(), on=["task", "run_id", "config"], how="semi"
+            traces.append(
+                pl.scan_parquet(path).join(
+                    wanted.lazy(), on=["task", "run_id", "config"], how="semi"
+                )
             )
-            traces.append(trace.collect())
-    tables["traces"] = pl.concat(traces) if traces else empty(LP_REPLAY_TRACE)
+    # one collect for all files (polars reads them in parallel), in the order of `matched`
+    tables["traces"] = pl.concat(pl.collect_all(traces)) if traces else empty(LP_REPLAY_TRACE)
     return tables

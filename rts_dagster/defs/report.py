@@ -71,9 +71,11 @@ def report(context: dg.AssetExecutionContext, rts_storage: RtsStorage) -> dg.Mat
     # choice build_report makes): memory and time stay bounded however many runs there are
     armed = tasks_with_arms(experiments["discovered"]) if experiments is not None else []
     shown = set(figure_tasks(sorted({r["task"] for r in rows}), verdicts, with_arms=armed))
-    tables = load_all(rts_storage, context, names=("series", "progress"), rows=rows)
+    tables = load_all(rts_storage, context, names=("series", "progress"), rows=rows, checked=True)
     shown_rows = [r for r in rows if r["task"] in shown]
-    tables |= load_all(rts_storage, context, names=("streams", "rolling"), rows=shown_rows)
+    tables |= load_all(
+        rts_storage, context, names=("streams", "rolling"), rows=shown_rows, checked=True
+    )
     learning = per_run_table(
         root,
         baseline_rows(rows),
