@@ -1311,7 +1311,14 @@ def _regime_sentence(task: str, p: dict[str, Any]) -> str:
 
 
 def describe_recommendations(table: pl.DataFrame) -> list[str]:
-    """Descriptive plain-words findings from `recommend_timescales` (no advice): per task,
+    """`describe_by_task`'s sentences in one list: each task's own, in the table's task
+    order, then the statements across tasks."""
+    own, across = describe_by_task(table)
+    return [sentence for sentences in own.values() for sentence in sentences] + across
+
+
+def describe_by_task(table: pl.DataFrame) -> tuple[dict[str, list[str]], list[str]]:
+    """(task -> its own sentences, statements across tasks): descriptive plain-words findings from `recommend_timescales` (no advice): per task,
     stream granularity and regime, noise, drift and the tracking-optimal timescale with its
     unit, interval, method and n, the fits left out and those failing Ljung-Box; LP's
     ema_timescale beside it in completion units as a per-instance weight (no ratio: a label
@@ -1319,9 +1326,10 @@ def describe_recommendations(table: pl.DataFrame) -> list[str]:
     task vs its reference (whole series; intervals widened for the pick where needed).
     Completion-stream rows are always described; epoch-stream rows when the task has no
     completion rows or some epoch seeds come from runs without a completion stream. Epoch
-    noise comparisons carry the held-value caveat."""
+    noise comparisons carry the held-value caveat. A task's own sentences depend on its rows
+    alone."""
     if table.height == 0:
-        return []
+        return {}, []
     pair = ["task", "granularity", "unit"]
     completion = pl.col("granularity") == GRANULARITY_COMPLETION
     epoch_only = (
@@ -1375,8 +1383,9 @@ def describe_recommendations(table: pl.DataFrame) -> list[str]:
     items = pl.concat(
         [regimes.with_columns(pl.col("_item").cast(pl.Int64)), tops], how="diagonal_relaxed"
     ).sort("_task_at", "_not_completion", "_unit_rank", "_pair_at", "_item")
-    out: list[str] = []
+    own: dict[str, list[str]] = {}
     for row in items.iter_rows(named=True):  # one sentence each
+        out = own.setdefault(row["task"], [])
         if row["_item"] < 3:
             out.append(_regime_sentence(row["task"], row))
             continue
@@ -1387,6 +1396,7 @@ def describe_recommendations(table: pl.DataFrame) -> list[str]:
             "noise_ratio_ci_method": method,
         }
         out.append(_noise_sentence(f"{row['task']}/{row['label']}", row["reference_label"], picked))
+    across: list[str] = []
     pooled = table.filter(
         (pl.col("group") == "pooled")
         & (pl.col("regime") == REGIME_WHOLE)
@@ -1407,8 +1417,8 @@ def describe_recommendations(table: pl.DataFrame) -> list[str]:
                         "noise_ratio_ci_high": high,
                         "noise_ratio_ci_method": method,
                     }
-                out.append(_noise_sentence(top["task"], top["reference_label"], top))
-    return out
+                across.append(_noise_sentence(top["task"], top["reference_label"], top))
+    return own, across
 
 
 def _noise_sentence(name: str, reference: str, row: dict[str, Any]) -> str:
