@@ -16,6 +16,8 @@ extended-precision loop.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 from numpy.typing import ArrayLike
 
@@ -26,12 +28,14 @@ def first_order(x: ArrayLike, pole: float, axis: int = -1) -> np.ndarray:
     """y[n] = x[n] + pole * y[n-1] along `axis`, starting from y[-1] = 0 (float64 copy)."""
     if not 0.0 <= pole <= 1.0:
         raise ValueError(f"pole must be in [0, 1], got {pole}")
-    y = np.array(x, dtype=np.float64, copy=True)
-    if y.ndim == 0:
+    values = np.asarray(x, dtype=np.float64)
+    if values.ndim == 0:
         raise ValueError("first_order needs an array with at least one axis")
-    view = np.moveaxis(y, axis, -1)  # a view: writing it writes y
-    view[...] = _blocked(view, float(pole))
-    return y
+    out = _blocked(np.moveaxis(values, axis, -1), float(pole))
+    if np.shares_memory(out, values):  # nothing to add (one sample, or pole 0): still a copy
+        out = out.copy()
+    # the blocked result is a new array already: no copy of the input is made first
+    return np.ascontiguousarray(np.moveaxis(out, -1, axis))
 
 
 def _blocked(x: np.ndarray, pole: float) -> np.ndarray:
@@ -43,11 +47,22 @@ def _blocked(x: np.ndarray, pole: float) -> np.ndarray:
     lead = x.shape[:-1]
     padded = np.zeros((*lead, blocks * size))
     padded[..., :n] = x
-    lag = np.arange(size)[None, :] - np.arange(size)[:, None]
-    within = np.where(lag >= 0, pole ** np.maximum(lag, 0), 0.0)
+    within, carried = _powers(pole, size)
     local = (padded.reshape(-1, size) @ within).reshape(*lead, blocks, size)
     if blocks > 1:
         # the true state at each block's end, then carried into the next block
         ends = _blocked(np.ascontiguousarray(local[..., -1]), pole**size)
-        local[..., 1:, :] += ends[..., :-1, None] * pole ** np.arange(1, size + 1)
+        local[..., 1:, :] += ends[..., :-1, None] * carried
     return local.reshape(*lead, blocks * size)[..., :n]
+
+
+@lru_cache(maxsize=256)
+def _powers(pole: float, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the within-block matrix pole^(i-j) for i >= j, pole^(i+1) per position), read-only.
+    Cached: an LP replay calls this once per label with the same few poles."""
+    lag = np.arange(size)[None, :] - np.arange(size)[:, None]
+    within = np.where(lag >= 0, pole ** np.maximum(lag, 0), 0.0)
+    carried = pole ** np.arange(1, size + 1, dtype=np.float64)
+    for array in (within, carried):
+        array.setflags(write=False)
+    return within, carried
